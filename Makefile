@@ -1,0 +1,114 @@
+# pyarraypool build, test and lint entry points (GNU make).
+#
+# A fresh clone needs nothing but `make test`: it creates .venv, installs the
+# Python tools, builds pyarraypool._core in place and runs every test.
+
+SHELL      := /bin/bash
+PYTHON     ?= python3
+VENV       := .venv
+VPY        := $(VENV)/bin/python
+VENV_STAMP := $(VENV)/.pyarraypool-venv-stamp
+PY_DEPS    := "numpy>=2.0" "setuptools>=64" wheel pytest hypothesis ruff mypy
+PIP        := $(VPY) -m pip --disable-pip-version-check
+
+CXX        ?= g++
+CORE_SRCS  := $(sort $(wildcard csrc/core/*.cpp))
+CORE_HDRS  := $(sort $(wildcard csrc/core/*.hpp))
+CSRC_FILES  = $(shell find csrc -name '*.cpp' -o -name '*.hpp' | sort)
+TEST_FLAGS := -std=c++20 -O1 -g -UNDEBUG -Wall -Wextra -pthread -Icsrc
+ASAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+
+# Use sudo for apt-get only when not already root.
+SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: venv install core-tests test demo bench lint lint-tools format asan clean
+
+# venv: create .venv (if absent) and install the build/test/lint tools; a stamp
+# file makes it a no-op until this Makefile changes or `make clean` removes it.
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): Makefile
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --progress-bar off --upgrade pip setuptools wheel
+	$(PIP) install --progress-bar off $(PY_DEPS)
+	touch $@
+
+# install: build pyarraypool._core in place (incremental) and put the repo root
+# on the venv's sys.path with a .pth file, so `import pyarraypool` works from anywhere.
+install: venv
+	$(VPY) setup.py build_ext --inplace
+	@site=$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	  echo "$(CURDIR)" > "$$site/pyarraypool-src.pth"
+
+# core-tests: build and run the standalone C++ tests of csrc/core (no Python).
+core-tests: build/core_tests
+	./build/core_tests
+
+build/core_tests: csrc/tests/core_tests.cpp $(CORE_SRCS) $(CORE_HDRS)
+	@mkdir -p build
+	$(CXX) $(TEST_FLAGS) -o $@ csrc/tests/core_tests.cpp $(CORE_SRCS)
+
+# test: the project's test command. Runs the C++ core tests and the pytest suite,
+# then fails if they left new /dev/shm/pyarraypool-* entries behind.
+test: install
+	@before=$$(ls -1A /dev/shm | grep '^pyarraypool-' | sort); \
+	status=0; \
+	$(MAKE) --no-print-directory core-tests || status=$$?; \
+	if [ $$status -eq 0 ]; then $(VPY) -m pytest -q tests || status=$$?; fi; \
+	after=$$(ls -1A /dev/shm | grep '^pyarraypool-' | sort); \
+	leaked=$$(comm -13 <(printf '%s\n' "$$before" | sed '/^$$/d') \
+	                   <(printf '%s\n' "$$after" | sed '/^$$/d')); \
+	if [ -n "$$leaked" ]; then \
+	  echo "ERROR: the tests left these entries in /dev/shm:" >&2; \
+	  printf '  /dev/shm/%s\n' $$leaked >&2; \
+	  status=1; \
+	fi; \
+	exit $$status
+
+# demo: run the example script against the in-place build.
+demo: install
+	$(VPY) examples/seed_example.py
+
+# bench: run the Python benchmark against the in-place build.
+bench: install
+	$(VPY) bench/bench_python.py
+
+# lint-tools: apt-get install clang-format and cppcheck if missing
+# (apt-get update only when the package lists cannot provide them).
+lint-tools:
+	@missing=""; \
+	command -v clang-format >/dev/null || missing="$$missing clang-format"; \
+	command -v cppcheck >/dev/null || missing="$$missing cppcheck"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $(SUDO) apt-get install -y -q $$missing </dev/null || \
+	  { $(SUDO) apt-get update -q </dev/null && $(SUDO) apt-get install -y -q $$missing </dev/null; }; \
+	fi
+
+# lint: clang-format check, cppcheck on the C++ sources, ruff and mypy on the Python.
+lint: lint-tools venv
+	clang-format --dry-run --Werror $(CSRC_FILES)
+	cppcheck --enable=warning,performance,portability --error-exitcode=1 --inline-suppr \
+	  --std=c++20 -Icsrc csrc/core csrc/binding --suppress=missingIncludeSystem
+	$(VENV)/bin/ruff check pyarraypool tests
+	$(VENV)/bin/mypy pyarraypool
+
+# format: reformat the C++ sources in place with clang-format.
+format: lint-tools
+	clang-format -i $(CSRC_FILES)
+
+# asan: build the C++ core tests with AddressSanitizer + UBSan and run them.
+asan: build/core_tests_asan
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	  ./build/core_tests_asan
+
+build/core_tests_asan: csrc/tests/core_tests.cpp $(CORE_SRCS) $(CORE_HDRS)
+	@mkdir -p build
+	$(CXX) $(TEST_FLAGS) $(ASAN_FLAGS) -o $@ csrc/tests/core_tests.cpp $(CORE_SRCS)
+
+# clean: remove build outputs and the venv stamp (the venv itself is kept).
+clean:
+	rm -rf build
+	rm -f pyarraypool/*.so
+	rm -f $(VENV_STAMP)

@@ -1,0 +1,272 @@
+#include "core/allocator.hpp"
+
+#include <cstring>
+#include <string>
+
+#include "core/errors.hpp"
+
+namespace pap {
+namespace {
+
+inline uint32_t log2_floor(uint64_t x) { return 63u - static_cast<uint32_t>(__builtin_clzll(x)); }
+
+[[noreturn]] void corrupt(const std::string& what, BlockRef ref) {
+  throw CoreError(ErrorKind::kPool, "pool is corrupted: " + what + " at segment " +
+                                        std::to_string(ref.seg()) + " offset " +
+                                        std::to_string(ref.off()));
+}
+
+void clear_used_fields(BlockHeader& h) {
+  h.generation = 0;
+  h.check = 0;
+  h.pending = 0;
+  h.flags = 0;
+  h.pending_deadline_ns = 0;
+}
+
+}  // namespace
+
+void Allocator::mapping_insert(uint64_t units, uint32_t& fl, uint32_t& sl) {
+  if (units < kSlCount) {
+    fl = 0;
+    sl = static_cast<uint32_t>(units);
+  } else {
+    uint32_t f = log2_floor(units);
+    fl = f - kSlLog2 + 1;
+    sl = static_cast<uint32_t>(units >> (f - kSlLog2)) ^ kSlCount;
+  }
+}
+
+bool Allocator::mapping_search(uint64_t units, uint32_t& fl, uint32_t& sl) {
+  // Round up to the first size of the next class so that every block in the
+  // class found is large enough.
+  if (units >= kSlCount) units += (uint64_t{1} << (log2_floor(units) - kSlLog2)) - 1;
+  mapping_insert(units, fl, sl);
+  return fl < kFlCount;
+}
+
+uint64_t Allocator::block_size_for(uint64_t bytes) {
+  if (bytes > (uint64_t{1} << 47)) return 0;
+  return kHeaderSize + ((bytes + kAlign - 1) & ~(kAlign - 1));
+}
+
+void Allocator::reset() {
+  st_.fl_bitmap = 0;
+  std::memset(st_.sl_bitmap, 0, sizeof st_.sl_bitmap);
+  for (auto& row : st_.heads)
+    for (auto& h : row) h = BlockRef::kNilBits;
+}
+
+void Allocator::insert_free(BlockRef ref, uint64_t size) {
+  uint32_t fl, sl;
+  mapping_insert(size / kAlign, fl, sl);
+  BlockHeader* h = header(ref);
+  h->free_links.prev = BlockRef::kNilBits;
+  h->free_links.next = st_.heads[fl][sl];
+  if (st_.heads[fl][sl] != BlockRef::kNilBits)
+    header(BlockRef::from_bits(st_.heads[fl][sl]))->free_links.prev = ref.bits();
+  st_.heads[fl][sl] = ref.bits();
+  st_.fl_bitmap |= uint64_t{1} << fl;
+  st_.sl_bitmap[fl] |= 1u << sl;
+}
+
+void Allocator::remove_free(BlockRef ref, uint64_t size) {
+  uint32_t fl, sl;
+  mapping_insert(size / kAlign, fl, sl);
+  BlockHeader* h = header(ref);
+  uint64_t next = h->free_links.next, prev = h->free_links.prev;
+  if (next != BlockRef::kNilBits) header(BlockRef::from_bits(next))->free_links.prev = prev;
+  if (prev != BlockRef::kNilBits) {
+    header(BlockRef::from_bits(prev))->free_links.next = next;
+  } else {
+    st_.heads[fl][sl] = next;
+    if (next == BlockRef::kNilBits) {
+      st_.sl_bitmap[fl] &= ~(1u << sl);
+      if (!st_.sl_bitmap[fl]) st_.fl_bitmap &= ~(uint64_t{1} << fl);
+    }
+  }
+}
+
+void Allocator::format_segment(uint32_t seg) {
+  BlockHeader* h = header(BlockRef(seg, 0));
+  std::memset(static_cast<void*>(h), 0, sizeof *h);
+  h->prev_size = 0;
+  h->commit_size(spans_[seg].size & kSizeMask, false);
+}
+
+void Allocator::add_segment(uint32_t seg) {
+  insert_free(BlockRef(seg, 0), header(BlockRef(seg, 0))->size());
+}
+
+BlockRef Allocator::allocate(uint64_t block_size, const UsedInit& init) {
+  uint32_t fl, sl;
+  if (!mapping_search(block_size / kAlign, fl, sl)) return BlockRef();
+  uint32_t sl_map = st_.sl_bitmap[fl] & (~0u << sl);
+  if (!sl_map) {
+    uint64_t fl_map = fl + 1 < 64 ? st_.fl_bitmap & (~uint64_t{0} << (fl + 1)) : 0;
+    if (!fl_map) return BlockRef();
+    fl = static_cast<uint32_t>(__builtin_ctzll(fl_map));
+    sl_map = st_.sl_bitmap[fl];
+  }
+  sl = static_cast<uint32_t>(__builtin_ctz(sl_map));
+  BlockRef ref = BlockRef::from_bits(st_.heads[fl][sl]);
+  BlockHeader* h = header(ref);
+  uint64_t have = h->size();
+  remove_free(ref, have);
+
+  uint64_t size = have;
+  if (have - block_size >= kAlign) {
+    // Split: the remainder's header lies inside this block, invisible to a
+    // chain walk until this block's size shrinks at the commit below.
+    size = block_size;
+    BlockRef rest(ref.seg(), ref.off() + size);
+    BlockHeader* r = header(rest);
+    r->prev_size = size;
+    clear_used_fields(*r);
+    r->commit_size(have - size, false);
+    if (has_next(rest, have - size))
+      header(BlockRef(ref.seg(), ref.off() + have))->prev_size = have - size;
+    insert_free(rest, have - size);
+  }
+  h->generation = init.generation;
+  h->holders = HolderMask{};
+  h->holders.set(init.holder_slot);
+  h->pending = 0;
+  h->flags = init.flags;
+  h->pending_deadline_ns = 0;
+  h->check = header_check(ref.off(), init.generation);
+  h->commit_size(size, true);  // commit: the block is used and (maybe) split
+  return ref;
+}
+
+void Allocator::free(BlockRef ref) {
+  BlockHeader* h = header(ref);
+  uint64_t size = h->size();
+  clear_used_fields(*h);
+  if (has_next(ref, size)) {
+    BlockRef next(ref.seg(), ref.off() + size);
+    BlockHeader* n = header(next);
+    if (!n->used()) {
+      uint64_t nsize = n->size();
+      remove_free(next, nsize);
+      size += nsize;
+    }
+  }
+  h->commit_size(size, false);  // commit: free, merged with the next block
+  if (ref.off() != 0) {
+    BlockRef prev(ref.seg(), ref.off() - h->prev_size);
+    BlockHeader* p = header(prev);
+    if (!p->used()) {
+      uint64_t psize = p->size();
+      remove_free(prev, psize);
+      size += psize;
+      p->commit_size(size, false);  // commit: merged into the previous block
+      ref = prev;
+      h = p;
+    }
+  }
+  if (has_next(ref, size)) header(BlockRef(ref.seg(), ref.off() + size))->prev_size = size;
+  insert_free(ref, size);
+}
+
+Allocator::WalkTotals Allocator::rebuild(uint32_t nsegs, const KeepFn& keep) {
+  reset();
+  WalkTotals totals;
+  for (uint32_t seg = 0; seg < nsegs; ++seg) {
+    const uint64_t end = spans_[seg].size & kSizeMask;
+    BlockRef run;  // the free block being grown by coalescing, if any
+    uint64_t run_size = 0, prev_size = 0;
+    auto close_run = [&] {
+      if (run.nil()) return;
+      insert_free(run, run_size);
+      totals.free_bytes += run_size;
+      totals.free_blocks += 1;
+      if (run_size > totals.largest_free) totals.largest_free = run_size;
+      prev_size = run_size;
+      run = BlockRef();
+    };
+    for (uint64_t off = 0; off < end;) {
+      BlockRef ref(seg, off);
+      BlockHeader* h = header(ref);
+      uint64_t size = h->size();
+      if (size < kAlign || size > end - off) corrupt("bad block size", ref);
+      bool used = h->used();
+      if (used && !keep(ref, *h)) {
+        clear_used_fields(*h);
+        h->commit_size(size, false);
+        used = false;
+      }
+      if (used) {
+        close_run();
+        h->prev_size = prev_size;
+        prev_size = size;
+      } else if (run.nil()) {
+        h->prev_size = prev_size;
+        run = ref;
+        run_size = size;
+      } else {
+        run_size += size;
+        header(run)->commit_size(run_size, false);
+      }
+      off += size;
+    }
+    close_run();
+  }
+  return totals;
+}
+
+void Allocator::for_each_block(uint32_t seg,
+                               const std::function<void(BlockRef, const BlockHeader&)>& fn) const {
+  const uint64_t end = spans_[seg].size & kSizeMask;
+  for (uint64_t off = 0; off < end;) {
+    BlockRef ref(seg, off);
+    const BlockHeader* h = header(ref);
+    uint64_t size = h->size();
+    if (size < kAlign || size > end - off) corrupt("bad block size", ref);
+    fn(ref, *h);
+    off += size;
+  }
+}
+
+void Allocator::verify(uint32_t nsegs) const {
+  uint64_t free_in_chain = 0;
+  for (uint32_t seg = 0; seg < nsegs; ++seg) {
+    uint64_t prev_size = 0;
+    bool prev_free = false;
+    for_each_block(seg, [&](BlockRef ref, const BlockHeader& h) {
+      if (h.prev_size != prev_size) corrupt("prev_size does not match", ref);
+      if (!h.used() && prev_free) corrupt("two adjacent free blocks", ref);
+      if (h.used() && h.check != header_check(ref.off(), h.generation))
+        corrupt("header check does not match", ref);
+      if (!h.used()) ++free_in_chain;
+      prev_free = !h.used();
+      prev_size = h.size();
+    });
+  }
+  uint64_t free_in_lists = 0;
+  for (uint32_t fl = 0; fl < kFlCount; ++fl) {
+    for (uint32_t sl = 0; sl < kSlCount; ++sl) {
+      uint64_t bits = st_.heads[fl][sl];
+      bool bit = (st_.sl_bitmap[fl] >> sl) & 1;
+      if (bit != (bits != BlockRef::kNilBits)) corrupt("bitmap disagrees with list", BlockRef());
+      uint64_t prev = BlockRef::kNilBits;
+      while (bits != BlockRef::kNilBits) {
+        BlockRef ref = BlockRef::from_bits(bits);
+        const BlockHeader* h = header(ref);
+        uint32_t f, s;
+        mapping_insert(h->size() / kAlign, f, s);
+        if (h->used()) corrupt("used block on a free list", ref);
+        if (f != fl || s != sl) corrupt("free block on the wrong list", ref);
+        if (h->free_links.prev != prev) corrupt("broken back link", ref);
+        ++free_in_lists;
+        prev = bits;
+        bits = h->free_links.next;
+      }
+    }
+    bool any = st_.sl_bitmap[fl] != 0;
+    if (any != (((st_.fl_bitmap >> fl) & 1) != 0)) corrupt("first-level bitmap", BlockRef());
+  }
+  if (free_in_lists != free_in_chain) corrupt("free block missing from the lists", BlockRef());
+}
+
+}  // namespace pap

@@ -1,0 +1,113 @@
+// A two-level segregated-fit (TLSF) allocator over the pool's segments.
+//
+// Allocation and free are O(1): sizes map to (first level = power of two,
+// second level = one of 32 slices of it); two bitmaps find a non-empty free
+// list of a large enough class in two count-trailing-zero instructions. A
+// request is rounded up to the start of the next class, so any block on the
+// list found fits ("good fit"); waste inside a class is at most 1/32.
+//
+// Crash consistency. A process can be killed between any two stores. The
+// free lists and bitmaps are only an index: recovery rebuilds them from the
+// physical chain of blocks in each segment, walked from offset 0 by block
+// size. Every operation therefore changes the chain by single 8-byte stores
+// of `size_flags` (the commit points), each of which takes the chain from one
+// consistent state to another; everything else it writes is either invisible
+// until the commit (a new header inside a block not yet split) or recomputed
+// by the walk (`prev_size`, the lists).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+#include "core/block_header.hpp"
+
+namespace pap {
+
+constexpr uint32_t kSlLog2 = 5;
+constexpr uint32_t kSlCount = 1u << kSlLog2;
+constexpr uint32_t kFlCount = 40;  // enough for blocks up to 2^48 bytes
+
+// The allocator's index, kept in shared memory.
+struct AllocState {
+  uint64_t fl_bitmap;
+  uint32_t sl_bitmap[kFlCount];
+  uint64_t heads[kFlCount][kSlCount];  // BlockRef bits, kNilBits when empty
+};
+
+// Where a segment is mapped in this process.
+struct SegmentSpan {
+  unsigned char* base;
+  uint64_t size;
+};
+
+// Fields given to a block as it becomes used, written before the commit.
+struct UsedInit {
+  uint64_t generation;
+  uint32_t holder_slot;
+  uint32_t flags;
+};
+
+class Allocator {
+ public:
+  Allocator(AllocState& state, const SegmentSpan* spans) : st_(state), spans_(spans) {}
+
+  // Empties the index (a new pool).
+  void reset();
+
+  // Writes one free block covering segment `seg` (already mapped, not yet
+  // published to other processes) without indexing it.
+  void format_segment(uint32_t seg);
+  // Indexes the free block covering a formatted segment.
+  void add_segment(uint32_t seg);
+
+  // Block size (header included) for a payload of `bytes`; 0 on overflow.
+  static uint64_t block_size_for(uint64_t bytes);
+
+  // A used block of at least `block_size` bytes, or a nil ref if no free
+  // block is large enough.
+  BlockRef allocate(uint64_t block_size, const UsedInit& init);
+
+  // Returns a used block to the free lists, merging it with free neighbours.
+  void free(BlockRef ref);
+
+  BlockHeader* header(BlockRef ref) const {
+    return reinterpret_cast<BlockHeader*>(spans_[ref.seg()].base + ref.off());
+  }
+
+  // Decides the fate of a used block during a rebuild: true keeps it, false
+  // frees it. It may edit the header (holders, pending).
+  using KeepFn = std::function<bool(BlockRef, BlockHeader&)>;
+
+  struct WalkTotals {
+    uint64_t free_bytes = 0;
+    uint64_t free_blocks = 0;
+    uint64_t largest_free = 0;
+  };
+  // Walks the physical chain of segments [0, nsegs), asks `keep` about every
+  // used block, coalesces free neighbours, fixes `prev_size` and rebuilds the
+  // index from scratch. Throws CoreError(kPool) if a chain is broken.
+  WalkTotals rebuild(uint32_t nsegs, const KeepFn& keep);
+
+  // Calls `fn` for each block of segment `seg` in address order.
+  void for_each_block(uint32_t seg, const std::function<void(BlockRef, const BlockHeader&)>& fn) const;
+
+  // Debug check of every invariant of the index against the chain; throws
+  // CoreError(kPool) naming the first one broken. O(blocks).
+  void verify(uint32_t nsegs) const;
+
+  // Size-class mapping, exposed for tests.
+  static void mapping_insert(uint64_t units, uint32_t& fl, uint32_t& sl);
+  static bool mapping_search(uint64_t units, uint32_t& fl, uint32_t& sl);
+
+ private:
+  void insert_free(BlockRef ref, uint64_t size);
+  void remove_free(BlockRef ref, uint64_t size);
+  bool has_next(BlockRef ref, uint64_t size) const {
+    return ref.off() + size < spans_[ref.seg()].size;
+  }
+
+  AllocState& st_;
+  const SegmentSpan* spans_;
+};
+
+}  // namespace pap

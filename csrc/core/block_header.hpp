@@ -1,0 +1,130 @@
+// The header in front of every block, and the packed reference to a block.
+//
+// Shared memory is mapped at a different address in every process, so nothing
+// stored in it is a pointer: a block is named by (segment index, byte offset)
+// packed into one 64-bit word. Every field has a fixed width so that the
+// layout is the same in every process that maps it.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+namespace pap {
+
+// Blocks start on 64-byte boundaries: the header is 64 bytes and every block
+// size is a multiple of 64, so the payload after the header is 64-aligned
+// (a cache line, and enough for any SIMD load).
+constexpr uint64_t kAlign = 64;
+constexpr uint64_t kHeaderSize = 64;
+
+// Number of process slots; a block records its holders as a bitmask of them.
+constexpr uint32_t kMaxSlots = 128;
+
+// A block reference: segment index in the top 16 bits, byte offset in the low
+// 48 bits (offsets are multiples of 64, segments at most 2^48 bytes).
+class BlockRef {
+ public:
+  static constexpr uint64_t kNilBits = ~uint64_t{0};
+  static constexpr uint32_t kMaxSegments = 4096;
+
+  constexpr BlockRef() : bits_(kNilBits) {}
+  constexpr BlockRef(uint32_t seg, uint64_t off) : bits_((uint64_t{seg} << 48) | off) {}
+  static constexpr BlockRef from_bits(uint64_t bits) {
+    BlockRef r;
+    r.bits_ = bits;
+    return r;
+  }
+
+  constexpr bool nil() const { return bits_ == kNilBits; }
+  constexpr uint32_t seg() const { return static_cast<uint32_t>(bits_ >> 48); }
+  constexpr uint64_t off() const { return bits_ & ((uint64_t{1} << 48) - 1); }
+  constexpr uint64_t bits() const { return bits_; }
+  constexpr bool operator==(const BlockRef& o) const { return bits_ == o.bits_; }
+  constexpr bool operator!=(const BlockRef& o) const { return bits_ != o.bits_; }
+
+ private:
+  uint64_t bits_;
+};
+
+// The set of process slots holding a block.
+struct HolderMask {
+  uint64_t words[kMaxSlots / 64];
+
+  bool test(uint32_t slot) const { return (words[slot / 64] >> (slot % 64)) & 1; }
+  void set(uint32_t slot) { words[slot / 64] |= uint64_t{1} << (slot % 64); }
+  void clear(uint32_t slot) { words[slot / 64] &= ~(uint64_t{1} << (slot % 64)); }
+  bool any() const {
+    for (uint64_t w : words)
+      if (w) return true;
+    return false;
+  }
+  uint32_t count() const {
+    uint32_t n = 0;
+    for (uint64_t w : words) n += static_cast<uint32_t>(__builtin_popcountll(w));
+    return n;
+  }
+  // Clears every slot of `mask`; returns true if any was set.
+  bool clear_all(const HolderMask& mask) {
+    bool hit = false;
+    for (size_t i = 0; i < kMaxSlots / 64; ++i) {
+      hit |= (words[i] & mask.words[i]) != 0;
+      words[i] &= ~mask.words[i];
+    }
+    return hit;
+  }
+};
+
+// Block flags (BlockHeader::flags).
+constexpr uint32_t kFlagTransferRequired = 1;
+
+// Bits of BlockHeader::size_flags. The size is a multiple of 64, so the low
+// six bits are free for flags.
+constexpr uint64_t kUsedBit = 1;
+constexpr uint64_t kSizeMask = ~(kAlign - 1);
+
+// All fields are read and written only while the pool lock is held, except
+// `size_flags`, whose stores are the commit points of allocator operations:
+// a process may be killed between any two stores, and recovery walks the
+// physical chain of each segment by `size_flags` alone (see allocator.cpp).
+// Those stores are release stores so the compiler keeps them after the
+// writes they publish.
+struct alignas(64) BlockHeader {
+  std::atomic<uint64_t> size_flags;  // whole block size incl. header | kUsedBit
+  uint64_t prev_size;                // size of the previous block in the segment (0 if first)
+  uint64_t generation;               // unique per allocation; 0 while free
+  union {
+    struct {
+      uint64_t next;  // BlockRef bits of the next free block of the same class
+      uint64_t prev;  // BlockRef bits of the previous one
+    } free_links;
+    HolderMask holders;  // processes holding the block (while used)
+  };
+  uint32_t pending;              // pickles sent but not loaded yet
+  uint32_t flags;                // kFlag*
+  uint64_t pending_deadline_ns;  // CLOCK_MONOTONIC time after which `pending` expires
+  uint64_t check;                // header_check(offset, generation) while used
+
+  uint64_t size() const { return size_flags.load(std::memory_order_relaxed) & kSizeMask; }
+  bool used() const { return size_flags.load(std::memory_order_relaxed) & kUsedBit; }
+  void commit_size(uint64_t size, bool used) {
+    size_flags.store(size | (used ? kUsedBit : 0), std::memory_order_release);
+  }
+  unsigned char* payload() { return reinterpret_cast<unsigned char*>(this) + kHeaderSize; }
+  uint64_t capacity() const { return size() - kHeaderSize; }
+};
+
+static_assert(sizeof(BlockHeader) == kHeaderSize, "block header must be exactly 64 bytes");
+static_assert(std::atomic<uint64_t>::is_always_lock_free, "shared atomics must be lock-free");
+static_assert(std::atomic<uint32_t>::is_always_lock_free, "shared atomics must be lock-free");
+
+// A used block's `check` ties its generation to its own offset, so that a
+// stale handle pointing at bytes that are now the middle of another block's
+// payload is refused unless those bytes happen to spell this exact value.
+inline uint64_t header_check(uint64_t off, uint64_t generation) {
+  uint64_t x = (off + 0x9E3779B97F4A7C15ull) ^ (generation * 0xBF58476D1CE4E5B9ull);
+  x ^= x >> 31;
+  return x ^ 0x7061702D626C6B31ull;  // "pap-blk1"
+}
+
+}  // namespace pap

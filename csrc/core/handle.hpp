@@ -1,0 +1,58 @@
+// The handle: what a pickle of a pool array carries instead of its bytes.
+//
+// Layout (little-endian, fixed widths, 64 + 16 * ndim bytes):
+//   0  magic "PAPH"      4  format version (u8) = 1, flags (u8), ndim (u8), 0
+//   8  pool id (16 bytes)
+//  24  block ref (u64: segment << 48 | offset)
+//  32  generation (u64)
+//  40  view byte offset from the block payload (u64)
+//  48  itemsize (u64)
+//  56  reserved (u64) = 0
+//  64  shape (i64 x ndim), then strides (i64 x ndim)
+// The dtype travels beside the handle as an ordinary pickled numpy dtype.
+// decode() checks every field it can without the pool; the pool then checks
+// the block (generation, header check) and that the view's byte extent lies
+// inside the block before any array is built on it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "core/block_header.hpp"
+
+namespace pap {
+
+constexpr uint32_t kMaxDims = 64;
+constexpr uint8_t kHandleFlagTransferRequired = 1;
+
+struct PoolId {
+  uint8_t bytes[16];
+  bool operator==(const PoolId& o) const;
+  static PoolId from_token(const std::string& hex_token);
+};
+
+struct Handle {
+  PoolId pool;
+  BlockRef ref;
+  uint64_t generation = 0;
+  uint8_t flags = 0;
+  uint64_t view_offset = 0;
+  uint64_t itemsize = 0;
+  uint32_t ndim = 0;
+  int64_t shape[kMaxDims] = {};
+  int64_t strides[kMaxDims] = {};
+};
+
+constexpr size_t kHandleFixedBytes = 64;
+
+std::string encode_handle(const Handle& h);
+// Throws CoreError(kInvalidHandle) with a reason for any malformed input.
+Handle decode_handle(const void* data, size_t len);
+
+// The bytes of the block a view touches, relative to the payload start:
+// [lo, hi). An empty view touches nothing (lo == hi == view_offset).
+// Returns false if the arithmetic overflows or goes below 0.
+bool view_extent(const Handle& h, uint64_t* lo, uint64_t* hi);
+
+}  // namespace pap

@@ -1,0 +1,657 @@
+#include "core/pool.hpp"
+
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "core/errors.hpp"
+
+namespace pap {
+
+constexpr uint64_t kMagic = 0x31304C4F4F505041ull;  // "APPOOL01"
+constexpr uint32_t kLayoutVersion = 1;
+constexpr uint32_t kStateRunning = 0;
+constexpr uint32_t kStateDead = 1;  // being removed by its last process or a cleaner
+
+struct Counters {
+  uint64_t capacity_bytes;
+  uint64_t used_bytes;
+  uint64_t live_blocks;
+  uint64_t pending_transfers;
+  uint64_t pending_blocks;
+  uint64_t next_generation;
+};
+
+// The control segment. Fields above `lock` are written once by the creator
+// before `magic` is published; `state`, the process table and the segment
+// table are read without the lock and are atomics; everything from `alloc`
+// down is read and written only under the lock.
+struct ControlHeader {
+  std::atomic<uint64_t> magic;
+  uint32_t layout_version;
+  uint32_t control_bytes;
+  PoolId pool_id;
+  uint64_t created_realtime_ns;
+  PoolConfig config;
+  std::atomic<uint32_t> state;
+  alignas(64) LockWord lock;
+  alignas(64) ProcessTable table;
+  std::atomic<uint32_t> segment_count;
+  std::atomic<uint64_t> segment_sizes[BlockRef::kMaxSegments];
+  alignas(64) AllocState alloc;
+  Counters counters;
+};
+
+static_assert(std::atomic<uint64_t>::is_always_lock_free);
+
+namespace {
+
+constexpr uint64_t kPage = 4096;
+constexpr uint64_t kControlBytes = (sizeof(ControlHeader) + kPage - 1) & ~(kPage - 1);
+constexpr uint64_t kLargeRound = 2u << 20;
+
+uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
+
+uint64_t realtime_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+void sleep_ms(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
+
+// Waits for a creator to publish the header; false if it never does.
+bool wait_initialized(const ControlHeader* h, int ms) {
+  for (int i = 0; i < ms; ++i) {
+    if (h->magic.load(std::memory_order_acquire) == kMagic) return true;
+    sleep_ms(1);
+  }
+  return h->magic.load(std::memory_order_acquire) == kMagic;
+}
+
+class TableProbe : public OwnerProbe {
+ public:
+  explicit TableProbe(const ProcessTable& t) : t_(t) {}
+  bool owner_alive(uint32_t owner) override {
+    return owner == 0 || owner > kMaxSlots || t_.alive(owner - 1, monotonic_ns());
+  }
+
+ private:
+  const ProcessTable& t_;
+};
+
+void unlink_pool_files(const std::string& token, uint32_t segments) {
+  for (uint32_t i = 0; i <= segments && i < BlockRef::kMaxSegments; ++i)
+    unlink_segment(data_name(token, i));
+  unlink_segment(control_name(token));
+}
+
+}  // namespace
+
+// Holds the pool lock for a scope. In kFast it only tries once and also
+// gives up if this process has not mapped every published segment (mapping
+// is a system call); check held() before using the pool.
+class Pool::Guard {
+ public:
+  Guard(Pool& p, Mode mode) : p_(p) {
+    const uint32_t me = p.slot_ + 1;
+    if (mode == Mode::kFast) {
+      if (!p.all_mapped() || !futex_lock::try_lock(p.hdr_->lock, me)) return;
+      held_ = true;
+      if (!p.all_mapped()) release();  // a segment was published meanwhile
+      return;
+    }
+    p.ensure_mapped();
+    TableProbe probe(p.hdr_->table);
+    Acquired how = futex_lock::lock(p.hdr_->lock, me, probe);
+    held_ = true;
+    try {
+      p.ensure_mapped();
+      if (how == Acquired::kFromDeadOwner) p.maintain_locked(true, HolderMask{});
+    } catch (...) {
+      release();
+      throw;
+    }
+  }
+  ~Guard() { release(); }
+  Guard(const Guard&) = delete;
+  Guard& operator=(const Guard&) = delete;
+  bool held() const { return held_; }
+  void release() {
+    if (held_) futex_lock::unlock(p_.hdr_->lock);
+    held_ = false;
+  }
+
+ private:
+  Pool& p_;
+  bool held_ = false;
+};
+
+Pool::Pool(std::string token, Mapping control)
+    : token_(std::move(token)),
+      id_(PoolId::from_token(token_)),
+      control_(std::move(control)),
+      hdr_(reinterpret_cast<ControlHeader*>(control_.data())),
+      mappings_(new Mapping[BlockRef::kMaxSegments]) {}
+
+Pool::~Pool() = default;
+
+AllocState& Pool::alloc_state() { return hdr_->alloc; }
+ProcessTable& Pool::table() { return hdr_->table; }
+PoolConfig Pool::config() const { return hdr_->config; }
+
+bool Pool::all_mapped() const {
+  return mapped_.load(std::memory_order_acquire) ==
+         hdr_->segment_count.load(std::memory_order_acquire);
+}
+
+void Pool::ensure_mapped() {
+  if (all_mapped()) return;
+  std::lock_guard<std::mutex> local(local_mutex_);
+  uint32_t published = hdr_->segment_count.load(std::memory_order_acquire);
+  for (uint32_t i = mapped_.load(std::memory_order_relaxed); i < published; ++i) {
+    uint64_t size = hdr_->segment_sizes[i].load(std::memory_order_acquire);
+    Mapping m;
+    if (!open_segment(data_name(token_, i), size, size, &m))
+      throw CoreError(ErrorKind::kPool, "segment " + data_name(token_, i) + " is missing");
+    spans_[i] = SegmentSpan{m.data(), m.size()};
+    mappings_[i] = std::move(m);
+    mapped_.store(i + 1, std::memory_order_release);
+  }
+}
+
+void Pool::claim_slot_or_throw() {
+  const uint64_t id = slot_id(::getpid(), SlotKind::kActive);
+  int s = table().claim(id);
+  if (s < 0) {
+    // Every slot is taken: take one whose owner is dead and clear its bits
+    // before holding anything. Never the lock owner's slot: a waiter must
+    // still see that owner as dead to repair after it.
+    uint32_t owner = futex_lock::owner_of(hdr_->lock.load(std::memory_order_relaxed));
+    uint64_t now = monotonic_ns();
+    for (uint32_t i = 0; i < kMaxSlots && s < 0; ++i) {
+      uint64_t old = table().slots[i].id.load(std::memory_order_acquire);
+      if (old == 0 || i + 1 == owner || table().alive(i, now)) continue;
+      if (table().slots[i].id.compare_exchange_strong(old, id)) s = static_cast<int>(i);
+    }
+    if (s < 0)
+      throw CoreError(ErrorKind::kPool, "too many processes attached to the pool (limit " +
+                                            std::to_string(kMaxSlots) + ")");
+    table().slots[s].start_time.store(process_start_time(::getpid()), std::memory_order_release);
+    slot_ = static_cast<uint32_t>(s);
+    HolderMask inherited{};
+    inherited.set(slot_);
+    Guard g(*this, Mode::kSlow);
+    maintain_locked(true, inherited);
+    // maintain_locked releases dead slots; ours was cleared but is still ours.
+    return;
+  }
+  table().slots[s].start_time.store(process_start_time(::getpid()), std::memory_order_release);
+  slot_ = static_cast<uint32_t>(s);
+}
+
+std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& config) {
+  if (!valid_token(token)) throw CoreError(ErrorKind::kPool, "invalid pool token '" + token + "'");
+  if (config.segment_bytes == 0 || config.max_bytes == 0)
+    throw CoreError(ErrorKind::kPool, "max_bytes and segment_bytes must be positive");
+  bool swept = false;
+  for (int attempt = 0; attempt < 2000; ++attempt) {
+    if (auto p = attach_existing(token)) return p;
+    if (!swept) {
+      // Start-up is when leftovers of dead programs are removed.
+      clean_stale(false, token);
+      swept = true;
+    }
+    // Build the control segment under a private name and publish it with
+    // link(), which fails if another process won the race: nobody ever
+    // opens a half-initialized pool.
+    const std::string final_name = control_name(token);
+    const std::string tmp_name = final_name + ".init" + std::to_string(::getpid());
+    unlink_segment(tmp_name);
+    Mapping m;
+    if (create_segment(tmp_name, kControlBytes, &m) == CreateResult::kExists) continue;
+    auto* h = reinterpret_cast<ControlHeader*>(m.data());
+    // The file is zero-filled: only non-zero fields need writing.
+    h->layout_version = kLayoutVersion;
+    h->control_bytes = static_cast<uint32_t>(kControlBytes);
+    h->pool_id = PoolId::from_token(token);
+    h->created_realtime_ns = realtime_ns();
+    h->config = config;
+    h->state.store(kStateRunning);
+    h->segment_count.store(0);
+    Allocator(h->alloc, nullptr).reset();
+    h->counters = Counters{};
+    h->counters.next_generation = 1;
+    h->magic.store(kMagic, std::memory_order_release);
+    int linked = ::link(("/dev/shm" + tmp_name).c_str(), ("/dev/shm" + final_name).c_str());
+    int link_errno = errno;
+    unlink_segment(tmp_name);
+    if (linked != 0) {
+      if (link_errno == EEXIST) continue;
+      throw_os_error("link " + final_name, link_errno);
+    }
+    std::unique_ptr<Pool> p(new Pool(token, std::move(m)));
+    p->claim_slot_or_throw();
+    return p;
+  }
+  throw CoreError(ErrorKind::kPool, "could not attach to pool " + token);
+}
+
+std::unique_ptr<Pool> Pool::attach_existing(const std::string& token) {
+  for (int attempt = 0; attempt < 2000; ++attempt) {
+    Mapping m;
+    if (!open_segment(control_name(token), kControlBytes, 0, &m)) {
+      return nullptr;
+    }
+    auto* h = reinterpret_cast<ControlHeader*>(m.data());
+    if (!wait_initialized(h, 2000)) {
+      // The creator died between creating and publishing the header.
+      unlink_segment(control_name(token));
+      continue;
+    }
+    if (h->layout_version != kLayoutVersion)
+      throw CoreError(ErrorKind::kPool, "pool " + token + " has an incompatible layout");
+    if (h->state.load() == kStateDead) {
+      sleep_ms(1);  // its last process is removing it; it will be gone soon
+      continue;
+    }
+    std::unique_ptr<Pool> p(new Pool(token, std::move(m)));
+    p->claim_slot_or_throw();
+    // Pairs with leave(): the leaver marks the pool dead, then looks for
+    // live slots; we claimed a slot, then look at the state. One of the two
+    // sees the other.
+    if (h->state.load(std::memory_order_seq_cst) == kStateDead) {
+      p->table().release(p->slot_);
+      p->left_ = true;
+      sleep_ms(1);
+      continue;
+    }
+    return p;
+  }
+  throw CoreError(ErrorKind::kPool, "could not attach to pool " + token);
+}
+
+std::optional<Block> Pool::allocate(uint64_t bytes, bool transfer_required, Mode mode) {
+  uint64_t block_size = Allocator::block_size_for(bytes);
+  if (block_size == 0) throw_full(bytes);
+  Guard g(*this, mode);
+  if (!g.held()) return std::nullopt;
+  if (auto b = allocate_locked(block_size, transfer_required)) return b;
+  if (mode == Mode::kFast) return std::nullopt;
+  // Out of room: first take back what dead processes and expired pickles
+  // hold, then grow by a segment.
+  if (maintain_locked(false, HolderMask{}) > 0)
+    if (auto b = allocate_locked(block_size, transfer_required)) return b;
+  grow_locked(block_size);
+  if (auto b = allocate_locked(block_size, transfer_required)) return b;
+  throw_full(bytes);
+}
+
+std::optional<Block> Pool::allocate_locked(uint64_t block_size, bool transfer_required) {
+  Counters& c = hdr_->counters;
+  UsedInit init{c.next_generation, slot_, transfer_required ? kFlagTransferRequired : 0u};
+  Allocator a = allocator();
+  BlockRef ref = a.allocate(block_size, init);
+  if (ref.nil()) return std::nullopt;
+  ++c.next_generation;
+  BlockHeader* h = a.header(ref);
+  c.used_bytes += h->size();
+  ++c.live_blocks;
+  return Block{ref, init.generation, h->payload(), h->capacity(), init.flags};
+}
+
+void Pool::grow_locked(uint64_t block_size) {
+  Counters& c = hdr_->counters;
+  const PoolConfig cfg = hdr_->config;
+  uint64_t size = std::max(cfg.segment_bytes, round_up(block_size, kLargeRound));
+  if (c.capacity_bytes + size > cfg.max_bytes) {
+    // A smaller segment that still fits the request, if max_bytes allows.
+    size = round_up(block_size, kPage);
+    if (c.capacity_bytes + size > cfg.max_bytes) throw_full(block_size - kHeaderSize);
+  }
+  std::lock_guard<std::mutex> local(local_mutex_);
+  uint32_t index = hdr_->segment_count.load(std::memory_order_relaxed);
+  if (index >= BlockRef::kMaxSegments)
+    throw CoreError(ErrorKind::kPoolFull, "the pool has reached its limit of segments");
+  const std::string name = data_name(token_, index);
+  Mapping m;
+  if (create_segment(name, size, &m) == CreateResult::kExists) {
+    // Left by a process killed while growing, before it published the
+    // segment: nobody maps it.
+    unlink_segment(name);
+    if (create_segment(name, size, &m) == CreateResult::kExists)
+      throw CoreError(ErrorKind::kPool, "segment " + name + " exists");
+  }
+  spans_[index] = SegmentSpan{m.data(), m.size()};
+  mappings_[index] = std::move(m);
+  Allocator a = allocator();
+  a.format_segment(index);
+  hdr_->segment_sizes[index].store(size, std::memory_order_release);
+  mapped_.store(index + 1, std::memory_order_release);
+  hdr_->segment_count.store(index + 1, std::memory_order_release);
+  a.add_segment(index);
+  c.capacity_bytes += size;
+}
+
+void Pool::throw_full(uint64_t bytes) {
+  const Counters& c = hdr_->counters;
+  const PoolConfig cfg = hdr_->config;
+  throw CoreError(ErrorKind::kPoolFull,
+                  "pyarraypool cannot allocate " + std::to_string(bytes) + " bytes: the pool uses " +
+                      std::to_string(c.used_bytes) + " of max_bytes=" +
+                      std::to_string(cfg.max_bytes) + " in " + std::to_string(c.live_blocks) +
+                      " live blocks (" + std::to_string(c.pending_transfers) +
+                      " pickles pending); raise max_bytes with pyarraypool.configure(max_bytes=...)"
+                      " or PYARRAYPOOL_MAX_BYTES");
+}
+
+BlockHeader* Pool::checked_header(BlockRef ref, uint64_t generation) {
+  if (ref.seg() >= mapped_.load(std::memory_order_acquire))
+    throw CoreError(ErrorKind::kStaleHandle, "handle names a segment this pool does not have");
+  const SegmentSpan& s = spans_[ref.seg()];
+  if (ref.off() % kAlign != 0 || ref.off() + kHeaderSize > s.size)
+    throw CoreError(ErrorKind::kInvalidHandle, "handle points outside its segment");
+  BlockHeader* h = allocator().header(ref);
+  if (!h->used() || h->generation != generation ||
+      h->check != header_check(ref.off(), generation) || h->size() > s.size - ref.off())
+    throw CoreError(ErrorKind::kStaleHandle,
+                    "the block this handle names has been freed (generation " +
+                        std::to_string(generation) + ")");
+  return h;
+}
+
+void Pool::free_if_unused(BlockRef ref, BlockHeader& h) {
+  if (h.holders.any() || h.pending > 0) return;
+  Counters& c = hdr_->counters;
+  c.used_bytes -= h.size();
+  --c.live_blocks;
+  allocator().free(ref);
+}
+
+bool Pool::release(BlockRef ref, uint64_t generation, Mode mode) {
+  Guard g(*this, mode);
+  if (!g.held()) return false;
+  BlockHeader* h = checked_header(ref, generation);
+  h->holders.clear(slot_);
+  free_if_unused(ref, *h);
+  return true;
+}
+
+bool Pool::add_pending(BlockRef ref, uint64_t generation, Mode mode) {
+  Guard g(*this, mode);
+  if (!g.held()) return false;
+  BlockHeader* h = checked_header(ref, generation);
+  if (!(h->flags & kFlagTransferRequired)) return true;
+  Counters& c = hdr_->counters;
+  if (h->pending == 0) ++c.pending_blocks;
+  ++h->pending;
+  ++c.pending_transfers;
+  // One deadline per block: the newest pickle's. Older pickles of the same
+  // block live at least as long as the newest one.
+  h->pending_deadline_ns = monotonic_ns() + hdr_->config.transfer_timeout_ns;
+  return true;
+}
+
+std::optional<Block> Pool::attach_block(const Handle& hd, uint64_t lo, uint64_t hi, Mode mode) {
+  if (!(hd.pool == id_))
+    throw CoreError(ErrorKind::kStaleHandle, "handle belongs to another pool");
+  Guard g(*this, mode);
+  if (!g.held()) {
+    // In kFast a handle of a segment this process has not mapped yet lands
+    // here too; kSlow maps it.
+    return std::nullopt;
+  }
+  BlockHeader* h = checked_header(hd.ref, hd.generation);
+  if (hi > h->capacity() || lo > hi)
+    throw CoreError(ErrorKind::kInvalidHandle,
+                    "handle describes bytes [" + std::to_string(lo) + ", " + std::to_string(hi) +
+                        ") outside its block of " + std::to_string(h->capacity()) + " bytes");
+  h->holders.set(slot_);
+  if ((hd.flags & kHandleFlagTransferRequired) && h->pending > 0) {
+    Counters& c = hdr_->counters;
+    --h->pending;
+    --c.pending_transfers;
+    if (h->pending == 0) --c.pending_blocks;
+  }
+  return Block{hd.ref, hd.generation, h->payload(), h->capacity(), h->flags};
+}
+
+uint32_t Pool::live_processes_locked(uint64_t now, std::vector<int>* pids) {
+  uint32_t n = 0;
+  for (uint32_t i = 0; i < kMaxSlots; ++i) {
+    uint64_t id = table().slots[i].id.load(std::memory_order_seq_cst);
+    if (id == 0) continue;
+    if (i != slot_ && !table().alive(i, now)) continue;
+    ++n;
+    if (pids && slot_kind(id) == SlotKind::kActive) pids->push_back(slot_pid(id));
+  }
+  return n;
+}
+
+uint64_t Pool::maintain_locked(bool force_rebuild, const HolderMask& also_dead) {
+  const uint64_t now = monotonic_ns();
+  HolderMask dead = also_dead;
+  for (uint32_t i = 0; i < kMaxSlots; ++i) {
+    if (i == slot_ || table().slots[i].id.load(std::memory_order_acquire) == 0) continue;
+    if (!table().alive(i, now)) dead.set(i);
+  }
+  Counters& c = hdr_->counters;
+  if (!force_rebuild && !dead.any() && c.pending_blocks == 0) return 0;
+
+  const uint64_t used_before = c.used_bytes;
+  Counters fresh{};
+  fresh.next_generation = c.next_generation;
+  auto keep = [&](BlockRef, BlockHeader& h) {
+    h.holders.clear_all(dead);
+    if (h.pending > 0 && now >= h.pending_deadline_ns) h.pending = 0;
+    if (!h.holders.any() && h.pending == 0) return false;
+    fresh.used_bytes += h.size();
+    ++fresh.live_blocks;
+    fresh.pending_transfers += h.pending;
+    fresh.pending_blocks += h.pending > 0;
+    return true;
+  };
+  uint32_t nsegs = hdr_->segment_count.load(std::memory_order_acquire);
+  allocator().rebuild(nsegs, keep);
+  for (uint32_t i = 0; i < nsegs; ++i)
+    fresh.capacity_bytes += hdr_->segment_sizes[i].load(std::memory_order_relaxed);
+  c = fresh;
+  for (uint32_t i = 0; i < kMaxSlots; ++i)
+    if (dead.test(i) && i != slot_ && !also_dead.test(i)) table().release(i);
+  return used_before > c.used_bytes ? used_before - c.used_bytes : 0;
+}
+
+uint64_t Pool::collect() {
+  Guard g(*this, Mode::kSlow);
+  return maintain_locked(false, HolderMask{});
+}
+
+PoolStats Pool::stats() {
+  Guard g(*this, Mode::kSlow);
+  maintain_locked(false, HolderMask{});
+  PoolStats s;
+  s.token = token_;
+  const Counters& c = hdr_->counters;
+  s.capacity_bytes = c.capacity_bytes;
+  s.used_bytes = c.used_bytes;
+  s.live_blocks = c.live_blocks;
+  s.pending_transfers = c.pending_transfers;
+  s.pending_blocks = c.pending_blocks;
+  s.segments = hdr_->segment_count.load();
+  s.config = hdr_->config;
+  s.processes = live_processes_locked(monotonic_ns(), &s.pids);
+  s.free_bytes = c.capacity_bytes - c.used_bytes;
+  Allocator a = allocator();
+  for (uint32_t seg = 0; seg < s.segments; ++seg)
+    a.for_each_block(seg, [&](BlockRef, const BlockHeader& h) {
+      if (!h.used() && h.size() > s.largest_free_block) s.largest_free_block = h.size();
+    });
+  return s;
+}
+
+void Pool::leave(bool unlink_if_last) {
+  if (left_) return;
+  uint32_t nsegs;
+  {
+    Guard g(*this, Mode::kSlow);
+    HolderMask me{};
+    me.set(slot_);
+    maintain_locked(true, me);
+    table().release(slot_);
+    left_ = true;
+    if (!unlink_if_last) return;
+    // See attach_existing() for the other half of this handshake.
+    hdr_->state.store(kStateDead, std::memory_order_seq_cst);
+    if (live_processes_locked(monotonic_ns(), nullptr) > 0) {
+      hdr_->state.store(kStateRunning, std::memory_order_seq_cst);
+      return;
+    }
+    nsegs = hdr_->segment_count.load();
+  }
+  unlink_pool_files(token_, nsegs);
+}
+
+void Pool::before_fork(const std::vector<std::pair<BlockRef, uint64_t>>& held) {
+  Guard g(*this, Mode::kSlow);
+  local_mutex_.lock();  // released by after_fork_*: no thread may be mid-append at fork
+  fork_prepared_ = true;
+  child_slot_ = table().claim(slot_id(::getpid(), SlotKind::kReserved));
+  if (child_slot_ < 0) return;  // too many processes: the child attaches on its own
+  table().slots[child_slot_].reserved_at_ns.store(monotonic_ns(), std::memory_order_release);
+  for (const auto& [ref, gen] : held) {
+    BlockHeader* h = allocator().header(ref);
+    if (h->used() && h->generation == gen) h->holders.set(static_cast<uint32_t>(child_slot_));
+  }
+}
+
+void Pool::after_fork_parent() {
+  child_slot_ = -1;
+  if (fork_prepared_) local_mutex_.unlock();
+  fork_prepared_ = false;
+}
+
+void Pool::after_fork_child() {
+  if (!fork_prepared_) {
+    // before_fork failed, so no slot waits for us: the parent's slot is not
+    // ours to use. Attach afresh (inherited blocks are unprotected).
+    claim_slot_or_throw();
+    return;
+  }
+  fork_prepared_ = false;
+  local_mutex_.unlock();
+  if (child_slot_ < 0) {
+    claim_slot_or_throw();
+    return;
+  }
+  slot_ = static_cast<uint32_t>(child_slot_);
+  child_slot_ = -1;
+  ProcessSlot& s = table().slots[slot_];
+  s.start_time.store(process_start_time(::getpid()), std::memory_order_release);
+  s.id.store(slot_id(::getpid(), SlotKind::kActive), std::memory_order_seq_cst);
+}
+
+void Pool::verify() {
+  Guard g(*this, Mode::kSlow);
+  uint32_t nsegs = hdr_->segment_count.load();
+  Allocator a = allocator();
+  a.verify(nsegs);
+  Counters sum{};
+  for (uint32_t seg = 0; seg < nsegs; ++seg) {
+    sum.capacity_bytes += spans_[seg].size;
+    a.for_each_block(seg, [&](BlockRef, const BlockHeader& h) {
+      if (!h.used()) return;
+      sum.used_bytes += h.size();
+      ++sum.live_blocks;
+      sum.pending_transfers += h.pending;
+      sum.pending_blocks += h.pending > 0;
+      if (!h.holders.any() && h.pending == 0)
+        throw CoreError(ErrorKind::kPool, "a used block has no holder and no pending pickle");
+    });
+  }
+  const Counters& c = hdr_->counters;
+  if (sum.capacity_bytes != c.capacity_bytes || sum.used_bytes != c.used_bytes ||
+      sum.live_blocks != c.live_blocks || sum.pending_transfers != c.pending_transfers ||
+      sum.pending_blocks != c.pending_blocks)
+    throw CoreError(ErrorKind::kPool, "pool counters disagree with the blocks");
+}
+
+void Pool::lock_forever() {
+  ensure_mapped();
+  TableProbe probe(table());
+  futex_lock::lock(hdr_->lock, slot_ + 1, probe);
+}
+
+std::vector<std::string> Pool::clean_stale(bool dry_run, const std::string& keep_token) {
+  std::vector<std::string> removed;
+  const std::string prefix = kShmPrefix;
+  std::vector<std::string> names = list_segments(prefix);
+  auto token_of = [&](const std::string& n) { return n.substr(prefix.size(), kTokenHexLen); };
+  const uint64_t now = monotonic_ns();
+  for (const std::string& n : names) {
+    if (n.size() != prefix.size() + kTokenHexLen) continue;  // control segments only
+    std::string token = token_of(n);
+    if (!valid_token(token) || token == keep_token) continue;
+    struct stat st;
+    if (::stat(("/dev/shm/" + n).c_str(), &st) != 0 || st.st_uid != ::geteuid()) continue;
+    Mapping m;
+    try {
+      if (!open_segment("/" + n, 0, 0, &m)) continue;
+    } catch (const CoreError&) {
+      continue;  // not ours to judge (permissions, odd size)
+    }
+    bool dead;
+    if (m.size() < sizeof(ControlHeader)) {
+      dead = ::time(nullptr) - st.st_mtime > 10;
+    } else {
+      auto* h = reinterpret_cast<ControlHeader*>(m.data());
+      if (h->magic.load(std::memory_order_acquire) != kMagic) {
+        dead = ::time(nullptr) - st.st_mtime > 10;
+      } else {
+        dead = true;
+        for (uint32_t i = 0; i < kMaxSlots && dead; ++i)
+          if (h->table.slots[i].id.load() != 0 && h->table.alive(i, now)) dead = false;
+      }
+    }
+    if (!dead) continue;
+    if (m.size() >= sizeof(ControlHeader) && !dry_run) {
+      // The same handshake as leave(): mark it dead, then look again for a
+      // process that attached meanwhile.
+      auto* h = reinterpret_cast<ControlHeader*>(m.data());
+      h->state.store(kStateDead, std::memory_order_seq_cst);
+      for (uint32_t i = 0; i < kMaxSlots && dead; ++i)
+        if (h->table.slots[i].id.load(std::memory_order_seq_cst) != 0 && h->table.alive(i, now))
+          dead = false;
+      if (!dead) {
+        h->state.store(kStateRunning, std::memory_order_seq_cst);
+        continue;
+      }
+    }
+    for (const std::string& other : names)
+      if (other.compare(0, n.size(), n) == 0) {
+        removed.push_back(other);
+        if (!dry_run) unlink_segment("/" + other);
+      }
+  }
+  // Data segments whose control segment is gone.
+  for (const std::string& n : names) {
+    if (n.size() <= prefix.size() + kTokenHexLen) continue;
+    std::string token = token_of(n);
+    if (!valid_token(token) || token == keep_token) continue;
+    struct stat st;
+    if (::stat(("/dev/shm/" + prefix + token).c_str(), &st) == 0) continue;
+    if (::stat(("/dev/shm/" + n).c_str(), &st) != 0 || st.st_uid != ::geteuid()) continue;
+    bool listed = false;
+    for (const auto& r : removed) listed |= r == n;
+    if (listed || ::time(nullptr) - st.st_mtime <= 10) continue;
+    removed.push_back(n);
+    if (!dry_run) unlink_segment("/" + n);
+  }
+  return removed;
+}
+
+}  // namespace pap

@@ -1,0 +1,170 @@
+// A shared-memory pool as seen from one process.
+//
+// The pool is a control segment (header, lock, process table, segment table,
+// allocator index, counters) plus data segments that hold the blocks. Every
+// process of one program attaches to the same pool, named by a token; the
+// first one to attach creates it. All mutation happens under the pool lock,
+// and every lock hold is short and free of system calls in the common case.
+//
+// Lifetime protocol (the invariant every operation keeps):
+//   a used block stays used while  holders.any() || pending > 0
+// where `holders` has one bit per process slot holding the block (a process
+// sets its bit once, however many Python objects it has on the block) and
+// `pending` counts pickles made with transfer_required that have not been
+// loaded. The last operation that makes the condition false frees the block
+// in the same critical section. A dead process's bits are cleared by the
+// survivor that notices it is dead; expired pending counts are dropped after
+// `transfer_timeout`.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/allocator.hpp"
+#include "core/block_header.hpp"
+#include "core/futex_lock.hpp"
+#include "core/handle.hpp"
+#include "core/process_table.hpp"
+#include "core/shm_segment.hpp"
+
+namespace pap {
+
+struct PoolConfig {
+  uint64_t max_bytes;
+  uint64_t segment_bytes;
+  uint64_t transfer_timeout_ns;
+  bool operator==(const PoolConfig& o) const {
+    return max_bytes == o.max_bytes && segment_bytes == o.segment_bytes &&
+           transfer_timeout_ns == o.transfer_timeout_ns;
+  }
+};
+
+struct PoolStats {
+  std::string token;
+  uint64_t capacity_bytes = 0;
+  uint64_t used_bytes = 0;
+  uint64_t live_blocks = 0;
+  uint64_t pending_transfers = 0;
+  uint64_t pending_blocks = 0;
+  uint64_t free_bytes = 0;
+  uint64_t largest_free_block = 0;
+  uint32_t processes = 0;
+  uint32_t segments = 0;
+  PoolConfig config{};
+  std::vector<int> pids;  // live attached processes
+};
+
+// A block this process holds, as the binding sees it.
+struct Block {
+  BlockRef ref;
+  uint64_t generation;
+  unsigned char* payload;
+  uint64_t capacity;
+  uint32_t flags;
+};
+
+// kFast: try the lock once and make no system call; an operation that would
+// have to wait or call the kernel returns "not done" (nullopt / false) and
+// changes nothing, so that the caller can release the GIL and retry in
+// kSlow, which waits, maps segments, grows the pool and repairs after dead
+// processes.
+enum class Mode { kFast, kSlow };
+
+struct ControlHeader;
+
+class Pool {
+ public:
+  // Attaches this process to the pool `token`, creating it with `config` if
+  // it does not exist yet. Throws CoreError.
+  static std::unique_ptr<Pool> attach(const std::string& token, const PoolConfig& config);
+  // Attaches only if the pool exists; nullptr otherwise.
+  static std::unique_ptr<Pool> attach_existing(const std::string& token);
+  ~Pool();
+  Pool(const Pool&) = delete;
+  Pool& operator=(const Pool&) = delete;
+
+  const std::string& token() const { return token_; }
+  const PoolId& id() const { return id_; }
+  PoolConfig config() const;
+  uint32_t slot() const { return slot_; }
+
+  // A new block of at least `bytes` payload, held by this process.
+  std::optional<Block> allocate(uint64_t bytes, bool transfer_required, Mode mode);
+  // Drops this process's hold on a block; frees it if nobody else needs it.
+  bool release(BlockRef ref, uint64_t generation, Mode mode);
+  // Counts one more pickle in flight (a no-op for blocks that do not
+  // require transfer tracking).
+  bool add_pending(BlockRef ref, uint64_t generation, Mode mode);
+  // Takes a hold on the block a handle names, after checking that it still
+  // exists with that generation and that bytes [lo, hi) of its payload
+  // exist; consumes one pending count if the handle required transfer.
+  // Throws kStaleHandle / kInvalidHandle.
+  std::optional<Block> attach_block(const Handle& h, uint64_t lo, uint64_t hi, Mode mode);
+
+  // Reclaims what dead processes held and expired pending counts. Returns
+  // the bytes freed.
+  uint64_t collect();
+  PoolStats stats();
+  // Detaches this process: drops all its holds and its slot; the last
+  // process of the pool unlinks every segment when `unlink_if_last`.
+  void leave(bool unlink_if_last = true);
+  bool left() const { return left_; }
+
+  // fork(): before_fork reserves a slot for the child and marks it as a
+  // holder of every block in `held`, while holding the pool lock and the
+  // local mutex; exactly one of the after_fork_* must follow.
+  void before_fork(const std::vector<std::pair<BlockRef, uint64_t>>& held);
+  void after_fork_parent();
+  void after_fork_child();
+
+  // Checks every allocator and accounting invariant (tests, debug).
+  void verify();
+  // Test hook for crash tests: takes the pool lock and never releases it.
+  void lock_forever();
+
+  // Removes pools of this user whose processes are all dead (and orphaned
+  // data segments). Returns the names removed (or that would be).
+  static std::vector<std::string> clean_stale(bool dry_run, const std::string& keep_token);
+
+ private:
+  class Guard;
+  Pool(std::string token, Mapping control);
+
+  void ensure_mapped();
+  bool all_mapped() const;
+  Allocator allocator() { return Allocator(alloc_state(), spans_); }
+  AllocState& alloc_state();
+  ProcessTable& table();
+  void claim_slot_or_throw();
+  std::optional<Block> allocate_locked(uint64_t block_size, bool transfer_required);
+  void grow_locked(uint64_t block_size);
+  void free_if_unused(BlockRef ref, BlockHeader& h);
+  BlockHeader* checked_header(BlockRef ref, uint64_t generation);
+  uint64_t maintain_locked(bool force_rebuild, const HolderMask& also_dead);
+  uint32_t live_processes_locked(uint64_t now, std::vector<int>* pids);
+  [[noreturn]] void throw_full(uint64_t bytes);
+
+  std::string token_;
+  PoolId id_;
+  Mapping control_;
+  ControlHeader* hdr_;
+  uint32_t slot_ = 0;
+  int child_slot_ = -1;  // reserved across a fork
+  bool fork_prepared_ = false;
+  bool left_ = false;
+
+  // Local view of the data segments. Entries [0, mapped_) are valid and
+  // never change; appends are serialized by local_mutex_, and readers (under
+  // the pool lock) see a prefix. Lock order: pool lock, then local_mutex_.
+  std::mutex local_mutex_;
+  std::unique_ptr<Mapping[]> mappings_;
+  SegmentSpan spans_[BlockRef::kMaxSegments] = {};
+  std::atomic<uint32_t> mapped_{0};
+};
+
+}  // namespace pap

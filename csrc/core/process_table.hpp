@@ -1,0 +1,63 @@
+// The table of processes attached to a pool, in shared memory.
+//
+// A process claims a slot with a CAS and is then named by it: in the lock
+// word (slot + 1) and in every block it holds (a bit of the block's holder
+// mask). When a process dies without detaching (SIGKILL, os._exit in a
+// forked worker), its slot stays claimed; any survivor can tell that it is
+// dead and reclaim what it held. Pids are reused by the kernel, so a slot
+// records the process start time as well, and a pid whose start time differs
+// is a different, newer process: the slot's owner is dead.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "core/block_header.hpp"
+
+namespace pap {
+
+struct ProcessSlot {
+  // 0 when free; otherwise (pid << 2) | kind.
+  std::atomic<uint64_t> id;
+  // The owner's start time (clock ticks since boot, /proc/PID/stat field
+  // 22); 0 until the owner has written it.
+  std::atomic<uint64_t> start_time;
+  // For kReserved: CLOCK_MONOTONIC ns when the parent reserved it.
+  std::atomic<uint64_t> reserved_at_ns;
+  uint64_t unused;
+};
+
+enum class SlotKind : uint64_t {
+  kActive = 1,    // owned by the process `pid`
+  kReserved = 2,  // reserved by the process `pid` for a child it is forking
+};
+
+inline uint64_t slot_id(pid_t pid, SlotKind kind) {
+  return (static_cast<uint64_t>(pid) << 2) | static_cast<uint64_t>(kind);
+}
+inline pid_t slot_pid(uint64_t id) { return static_cast<pid_t>(id >> 2); }
+inline SlotKind slot_kind(uint64_t id) { return static_cast<SlotKind>(id & 3); }
+
+// A fork child adopts its reserved slot at once; a reservation older than
+// this belongs to a fork that failed or a child that died before adopting.
+constexpr uint64_t kReservationGraceNs = 30'000'000'000ull;
+
+struct ProcessTable {
+  ProcessSlot slots[kMaxSlots];
+
+  // Claims a free slot for `id` and returns its index, or -1 if none is free.
+  int claim(uint64_t id);
+  // Frees a slot (its holdings must already be reclaimed).
+  void release(uint32_t slot);
+  // True unless the slot's owner is certainly gone. Reads /proc.
+  bool alive(uint32_t slot, uint64_t now_ns) const;
+};
+
+// Start time of a process, or 0 if it cannot be read. Also reports whether
+// the process is a zombie (dead but not yet reaped), which counts as dead.
+uint64_t process_start_time(pid_t pid, bool* zombie = nullptr);
+uint64_t monotonic_ns();
+
+}  // namespace pap

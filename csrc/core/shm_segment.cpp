@@ -1,0 +1,167 @@
+#include "core/shm_segment.hpp"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+
+#include "core/errors.hpp"
+
+namespace pap {
+namespace {
+
+// Closes a file descriptor when the scope ends.
+class Fd {
+ public:
+  explicit Fd(int fd) : fd_(fd) {}
+  ~Fd() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  int get() const { return fd_; }
+
+ private:
+  int fd_;
+};
+
+void* map_fd(int fd, uint64_t size, const std::string& name) {
+  void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) throw_os_error("mmap " + name, errno);
+  return p;
+}
+
+}  // namespace
+
+Mapping& Mapping::operator=(Mapping&& o) noexcept {
+  if (this != &o) {
+    if (addr_) ::munmap(addr_, size_);
+    addr_ = o.addr_;
+    size_ = o.size_;
+    o.addr_ = nullptr;
+  }
+  return *this;
+}
+
+Mapping::~Mapping() {
+  if (addr_) ::munmap(addr_, size_);
+}
+
+std::string random_token() {
+  unsigned char bytes[16];
+  size_t got = 0;
+  while (got < sizeof bytes) {
+    ssize_t n = ::getrandom(bytes + got, sizeof bytes - got, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw_os_error("getrandom", errno);
+    }
+    got += static_cast<size_t>(n);
+  }
+  static const char* hex = "0123456789abcdef";
+  std::string s;
+  for (unsigned char b : bytes) {
+    s += hex[b >> 4];
+    s += hex[b & 15];
+  }
+  return s;
+}
+
+bool valid_token(const std::string& token) {
+  if (token.size() != kTokenHexLen) return false;
+  for (char c : token)
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  return true;
+}
+
+std::string control_name(const std::string& token) { return "/" + std::string(kShmPrefix) + token; }
+
+std::string data_name(const std::string& token, uint32_t index) {
+  return control_name(token) + "-" + std::to_string(index);
+}
+
+CreateResult create_segment(const std::string& name, uint64_t size, Mapping* out) {
+  int raw;
+  do {
+    raw = ::shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  } while (raw < 0 && errno == EINTR);
+  if (raw < 0) {
+    if (errno == EEXIST) return CreateResult::kExists;
+    if (errno == ENOSPC || errno == ENOMEM)
+      throw CoreError(ErrorKind::kPoolFull, "cannot create " + name + ": /dev/shm is full", errno);
+    throw_os_error("shm_open " + name, errno);
+  }
+  Fd fd(raw);
+  try {
+    // A umask can only remove bits; make the mode exactly 0600 regardless.
+    if (::fchmod(fd.get(), 0600) != 0) throw_os_error("fchmod " + name, errno);
+    if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0) {
+      int e = errno;
+      if (e == ENOSPC || e == EFBIG || e == ENOMEM)
+        throw CoreError(ErrorKind::kPoolFull,
+                        "cannot size " + name + " to " + std::to_string(size) + " bytes", e);
+      throw_os_error("ftruncate " + name, e);
+    }
+    // Reserve the pages now. Without this, tmpfs hands out pages lazily and
+    // a full /dev/shm kills the process with SIGBUS at the first touch.
+    int e;
+    do {
+      e = ::posix_fallocate(fd.get(), 0, static_cast<off_t>(size));
+    } while (e == EINTR);
+    if (e == ENOSPC || e == ENOMEM || e == EFBIG)
+      throw CoreError(ErrorKind::kPoolFull,
+                      "/dev/shm has no room for a segment of " + std::to_string(size) + " bytes",
+                      e);
+    if (e != 0 && e != EOPNOTSUPP && e != EINVAL) throw_os_error("fallocate " + name, e);
+    *out = Mapping(map_fd(fd.get(), size, name), size);
+  } catch (...) {
+    ::shm_unlink(name.c_str());
+    throw;
+  }
+  return CreateResult::kCreated;
+}
+
+bool open_segment(const std::string& name, uint64_t expected_size, uint64_t min_size,
+                  Mapping* out) {
+  int raw;
+  do {
+    raw = ::shm_open(name.c_str(), O_RDWR | O_CLOEXEC, 0);
+  } while (raw < 0 && errno == EINTR);
+  if (raw < 0) {
+    if (errno == ENOENT) return false;
+    throw_os_error("shm_open " + name, errno);
+  }
+  Fd fd(raw);
+  struct stat st;
+  if (::fstat(fd.get(), &st) != 0) throw_os_error("fstat " + name, errno);
+  uint64_t size = static_cast<uint64_t>(st.st_size);
+  if ((expected_size && size != expected_size) || size < min_size || size == 0)
+    throw CoreError(ErrorKind::kPool, "segment " + name + " has an unexpected size " +
+                                          std::to_string(size));
+  *out = Mapping(map_fd(fd.get(), size, name), size);
+  return true;
+}
+
+void unlink_segment(const std::string& name) {
+  if (::shm_unlink(name.c_str()) != 0 && errno != ENOENT)
+    throw_os_error("shm_unlink " + name, errno);
+}
+
+std::vector<std::string> list_segments(const std::string& prefix) {
+  std::vector<std::string> names;
+  DIR* d = ::opendir("/dev/shm");
+  if (!d) return names;
+  while (dirent* e = ::readdir(d)) {
+    std::string n = e->d_name;
+    if (n.compare(0, prefix.size(), prefix) == 0) names.push_back(n);
+  }
+  ::closedir(d);
+  return names;
+}
+
+}  // namespace pap

@@ -1,0 +1,66 @@
+// POSIX shared-memory segments: creation with reserved pages, opening,
+// mapping, and the names pyarraypool gives them.
+//
+// Names are "/pyarraypool-<32 hex digits>" for a pool's control segment and
+// "/pyarraypool-<32 hex digits>-<n>" for its data segment n. The 128-bit
+// token comes from getrandom(), so names cannot be guessed; segments are
+// created with mode 0600.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace pap {
+
+constexpr const char* kShmPrefix = "pyarraypool-";
+constexpr size_t kTokenHexLen = 32;
+
+// An owned mapping of a whole segment; unmapped on destruction.
+class Mapping {
+ public:
+  Mapping() = default;
+  Mapping(void* addr, uint64_t size) : addr_(addr), size_(size) {}
+  Mapping(Mapping&& o) noexcept : addr_(o.addr_), size_(o.size_) { o.addr_ = nullptr; }
+  Mapping& operator=(Mapping&& o) noexcept;
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  ~Mapping();
+
+  unsigned char* data() const { return static_cast<unsigned char*>(addr_); }
+  uint64_t size() const { return size_; }
+  explicit operator bool() const { return addr_ != nullptr; }
+  // Keeps the pages mapped for the rest of the process (used at exit, when
+  // Python objects may still point into them).
+  void leak() { addr_ = nullptr; }
+
+ private:
+  void* addr_ = nullptr;
+  uint64_t size_ = 0;
+};
+
+std::string random_token();                       // 32 lowercase hex digits
+bool valid_token(const std::string& token);
+std::string control_name(const std::string& token);             // "/pyarraypool-<token>"
+std::string data_name(const std::string& token, uint32_t index);  // ".../-<index>"
+
+enum class CreateResult { kCreated, kExists };
+
+// Creates a segment of `size` bytes with O_EXCL and mode 0600, reserves its
+// pages (so that a full /dev/shm fails here with ENOSPC rather than with
+// SIGBUS on first touch), and maps it. Throws kPoolFull on ENOSPC/ENOMEM.
+CreateResult create_segment(const std::string& name, uint64_t size, Mapping* out);
+
+// Opens and maps an existing segment. Returns false if it does not exist.
+// `expected_size` 0 accepts any size of at least `min_size`.
+bool open_segment(const std::string& name, uint64_t expected_size, uint64_t min_size,
+                  Mapping* out);
+
+// Unlinks a segment; a missing one is not an error.
+void unlink_segment(const std::string& name);
+
+// Names (without the leading '/') of the entries in /dev/shm that start with
+// `prefix`.
+std::vector<std::string> list_segments(const std::string& prefix);
+
+}  // namespace pap

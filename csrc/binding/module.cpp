@@ -1,0 +1,284 @@
+// The pyarraypool._core module: exceptions, types and functions.
+//
+// Multi-phase initialization; the module's state is the process's pool
+// (process_pool.hpp), which is process-global by nature, so loading the
+// module in a second interpreter of the same process is refused.
+#define PAP_NUMPY_IMPORT
+#include "binding/numpy_api.hpp"
+// (numpy_api.hpp must come first: it fills the NumPy API table here.)
+
+#include <string>
+
+#include "binding/module_types.hpp"
+#include "binding/process_pool.hpp"
+#include "core/handle.hpp"
+#include "core/pool.hpp"
+
+namespace pyb {
+namespace {
+
+constexpr uint64_t kNs = 1'000'000'000ull;
+
+OwnedRef stats_dict(const pap::PoolStats& s) {
+  OwnedRef pids = check(PyList_New(0));
+  for (int pid : s.pids) {
+    OwnedRef p = check(PyLong_FromLong(pid));
+    check_status(PyList_Append(pids.get(), p.get()));
+  }
+  return check(Py_BuildValue(
+      "{s:s,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:I,s:O,s:I,s:K,s:K,s:d}", "pool", s.token.c_str(),
+      "capacity_bytes", static_cast<unsigned long long>(s.capacity_bytes), "used_bytes",
+      static_cast<unsigned long long>(s.used_bytes), "free_bytes",
+      static_cast<unsigned long long>(s.free_bytes), "largest_free_block",
+      static_cast<unsigned long long>(s.largest_free_block), "live_blocks",
+      static_cast<unsigned long long>(s.live_blocks), "pending_transfers",
+      static_cast<unsigned long long>(s.pending_transfers), "pending_blocks",
+      static_cast<unsigned long long>(s.pending_blocks), "max_bytes",
+      static_cast<unsigned long long>(s.config.max_bytes), "processes", s.processes, "pids",
+      pids.get(), "segments", s.segments, "segment_bytes",
+      static_cast<unsigned long long>(s.config.segment_bytes), "transfer_timeout_ns",
+      static_cast<unsigned long long>(s.config.transfer_timeout_ns), "transfer_timeout",
+      static_cast<double>(s.config.transfer_timeout_ns) / kNs));
+}
+
+std::string describe(const pap::PoolConfig& c) {
+  return "max_bytes=" + std::to_string(c.max_bytes) +
+         ", segment_bytes=" + std::to_string(c.segment_bytes) +
+         ", transfer_timeout=" + std::to_string(static_cast<double>(c.transfer_timeout_ns) / kNs);
+}
+
+PyObject* configure(PyObject*, PyObject* args) {
+  return boundary<PyObject*>(nullptr, [&]() -> PyObject* {
+    unsigned long long max_bytes, segment_bytes;
+    double timeout;
+    int strict = 1;
+    if (!PyArg_ParseTuple(args, "KKd|p:_configure", &max_bytes, &segment_bytes, &timeout,
+                          &strict))
+      throw PyErrSet{};
+    if (max_bytes == 0 || segment_bytes == 0 || !(timeout > 0))
+      raise(PyExc_ValueError, "max_bytes, segment_bytes and transfer_timeout must be positive");
+    pap::PoolConfig cfg{max_bytes, segment_bytes, static_cast<uint64_t>(timeout * kNs)};
+    ProcessPool& pp = ProcessPool::get();
+    if (!strict) {
+      // Defaults and environment at import: they only say how to create the
+      // pool, and must not attach this process to it.
+      pp.set_creation_config(cfg);
+      Py_RETURN_NONE;
+    }
+    pap::Pool* p = pp.attached();
+    if (!p) p = pp.attach_if_exists();
+    if (p && !(p->config() == cfg)) {
+      std::string msg = "the pool is already running with " + describe(p->config()) +
+                        "; configure() must come before the program first uses the pool";
+      raise(exceptions().pool_error, msg.c_str());
+    }
+    pp.set_creation_config(cfg);
+    Py_RETURN_NONE;
+  });
+}
+
+PyObject* current_config(PyObject*, PyObject*) {
+  return boundary<PyObject*>(nullptr, [&] {
+    ProcessPool& pp = ProcessPool::get();
+    pap::PoolConfig c = pp.attached() ? pp.attached()->config() : pp.creation_config();
+    return Py_BuildValue("{s:K,s:K,s:d}", "max_bytes", static_cast<unsigned long long>(c.max_bytes),
+                         "segment_bytes", static_cast<unsigned long long>(c.segment_bytes),
+                         "transfer_timeout", static_cast<double>(c.transfer_timeout_ns) / kNs);
+  });
+}
+
+PyObject* stats(PyObject*, PyObject*) {
+  return boundary<PyObject*>(nullptr, [&] {
+    pap::Pool& p = ProcessPool::get().pool();
+    pap::PoolStats s = without_gil([&] { return p.stats(); });
+    return stats_dict(s).release();
+  });
+}
+
+PyObject* collect(PyObject*, PyObject*) {
+  return boundary<PyObject*>(nullptr, [&] {
+    pap::Pool& p = ProcessPool::get().pool();
+    uint64_t freed = without_gil([&] { return p.collect(); });
+    return PyLong_FromUnsignedLongLong(freed);
+  });
+}
+
+PyObject* shutdown(PyObject*, PyObject*) {
+  return boundary<PyObject*>(nullptr, [&] {
+    ProcessPool::get().shutdown();
+    Py_RETURN_NONE;
+  });
+}
+
+PyObject* before_fork(PyObject*, PyObject*) {
+  return boundary<PyObject*>(nullptr, [&] {
+    ProcessPool::get().before_fork();
+    Py_RETURN_NONE;
+  });
+}
+
+PyObject* after_fork_parent(PyObject*, PyObject*) {
+  return boundary<PyObject*>(nullptr, [&] {
+    ProcessPool::get().after_fork_parent();
+    Py_RETURN_NONE;
+  });
+}
+
+PyObject* after_fork_child(PyObject*, PyObject*) {
+  return boundary<PyObject*>(nullptr, [&] {
+    ProcessPool::get().after_fork_child();
+    Py_RETURN_NONE;
+  });
+}
+
+PyObject* pool_token(PyObject*, PyObject*) {
+  pap::Pool* p = ProcessPool::get().attached();
+  if (!p) Py_RETURN_NONE;
+  return PyUnicode_FromString(p->token().c_str());
+}
+
+PyObject* clean(PyObject*, PyObject* args) {
+  return boundary<PyObject*>(nullptr, [&] {
+    int dry_run = 0;
+    if (!PyArg_ParseTuple(args, "p:_clean", &dry_run)) throw PyErrSet{};
+    pap::Pool* p = ProcessPool::get().attached();
+    std::string keep = p ? p->token() : std::string();
+    auto names = without_gil([&] { return pap::Pool::clean_stale(dry_run != 0, keep); });
+    OwnedRef out = check(PyList_New(0));
+    for (const auto& n : names) {
+      OwnedRef s = check(PyUnicode_FromString(n.c_str()));
+      check_status(PyList_Append(out.get(), s.get()));
+    }
+    return out.release();
+  });
+}
+
+PyObject* inspect(PyObject*, PyObject* args) {
+  return boundary<PyObject*>(nullptr, [&]() -> PyObject* {
+    const char* token;
+    if (!PyArg_ParseTuple(args, "s:_inspect", &token)) throw PyErrSet{};
+    std::string t = token;
+    auto s = without_gil([&]() -> std::optional<pap::PoolStats> {
+      auto p = pap::Pool::attach_existing(t);
+      if (!p) return std::nullopt;
+      pap::PoolStats st = p->stats();
+      p->leave(false);
+      return st;
+    });
+    if (!s) Py_RETURN_NONE;
+    return stats_dict(*s).release();
+  });
+}
+
+PyObject* verify(PyObject*, PyObject*) {
+  return boundary<PyObject*>(nullptr, [&] {
+    pap::Pool& p = ProcessPool::get().pool();
+    without_gil([&] { p.verify(); });
+    Py_RETURN_NONE;
+  });
+}
+
+PyObject* lock_forever(PyObject*, PyObject*) {
+  return boundary<PyObject*>(nullptr, [&] {
+    pap::Pool& p = ProcessPool::get().pool();
+    without_gil([&] { p.lock_forever(); });
+    Py_RETURN_NONE;
+  });
+}
+
+PyMethodDef module_methods[] = {
+    {"make_transferable",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(make_transferable)),
+     METH_VARARGS | METH_KEYWORDS,
+     "make_transferable(arr, *, transfer_required=True)\n--\n\n"
+     "Copy `arr` once into the shared-memory pool and return it as a TransferableArray.\n"
+     "An array already in the pool is returned as it is, without a copy."},
+    {"_empty", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(empty_impl)),
+     METH_VARARGS | METH_KEYWORDS, "Allocate an array in the pool (see pyarraypool.empty)."},
+    {"_rebuild", rebuild, METH_VARARGS, "Load a pickled handle (used by pickle)."},
+    {"_block_of", block_of, METH_O, "The _Block an array lives in, or None."},
+    {"_configure", configure, METH_VARARGS, "Set the pool settings (see pyarraypool.configure)."},
+    {"_config", current_config, METH_NOARGS, "The settings in force."},
+    {"_stats", stats, METH_NOARGS, "Pool statistics as a dict."},
+    {"collect", collect, METH_NOARGS,
+     "collect() -> int\n--\n\nReclaim what dead processes held and expired pending transfers; "
+     "return the bytes freed."},
+    {"_shutdown", shutdown, METH_NOARGS, "Detach this process from the pool (at exit)."},
+    {"_before_fork", before_fork, METH_NOARGS, nullptr},
+    {"_after_fork_parent", after_fork_parent, METH_NOARGS, nullptr},
+    {"_after_fork_child", after_fork_child, METH_NOARGS, nullptr},
+    {"_pool_token", pool_token, METH_NOARGS, "Token of the attached pool, or None."},
+    {"_clean", clean, METH_VARARGS, "Remove pools whose processes are all dead."},
+    {"_inspect", inspect, METH_VARARGS, "Statistics of another pool by token, or None."},
+    {"_verify", verify, METH_NOARGS, "Check every pool invariant (tests)."},
+    {"_test_lock_forever", lock_forever, METH_NOARGS,
+     "Test hook: take the pool lock and never release it (crash tests)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+int add_exceptions(PyObject* m) {
+  Exceptions& ex = exceptions();
+  if (!ex.pool_error) {
+    ex.pool_error = PyErr_NewExceptionWithDoc("pyarraypool.PoolError",
+                                              "Base class of pyarraypool errors.", nullptr, nullptr);
+    if (!ex.pool_error) return -1;
+    OwnedRef full_bases = OwnedRef::steal(PyTuple_Pack(2, ex.pool_error, PyExc_MemoryError));
+    OwnedRef invalid_bases = OwnedRef::steal(PyTuple_Pack(2, ex.pool_error, PyExc_ValueError));
+    if (!full_bases || !invalid_bases) return -1;
+    ex.pool_full = PyErr_NewExceptionWithDoc(
+        "pyarraypool.PoolFullError",
+        "The pool cannot hold the request under max_bytes, or /dev/shm is full.",
+        full_bases.get(), nullptr);
+    ex.stale_handle = PyErr_NewExceptionWithDoc(
+        "pyarraypool.StaleHandleError",
+        "A handle names a block that is gone, or a block of another pool.", ex.pool_error,
+        nullptr);
+    ex.invalid_handle = PyErr_NewExceptionWithDoc("pyarraypool.InvalidHandleError",
+                                                  "A handle is malformed.", invalid_bases.get(),
+                                                  nullptr);
+    if (!ex.pool_full || !ex.stale_handle || !ex.invalid_handle) return -1;
+  }
+  if (PyModule_AddObjectRef(m, "PoolError", ex.pool_error) < 0 ||
+      PyModule_AddObjectRef(m, "PoolFullError", ex.pool_full) < 0 ||
+      PyModule_AddObjectRef(m, "StaleHandleError", ex.stale_handle) < 0 ||
+      PyModule_AddObjectRef(m, "InvalidHandleError", ex.invalid_handle) < 0)
+    return -1;
+  return 0;
+}
+
+int module_exec(PyObject* m) {
+  static bool loaded = false;
+  if (loaded) {
+    PyErr_SetString(PyExc_ImportError,
+                    "pyarraypool._core can be loaded only once per process");
+    return -1;
+  }
+  if (PyArray_ImportNumPyAPI() < 0) return -1;
+  if (add_exceptions(m) < 0 || add_block_type(m) < 0 || add_array_type(m) < 0) return -1;
+  rebuild_function = PyObject_GetAttrString(m, "_rebuild");  // kept for the process
+  if (!rebuild_function) return -1;
+  loaded = true;
+  return 0;
+}
+
+PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, reinterpret_cast<void*>(module_exec)},
+    {0, nullptr},
+};
+
+PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    "pyarraypool._core",
+    "The C++ core of pyarraypool: the pool, the TransferableArray type and handles.",
+    0,
+    module_methods,
+    module_slots,
+    nullptr,
+    nullptr,
+    nullptr,
+};
+
+}  // namespace
+}  // namespace pyb
+
+PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&pyb::module_def); }

@@ -1,0 +1,77 @@
+// This process's side of the pool: the attachment, the table of blocks this
+// process holds, and the calls into the core with the GIL handled.
+//
+// There is exactly one pool per process (all processes of a program share
+// it), so this state is process-global rather than per module object.
+// Everything here runs with the GIL held, which is what serializes access to
+// the block table; the core calls that may wait or make system calls run
+// with the GIL released (see call()).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "binding/numpy_api.hpp"
+#include "binding/py_errors.hpp"
+#include "core/pool.hpp"
+
+namespace pyb {
+
+// The Python object that owns this process's hold on one block. Arrays on
+// the block have it as their `base`, so the block is held exactly as long as
+// some array, view, memoryview or np.asarray result still reaches it. There
+// is at most one per block per process (interned in ProcessPool).
+struct BlockObject {
+  PyObject_HEAD
+  pap::BlockRef ref;
+  uint64_t generation;
+  unsigned char* payload;
+  uint64_t capacity;
+  uint32_t flags;
+};
+
+extern PyTypeObject* block_type;
+inline bool is_block(PyObject* o) { return Py_TYPE(o) == block_type; }
+
+class ProcessPool {
+ public:
+  static ProcessPool& get();
+
+  // The pool, attached (or created) on first use.
+  pap::Pool& pool();
+  // The pool if attached and not shut down, else nullptr.
+  pap::Pool* attached() { return shut_down_ ? nullptr : pool_.get(); }
+
+  // Settings for creating the pool; see module.cpp for the rules.
+  void set_creation_config(const pap::PoolConfig& c) { creation_config_ = c; }
+  const pap::PoolConfig& creation_config() const { return creation_config_; }
+  // Attaches to an existing pool of this program without creating one.
+  pap::Pool* attach_if_exists();
+
+  // New reference to the BlockObject for `b`: the one this process already
+  // has, or a new one that takes over the hold `b` stands for.
+  PyObject* block_object(const pap::Block& b);
+  void forget(BlockObject* b) { blocks_.erase(b->ref.bits()); }
+
+  pap::Block allocate(uint64_t bytes, bool transfer_required);
+  void release(pap::BlockRef ref, uint64_t generation);
+  void add_pending(pap::BlockRef ref, uint64_t generation);
+  pap::Block attach_block(const pap::Handle& h, uint64_t lo, uint64_t hi);
+
+  void shutdown();
+  void before_fork();
+  void after_fork_parent();
+  void after_fork_child();
+
+ private:
+  ProcessPool();
+  std::unique_ptr<pap::Pool> pool_;
+  bool shut_down_ = false;
+  pap::PoolConfig creation_config_;
+  std::unordered_map<uint64_t, BlockObject*> blocks_;  // borrowed: removed on dealloc
+};
+
+}  // namespace pyb

@@ -1,0 +1,90 @@
+// Errors across the C++/CPython boundary.
+//
+// Inside the binding, a failed C-API call (a Python error is already set)
+// throws PyErrSet; core failures throw pap::CoreError. Every function that
+// CPython calls runs its body through `boundary()`, which catches everything
+// and turns it into a set Python error and a NULL/-1 return: no C++
+// exception ever unwinds into the interpreter.
+#pragma once
+
+#include <exception>
+#include <optional>
+#include <type_traits>
+#include <utility>
+
+#include "binding/numpy_api.hpp"
+#include "binding/py_refs.hpp"
+#include "core/errors.hpp"
+
+namespace pyb {
+
+struct PyErrSet {};
+
+// Throws PyErrSet if `p` is NULL; otherwise owns it.
+inline OwnedRef check(PyObject* p) {
+  if (!p) throw PyErrSet{};
+  return OwnedRef::steal(p);
+}
+inline void check_status(int status) {
+  if (status < 0) throw PyErrSet{};
+}
+[[noreturn]] inline void raise(PyObject* type, const char* msg) {
+  PyErr_SetString(type, msg);
+  throw PyErrSet{};
+}
+
+// The Python exception classes, created at module exec.
+struct Exceptions {
+  PyObject* pool_error = nullptr;
+  PyObject* pool_full = nullptr;
+  PyObject* stale_handle = nullptr;
+  PyObject* invalid_handle = nullptr;
+};
+Exceptions& exceptions();
+
+// Sets the Python error that matches the active exception (call from a
+// catch block only).
+void set_error_from_current_exception() noexcept;
+
+// Runs `body` and converts any exception into a set Python error, returning
+// `on_error` in that case.
+template <class R, class F>
+R boundary(R on_error, F&& body) noexcept {
+  try {
+    return body();
+  } catch (...) {
+    set_error_from_current_exception();
+    return on_error;
+  }
+}
+
+// Runs `f` with the GIL released (for system calls and waits); exceptions
+// are carried back across and rethrown with the GIL held again.
+template <class F>
+auto without_gil(F&& f) -> decltype(f()) {
+  using R = decltype(f());
+  std::exception_ptr err;
+  if constexpr (std::is_void_v<R>) {
+    Py_BEGIN_ALLOW_THREADS
+    try {
+      f();
+    } catch (...) {
+      err = std::current_exception();
+    }
+    Py_END_ALLOW_THREADS
+    if (err) std::rethrow_exception(err);
+  } else {
+    std::optional<R> result;
+    Py_BEGIN_ALLOW_THREADS
+    try {
+      result.emplace(f());
+    } catch (...) {
+      err = std::current_exception();
+    }
+    Py_END_ALLOW_THREADS
+    if (err) std::rethrow_exception(err);
+    return std::move(*result);
+  }
+}
+
+}  // namespace pyb

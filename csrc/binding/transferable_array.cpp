@@ -1,0 +1,467 @@
+// TransferableArray: the ndarray subclass whose memory is a pool block.
+//
+// The type adds no C fields (ndarray's struct size differs between NumPy
+// versions) and keeps no state of its own: an instance's memory is a pool
+// block exactly when its chain of `base` objects reaches a _Block. That
+// makes views, np.asarray() results and memoryviews keep the block alive
+// through ordinary reference counting.
+//
+// Instances that do not live in the pool (a copy, a ufunc result, fancy
+// indexing) would be misleading: they cannot travel by handle. Every path
+// that makes one hands back a plain ndarray instead (__array_wrap__ for
+// ufuncs and reductions, __array_function__ for numpy functions, the
+// methods that copy, and indexing). One that slips through anyway pickles by
+// value, like any ndarray.
+#include <cstring>
+#include <string>
+
+#include "binding/module_types.hpp"
+#include "binding/process_pool.hpp"
+#include "core/handle.hpp"
+
+namespace pyb {
+
+PyTypeObject* array_type = nullptr;
+PyObject* rebuild_function = nullptr;
+
+namespace {
+
+// Copies at least this large run with the GIL released.
+constexpr uint64_t kReleaseGilBytes = uint64_t{1} << 20;
+
+bool is_array_subtype(PyObject* o) { return PyObject_TypeCheck(o, array_type); }
+
+// The _Block whose memory `o` lives in, or nullptr. Borrowed.
+BlockObject* find_block(PyObject* o) {
+  for (int depth = 0; o && depth < 64; ++depth) {
+    if (is_block(o)) return reinterpret_cast<BlockObject*>(o);
+    if (!PyArray_Check(o)) return nullptr;
+    o = PyArray_BASE(reinterpret_cast<PyArrayObject*>(o));
+  }
+  return nullptr;
+}
+
+// A plain ndarray for a TransferableArray that does not live in the pool;
+// anything else unchanged. Tuples and lists (np.split, divmod) element-wise.
+OwnedRef plainify(OwnedRef obj) {
+  PyObject* o = obj.get();
+  if (PyTuple_CheckExact(o) || PyList_CheckExact(o)) {
+    bool tuple = PyTuple_CheckExact(o);
+    Py_ssize_t n = tuple ? PyTuple_GET_SIZE(o) : PyList_GET_SIZE(o);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* item = tuple ? PyTuple_GET_ITEM(o, i) : PyList_GET_ITEM(o, i);
+      if (!is_array_subtype(item) || find_block(item)) continue;
+      OwnedRef out = check(tuple ? PyTuple_New(n) : PyList_New(n));
+      for (Py_ssize_t j = 0; j < n; ++j) {
+        OwnedRef e = plainify(OwnedRef::borrow(tuple ? PyTuple_GET_ITEM(o, j) : PyList_GET_ITEM(o, j)));
+        if (tuple)
+          PyTuple_SET_ITEM(out.get(), j, e.release());
+        else
+          PyList_SET_ITEM(out.get(), j, e.release());
+      }
+      return out;
+    }
+    return obj;
+  }
+  if (!is_array_subtype(o) || find_block(o)) return obj;
+  return check(PyArray_View(reinterpret_cast<PyArrayObject*>(o), nullptr, &PyArray_Type));
+}
+
+void check_shareable(PyArray_Descr* d) {
+  if (PyDataType_REFCHK(d)) {
+    PyErr_Format(PyExc_TypeError,
+                 "pyarraypool cannot share arrays of dtype %R: they hold pointers to Python "
+                 "objects, which mean nothing in another process",
+                 reinterpret_cast<PyObject*>(d));
+    throw PyErrSet{};
+  }
+  if (!PyDataType_ISLEGACY(d)) {
+    PyErr_Format(PyExc_TypeError,
+                 "pyarraypool cannot share arrays of dtype %R: its items may point outside "
+                 "the array",
+                 reinterpret_cast<PyObject*>(d));
+    throw PyErrSet{};
+  }
+}
+
+// A TransferableArray on `data` (inside `block`'s payload). Steals `descr`.
+OwnedRef new_pool_array(PyArray_Descr* descr, int nd, const npy_intp* dims,
+                        const npy_intp* strides, unsigned char* data, PyObject* block,
+                        bool fortran) {
+  int flags = NPY_ARRAY_WRITEABLE | (fortran ? NPY_ARRAY_F_CONTIGUOUS : 0);
+  OwnedRef arr = check(PyArray_NewFromDescr(array_type, descr, nd, const_cast<npy_intp*>(dims),
+                                            const_cast<npy_intp*>(strides), data, flags, nullptr));
+  // PyArray_SetBaseObject steals its argument, even when it fails.
+  Py_INCREF(block);
+  check_status(PyArray_SetBaseObject(reinterpret_cast<PyArrayObject*>(arr.get()), block));
+  return arr;
+}
+
+uint64_t checked_nbytes(PyArray_Descr* descr, int nd, const npy_intp* dims) {
+  uint64_t n = static_cast<uint64_t>(PyDataType_ELSIZE(descr));
+  for (int i = 0; i < nd; ++i) {
+    if (dims[i] < 0) raise(PyExc_ValueError, "negative dimensions are not allowed");
+    if (__builtin_mul_overflow(n, static_cast<uint64_t>(dims[i]), &n))
+      raise(PyExc_ValueError, "array is too big");
+  }
+  return n;
+}
+
+// numpy's shape argument: an integer or a sequence of integers.
+int parse_shape(PyObject* obj, npy_intp* dims) {
+  if (PyIndex_Check(obj)) {
+    dims[0] = PyNumber_AsSsize_t(obj, PyExc_ValueError);
+    if (dims[0] == -1 && PyErr_Occurred()) throw PyErrSet{};
+    return 1;
+  }
+  OwnedRef seq = check(PySequence_Fast(obj, "shape must be an integer or a sequence of integers"));
+  Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.get());
+  if (n > static_cast<Py_ssize_t>(NPY_MAXDIMS)) raise(PyExc_ValueError, "too many dimensions");
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PySequence_Fast_GET_ITEM(seq.get(), i);
+    if (!PyIndex_Check(item)) raise(PyExc_TypeError, "shape entries must be integers");
+    dims[i] = PyNumber_AsSsize_t(item, PyExc_ValueError);
+    if (dims[i] == -1 && PyErr_Occurred()) throw PyErrSet{};
+  }
+  return static_cast<int>(n);
+}
+
+void copy_bytes(void* dst, const void* src, uint64_t n) {
+  if (n >= kReleaseGilBytes)
+    without_gil([&] { std::memcpy(dst, src, n); });
+  else
+    std::memcpy(dst, src, n);
+}
+
+// Allocates a block for an array of `descr` and `dims`, and the array on it.
+OwnedRef allocate_array(PyArray_Descr* descr, int nd, const npy_intp* dims, bool fortran,
+                        bool transfer_required, uint64_t* nbytes_out) {
+  check_shareable(descr);
+  uint64_t nbytes = checked_nbytes(descr, nd, dims);
+  ProcessPool& pp = ProcessPool::get();
+  pap::Block b = pp.allocate(nbytes, transfer_required);
+  OwnedRef block = check(pp.block_object(b));
+  Py_INCREF(descr);
+  *nbytes_out = nbytes;
+  return new_pool_array(descr, nd, dims, nullptr, b.payload, block.get(), fortran);
+}
+
+// --- methods -------------------------------------------------------------
+
+OwnedRef reduce_by_value(PyObject* self, PyObject* protocol) {
+  OwnedRef plain = check(PyArray_View(reinterpret_cast<PyArrayObject*>(self), nullptr,
+                                      &PyArray_Type));
+  if (protocol) return check(PyObject_CallMethod(plain.get(), "__reduce_ex__", "O", protocol));
+  return check(PyObject_CallMethod(plain.get(), "__reduce__", nullptr));
+}
+
+OwnedRef reduce_impl(PyObject* self, PyObject* protocol) {
+  auto* arr = reinterpret_cast<PyArrayObject*>(self);
+  BlockObject* b = find_block(self);
+  if (!b) return reduce_by_value(self, protocol);
+  ProcessPool& pp = ProcessPool::get();
+  pap::Handle h;
+  h.pool = pp.pool().id();
+  h.ref = b->ref;
+  h.generation = b->generation;
+  h.flags = (b->flags & pap::kFlagTransferRequired) ? pap::kHandleFlagTransferRequired : 0;
+  auto* data = reinterpret_cast<unsigned char*>(PyArray_BYTES(arr));
+  h.view_offset = static_cast<uint64_t>(data - b->payload);
+  h.itemsize = static_cast<uint64_t>(PyArray_ITEMSIZE(arr));
+  h.ndim = static_cast<uint32_t>(PyArray_NDIM(arr));
+  for (uint32_t i = 0; i < h.ndim; ++i) {
+    h.shape[i] = PyArray_DIMS(arr)[i];
+    h.strides[i] = PyArray_STRIDES(arr)[i];
+  }
+  uint64_t lo, hi;
+  // An array built on the block's memory by other means (np.frombuffer,
+  // ndarray(buffer=...)) may point elsewhere: only what lies inside travels
+  // by handle.
+  if (data < b->payload || !pap::view_extent(h, &lo, &hi) || hi > b->capacity)
+    return reduce_by_value(self, protocol);
+  if (h.flags & pap::kHandleFlagTransferRequired) pp.add_pending(b->ref, b->generation);
+  std::string bytes = pap::encode_handle(h);
+  OwnedRef handle = check(PyBytes_FromStringAndSize(bytes.data(), static_cast<Py_ssize_t>(bytes.size())));
+  return check(Py_BuildValue("O(OO)", rebuild_function, handle.get(),
+                             reinterpret_cast<PyObject*>(PyArray_DESCR(arr))));
+}
+
+PyObject* array_reduce(PyObject* self, PyObject*) {
+  return boundary<PyObject*>(nullptr, [&] { return reduce_impl(self, nullptr).release(); });
+}
+
+PyObject* array_reduce_ex(PyObject* self, PyObject* protocol) {
+  return boundary<PyObject*>(nullptr, [&] { return reduce_impl(self, protocol).release(); });
+}
+
+PyObject* array_wrap(PyObject* self, PyObject* args, PyObject* kwargs) {
+  return boundary<PyObject*>(nullptr, [&] {
+    static const char* kw[] = {"array", "context", "return_scalar", nullptr};
+    PyObject *arr, *context = nullptr;
+    int return_scalar = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|Op:__array_wrap__", const_cast<char**>(kw),
+                                     &arr, &context, &return_scalar))
+      throw PyErrSet{};
+    (void)self;
+    (void)context;
+    if (return_scalar && PyArray_Check(arr) && PyArray_NDIM(reinterpret_cast<PyArrayObject*>(arr)) == 0) {
+      Py_INCREF(arr);
+      return PyArray_Return(reinterpret_cast<PyArrayObject*>(arr));  // steals
+    }
+    return plainify(OwnedRef::borrow(arr)).release();
+  });
+}
+
+PyObject* ndarray_attr(const char* name) {
+  return PyObject_GetAttrString(reinterpret_cast<PyObject*>(&PyArray_Type), name);
+}
+
+PyObject* array_function(PyObject* self, PyObject* args, PyObject* kwargs) {
+  return boundary<PyObject*>(nullptr, [&] {
+    static PyObject* base_impl = ndarray_attr("__array_function__");
+    if (!base_impl) throw PyErrSet{};
+    // Call ndarray's own __array_function__ (unbound) with self first.
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+    OwnedRef full = check(PyTuple_New(n + 1));
+    Py_INCREF(self);
+    PyTuple_SET_ITEM(full.get(), 0, self);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* a = PyTuple_GET_ITEM(args, i);
+      Py_INCREF(a);
+      PyTuple_SET_ITEM(full.get(), i + 1, a);
+    }
+    return plainify(check(PyObject_Call(base_impl, full.get(), kwargs))).release();
+  });
+}
+
+// ndarray methods that may return a new array not in the pool: call
+// ndarray's method and hand back a plain ndarray when that is what it made.
+template <const char* Name>
+PyObject* plain_method(PyObject* self, PyObject* args, PyObject* kwargs) {
+  return boundary<PyObject*>(nullptr, [&] {
+    static PyObject* method = ndarray_attr(Name);
+    if (!method) throw PyErrSet{};
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+    OwnedRef full = check(PyTuple_New(n + 1));
+    Py_INCREF(self);
+    PyTuple_SET_ITEM(full.get(), 0, self);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* a = PyTuple_GET_ITEM(args, i);
+      Py_INCREF(a);
+      PyTuple_SET_ITEM(full.get(), i + 1, a);
+    }
+    return plainify(check(PyObject_Call(method, full.get(), kwargs))).release();
+  });
+}
+
+constexpr char kCopy[] = "copy";
+constexpr char kDunderCopy[] = "__copy__";
+constexpr char kDeepCopy[] = "__deepcopy__";
+constexpr char kAstype[] = "astype";
+constexpr char kFlatten[] = "flatten";
+constexpr char kRavel[] = "ravel";
+constexpr char kReshape[] = "reshape";
+constexpr char kRepeat[] = "repeat";
+constexpr char kTake[] = "take";
+constexpr char kCompress[] = "compress";
+constexpr char kChoose[] = "choose";
+constexpr char kRound[] = "round";
+constexpr char kClip[] = "clip";
+constexpr char kCumsum[] = "cumsum";
+constexpr char kCumprod[] = "cumprod";
+constexpr char kDot[] = "dot";
+constexpr char kByteswap[] = "byteswap";
+constexpr char kDiagonal[] = "diagonal";
+constexpr char kSqueeze[] = "squeeze";
+
+#define PLAIN_METHOD(pyname, tmpl, doc)                                                     \
+  {                                                                                         \
+    pyname, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plain_method<tmpl>)), \
+        METH_VARARGS | METH_KEYWORDS, doc                                                   \
+  }
+
+PyMethodDef array_methods[] = {
+    {"__reduce__", array_reduce, METH_NOARGS,
+     "Pickles a pool array as a small handle (block, offset, shape, strides, dtype)."},
+    {"__reduce_ex__", array_reduce_ex, METH_O,
+     "Pickles a pool array as a small handle, whatever the protocol."},
+    {"__array_wrap__", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(array_wrap)),
+     METH_VARARGS | METH_KEYWORDS, "ufunc results not in the pool are plain ndarrays."},
+    {"__array_function__",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(array_function)),
+     METH_VARARGS | METH_KEYWORDS, "numpy function results not in the pool are plain ndarrays."},
+    PLAIN_METHOD(kCopy, kCopy, "A copy, as a plain numpy.ndarray (not in the pool)."),
+    PLAIN_METHOD(kDunderCopy, kDunderCopy, "copy.copy(): an independent plain numpy.ndarray."),
+    PLAIN_METHOD(kDeepCopy, kDeepCopy, "copy.deepcopy(): an independent plain numpy.ndarray."),
+    PLAIN_METHOD(kAstype, kAstype, "ndarray.astype; a new array is a plain numpy.ndarray."),
+    PLAIN_METHOD(kFlatten, kFlatten, "ndarray.flatten, as a plain numpy.ndarray."),
+    PLAIN_METHOD(kRavel, kRavel, "ndarray.ravel; a view stays in the pool, a copy is plain."),
+    PLAIN_METHOD(kReshape, kReshape, "ndarray.reshape; a view stays in the pool, a copy is plain."),
+    PLAIN_METHOD(kRepeat, kRepeat, "ndarray.repeat, as a plain numpy.ndarray."),
+    PLAIN_METHOD(kTake, kTake, "ndarray.take, as a plain numpy.ndarray."),
+    PLAIN_METHOD(kCompress, kCompress, "ndarray.compress, as a plain numpy.ndarray."),
+    PLAIN_METHOD(kChoose, kChoose, "ndarray.choose, as a plain numpy.ndarray."),
+    PLAIN_METHOD(kRound, kRound, "ndarray.round, as a plain numpy.ndarray."),
+    PLAIN_METHOD(kClip, kClip, "ndarray.clip, as a plain numpy.ndarray."),
+    PLAIN_METHOD(kCumsum, kCumsum, "ndarray.cumsum, as a plain numpy.ndarray."),
+    PLAIN_METHOD(kCumprod, kCumprod, "ndarray.cumprod, as a plain numpy.ndarray."),
+    PLAIN_METHOD(kDot, kDot, "ndarray.dot, as a plain numpy.ndarray."),
+    PLAIN_METHOD(kByteswap, kByteswap, "ndarray.byteswap; in place stays in the pool."),
+    PLAIN_METHOD(kDiagonal, kDiagonal, "ndarray.diagonal (a view on the pool)."),
+    PLAIN_METHOD(kSqueeze, kSqueeze, "ndarray.squeeze (a view on the pool)."),
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyObject* array_subscript(PyObject* self, PyObject* key) {
+  return boundary<PyObject*>(nullptr, [&] {
+    // Basic indexing makes views (in the pool); fancy indexing copies.
+    return plainify(check(PyArray_Type.tp_as_mapping->mp_subscript(self, key))).release();
+  });
+}
+
+PyObject* array_new(PyTypeObject*, PyObject*, PyObject*) {
+  PyErr_SetString(PyExc_TypeError,
+                  "TransferableArray cannot be created directly: use pyarraypool.make_transferable,"
+                  " empty, zeros, empty_like or zeros_like");
+  return nullptr;
+}
+
+const char* kArrayDoc =
+    "A numpy.ndarray whose memory is a block of the pyarraypool shared-memory pool.\n\n"
+    "Pickling it (to another process) carries a small handle instead of the data;\n"
+    "the receiver sees the same memory. Views of it are TransferableArrays too and\n"
+    "travel as views. Results that do not live in the pool (copies, ufunc results,\n"
+    "reductions) are plain numpy.ndarray.";
+
+PyType_Slot array_slots[] = {
+    {Py_tp_methods, array_methods},
+    {Py_mp_subscript, reinterpret_cast<void*>(array_subscript)},
+    {Py_tp_new, reinterpret_cast<void*>(array_new)},
+    {Py_tp_doc, const_cast<char*>(kArrayDoc)},
+    {0, nullptr},
+};
+
+PyType_Spec array_spec = {
+    "pyarraypool.TransferableArray",
+    0,  // inherit ndarray's size: no fields of our own
+    0,
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    array_slots,
+};
+
+}  // namespace
+
+int add_array_type(PyObject* module) {
+  PyObject* t = PyType_FromModuleAndSpec(module, &array_spec,
+                                         reinterpret_cast<PyObject*>(&PyArray_Type));
+  if (!t) return -1;
+  array_type = reinterpret_cast<PyTypeObject*>(t);  // kept for the life of the process
+  return PyModule_AddObjectRef(module, "TransferableArray", t);
+}
+
+// --- module functions ----------------------------------------------------
+
+PyObject* make_transferable(PyObject*, PyObject* args, PyObject* kwargs) {
+  return boundary<PyObject*>(nullptr, [&]() -> PyObject* {
+    static const char* kw[] = {"arr", "transfer_required", nullptr};
+    PyObject* obj;
+    int transfer_required = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$p:make_transferable",
+                                     const_cast<char**>(kw), &obj, &transfer_required))
+      throw PyErrSet{};
+    if (PyArray_Check(obj) && find_block(obj)) {
+      // Already in the pool: no copy. A plain view of pool memory becomes a
+      // TransferableArray view of the same bytes.
+      if (is_array_subtype(obj)) return OwnedRef::borrow(obj).release();
+      return PyArray_View(reinterpret_cast<PyArrayObject*>(obj), nullptr, array_type);
+    }
+    OwnedRef src = check(PyArray_FROM_O(obj));
+    auto* s = reinterpret_cast<PyArrayObject*>(src.get());
+    const int nd = PyArray_NDIM(s);
+    const bool fortran = nd > 1 && PyArray_IS_F_CONTIGUOUS(s) && !PyArray_IS_C_CONTIGUOUS(s);
+    uint64_t nbytes;
+    OwnedRef out = allocate_array(PyArray_DESCR(s), nd, PyArray_DIMS(s), fortran,
+                                  transfer_required != 0, &nbytes);
+    auto* o = reinterpret_cast<PyArrayObject*>(out.get());
+    if ((fortran ? PyArray_IS_F_CONTIGUOUS(s) : PyArray_IS_C_CONTIGUOUS(s))) {
+      copy_bytes(PyArray_BYTES(o), PyArray_BYTES(s), nbytes);
+    } else {
+      check_status(PyArray_CopyInto(o, s));
+    }
+    return out.release();
+  });
+}
+
+PyObject* empty_impl(PyObject*, PyObject* args, PyObject* kwargs) {
+  return boundary<PyObject*>(nullptr, [&]() -> PyObject* {
+    static const char* kw[] = {"shape", "dtype", "order", "transfer_required", "zero", nullptr};
+    PyObject* shape_obj;
+    PyArray_Descr* descr = nullptr;
+    NPY_ORDER order = NPY_CORDER;
+    int transfer_required = 1, zero = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O&O&pp:empty", const_cast<char**>(kw),
+                                     &shape_obj, PyArray_DescrConverter2, &descr,
+                                     PyArray_OrderConverter, &order, &transfer_required, &zero)) {
+      Py_XDECREF(descr);
+      throw PyErrSet{};
+    }
+    OwnedRef descr_ref = OwnedRef::steal(descr ? reinterpret_cast<PyObject*>(descr)
+                                               : reinterpret_cast<PyObject*>(
+                                                     PyArray_DescrFromType(NPY_DOUBLE)));
+    npy_intp dims[pap::kMaxDims];
+    int nd = parse_shape(shape_obj, dims);
+    if (order != NPY_CORDER && order != NPY_FORTRANORDER)
+      raise(PyExc_ValueError, "only 'C' or 'F' order is permitted");
+    uint64_t nbytes;
+    OwnedRef out = allocate_array(reinterpret_cast<PyArray_Descr*>(descr_ref.get()), nd, dims,
+                                  order == NPY_FORTRANORDER, transfer_required != 0, &nbytes);
+    if (zero) {
+      void* p = PyArray_BYTES(reinterpret_cast<PyArrayObject*>(out.get()));
+      if (nbytes >= kReleaseGilBytes)
+        without_gil([&] { std::memset(p, 0, nbytes); });
+      else
+        std::memset(p, 0, nbytes);
+    }
+    return out.release();
+  });
+}
+
+PyObject* rebuild(PyObject*, PyObject* args) {
+  return boundary<PyObject*>(nullptr, [&]() -> PyObject* {
+    PyObject *handle, *dtype;
+    if (!PyArg_ParseTuple(args, "OO:_rebuild", &handle, &dtype)) throw PyErrSet{};
+    if (!PyBytes_Check(handle)) raise(exceptions().invalid_handle, "handle is not bytes");
+    if (!PyArray_DescrCheck(dtype)) raise(exceptions().invalid_handle, "handle dtype is not a dtype");
+    auto* descr = reinterpret_cast<PyArray_Descr*>(dtype);
+    pap::Handle h = pap::decode_handle(PyBytes_AS_STRING(handle),
+                                       static_cast<size_t>(PyBytes_GET_SIZE(handle)));
+    if (static_cast<uint64_t>(PyDataType_ELSIZE(descr)) != h.itemsize ||
+        PyDataType_HASSUBARRAY(descr) || PyDataType_REFCHK(descr) || !PyDataType_ISLEGACY(descr))
+      raise(exceptions().invalid_handle, "handle dtype does not match its item size");
+    if (h.ndim > static_cast<uint32_t>(NPY_MAXDIMS))
+      raise(exceptions().invalid_handle, "handle has more dimensions than numpy supports");
+    uint64_t lo, hi;
+    pap::view_extent(h, &lo, &hi);  // decode_handle() has checked it succeeds
+    ProcessPool& pp = ProcessPool::get();
+    pap::Block b = pp.attach_block(h, lo, hi);
+    OwnedRef block = check(pp.block_object(b));
+    npy_intp shape[pap::kMaxDims], strides[pap::kMaxDims];
+    for (uint32_t i = 0; i < h.ndim; ++i) {
+      shape[i] = static_cast<npy_intp>(h.shape[i]);
+      strides[i] = static_cast<npy_intp>(h.strides[i]);
+    }
+    Py_INCREF(descr);
+    return new_pool_array(descr, static_cast<int>(h.ndim), shape, strides,
+                          b.payload + h.view_offset, block.get(), false)
+        .release();
+  });
+}
+
+PyObject* block_of(PyObject*, PyObject* arr) {
+  BlockObject* b = find_block(arr);
+  if (!b) Py_RETURN_NONE;
+  Py_INCREF(b);
+  return reinterpret_cast<PyObject*>(b);
+}
+
+}  // namespace pyb

@@ -1,0 +1,149 @@
+"""The Python face of the pool: allocation helpers, settings and statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, SupportsIndex
+
+import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
+
+from . import _core
+from ._settings import parse_size
+
+__all__ = ["empty", "zeros", "empty_like", "zeros_like", "configure", "stats", "PoolStats"]
+
+_ShapeLike = SupportsIndex | Sequence[SupportsIndex]
+
+
+def empty(
+    shape: _ShapeLike,
+    dtype: DTypeLike = float,
+    order: str = "C",
+    *,
+    like: None = None,
+    transfer_required: bool = True,
+) -> _core.TransferableArray:
+    """Like :func:`numpy.empty`, allocated in the pool (no copy, contents undefined)."""
+    if like is not None:
+        raise TypeError("pyarraypool.empty does not support like=")
+    return _core._empty(shape, dtype, order, transfer_required)
+
+
+def zeros(
+    shape: _ShapeLike,
+    dtype: DTypeLike = float,
+    order: str = "C",
+    *,
+    like: None = None,
+    transfer_required: bool = True,
+) -> _core.TransferableArray:
+    """Like :func:`numpy.zeros`, allocated in the pool."""
+    if like is not None:
+        raise TypeError("pyarraypool.zeros does not support like=")
+    return _core._empty(shape, dtype, order, transfer_required, True)
+
+
+def _like_args(
+    prototype: ArrayLike, dtype: DTypeLike | None, order: str, shape: _ShapeLike | None
+) -> tuple[Any, Any, str]:
+    proto = prototype if isinstance(prototype, np.ndarray) else np.asarray(prototype)
+    if order in ("K", "A"):
+        order = "F" if proto.ndim > 1 and proto.flags.f_contiguous and not proto.flags.c_contiguous else "C"
+    return (proto.shape if shape is None else shape), (proto.dtype if dtype is None else dtype), order
+
+
+def empty_like(
+    prototype: ArrayLike,
+    dtype: DTypeLike | None = None,
+    order: str = "K",
+    subok: bool = True,
+    shape: _ShapeLike | None = None,
+    *,
+    transfer_required: bool = True,
+) -> _core.TransferableArray:
+    """Like :func:`numpy.empty_like`, allocated in the pool.
+
+    The result is always a TransferableArray (``subok`` is accepted for
+    compatibility). ``order='K'`` keeps Fortran order for Fortran-contiguous
+    prototypes and uses C order otherwise.
+    """
+    shp, dt, order = _like_args(prototype, dtype, order, shape)
+    return _core._empty(shp, dt, order, transfer_required)
+
+
+def zeros_like(
+    prototype: ArrayLike,
+    dtype: DTypeLike | None = None,
+    order: str = "K",
+    subok: bool = True,
+    shape: _ShapeLike | None = None,
+    *,
+    transfer_required: bool = True,
+) -> _core.TransferableArray:
+    """Like :func:`numpy.zeros_like`, allocated in the pool."""
+    shp, dt, order = _like_args(prototype, dtype, order, shape)
+    return _core._empty(shp, dt, order, transfer_required, True)
+
+
+def configure(
+    *,
+    max_bytes: int | str | None = None,
+    segment_bytes: int | str | None = None,
+    transfer_timeout: float | None = None,
+) -> None:
+    """Set the pool's settings; call it before the program first uses the pool.
+
+    ``max_bytes``: the most shared memory the pool may take (default: the size
+    of /dev/shm). ``segment_bytes``: the size by which it grows (default 64 MiB;
+    a larger array gets a segment of its own). ``transfer_timeout``: seconds
+    after which a pickle that was never loaded stops keeping its block alive
+    (default 300). Sizes accept ints or strings such as ``"512M"``, ``"2G"``.
+    The same settings come from ``PYARRAYPOOL_MAX_BYTES``,
+    ``PYARRAYPOOL_SEGMENT_BYTES`` and ``PYARRAYPOOL_TRANSFER_TIMEOUT``.
+
+    Raises :class:`PoolError` if the pool is already running with other settings.
+    """
+    current = _core._config()
+    new_max = parse_size(max_bytes) if max_bytes is not None else current["max_bytes"]
+    new_seg = parse_size(segment_bytes) if segment_bytes is not None else current["segment_bytes"]
+    if transfer_timeout is None:
+        new_timeout = current["transfer_timeout"]
+    else:
+        new_timeout = float(transfer_timeout)
+        if not new_timeout > 0:
+            raise ValueError("transfer_timeout must be a positive number of seconds")
+    _core._configure(new_max, new_seg, new_timeout, True)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolStats:
+    """A snapshot of the pool, as returned by :func:`stats`."""
+
+    pool: str
+    used_bytes: int  #: bytes in live blocks, headers included
+    capacity_bytes: int  #: bytes of shared memory the pool has mapped
+    free_bytes: int
+    largest_free_block: int
+    live_blocks: int
+    pending_transfers: int  #: pickles made but not loaded yet
+    pending_blocks: int
+    processes: int  #: live processes attached to the pool
+    pids: tuple[int, ...]
+    segments: int
+    max_bytes: int
+    segment_bytes: int
+    transfer_timeout: float
+
+
+def stats_from_dict(d: dict[str, Any]) -> PoolStats:
+    fields = {f.name for f in dataclasses.fields(PoolStats)}
+    values = {k: v for k, v in d.items() if k in fields}
+    values["pids"] = tuple(values["pids"])
+    return PoolStats(**values)
+
+
+def stats() -> PoolStats:
+    """Statistics of the program's pool. Reclaims what dead processes held first."""
+    return stats_from_dict(_core._stats())

@@ -1,0 +1,41 @@
+"""How a process joins and leaves the program's pool.
+
+All processes of one program share a pool named by ``PYARRAYPOOL_POOL``. The
+first import in a program picks a fresh random name and puts it in
+``os.environ``, so every process the program starts afterwards (fork, spawn,
+forkserver, subprocess) inherits it; an unrelated program picks its own.
+Importing does not touch shared memory: a process attaches on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+from . import _core
+
+ENV_POOL = "PYARRAYPOOL_POOL"
+
+
+def ensure_pool_name() -> str:
+    name = os.environ.get(ENV_POOL, "")
+    if len(name) != 32 or any(c not in "0123456789abcdef" for c in name):
+        name = secrets.token_hex(16)
+        os.environ[ENV_POOL] = name
+    return name
+
+
+def install_hooks() -> None:
+    # fork(): the child must hold every block the parent holds at that
+    # instant, before the parent can drop one (contract point 13).
+    os.register_at_fork(
+        before=_core._before_fork,
+        after_in_parent=_core._after_fork_parent,
+        after_in_child=_core._after_fork_child,
+    )
+    # Leave the pool at exit, after multiprocessing has terminated and joined
+    # its daemonic workers (finalizers with a negative priority run last):
+    # the last process of the program to leave unlinks every segment.
+    import multiprocessing.util as mp_util
+
+    mp_util.Finalize(None, _core._shutdown, exitpriority=-100)

@@ -50,8 +50,10 @@ def _like_args(
 ) -> tuple[Any, Any, str]:
     proto = prototype if isinstance(prototype, np.ndarray) else np.asarray(prototype)
     if order in ("K", "A"):
-        order = "F" if proto.ndim > 1 and proto.flags.f_contiguous and not proto.flags.c_contiguous else "C"
-    return (proto.shape if shape is None else shape), (proto.dtype if dtype is None else dtype), order
+        fortran = proto.ndim > 1 and proto.flags.f_contiguous and not proto.flags.c_contiguous
+        order = "F" if fortran else "C"
+    shp = proto.shape if shape is None else shape
+    return shp, (proto.dtype if dtype is None else dtype), order
 
 
 def empty_like(

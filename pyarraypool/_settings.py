@@ -17,7 +17,7 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 
 
-def parse_size(value: int | str) -> int:
+def parse_size(value: object) -> int:
     """Bytes from an int or a string such as ``"512M"``, ``"2G"``, ``"1.5GiB"``.
 
     Units are binary (K = 1024).
@@ -32,7 +32,8 @@ def parse_size(value: int | str) -> int:
             raise ValueError(f"cannot read {value!r} as a size (examples: 4096, '512M', '2G')")
         size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
     else:
-        raise TypeError(f"a size must be an int or a string like '512M', not {type(value).__name__}")
+        kind = type(value).__name__
+        raise TypeError(f"a size must be an int or a string like '512M', not {kind}")
     if size <= 0:
         raise ValueError(f"a size must be positive, got {value!r}")
     return size

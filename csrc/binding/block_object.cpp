@@ -70,7 +70,8 @@ PyType_Slot block_slots[] = {
     {Py_tp_dealloc, reinterpret_cast<void*>(block_dealloc)},
     {Py_tp_repr, reinterpret_cast<void*>(block_repr)},
     {Py_tp_getset, block_getset},
-    {Py_tp_doc, const_cast<char*>("This process's hold on one block of the pool (an array's base).")},
+    {Py_tp_doc,
+     const_cast<char*>("This process's hold on one block of the pool (an array's base).")},
     {0, nullptr},
 };
 

@@ -52,8 +52,7 @@ PyObject* configure(PyObject*, PyObject* args) {
     unsigned long long max_bytes, segment_bytes;
     double timeout;
     int strict = 1;
-    if (!PyArg_ParseTuple(args, "KKd|p:_configure", &max_bytes, &segment_bytes, &timeout,
-                          &strict))
+    if (!PyArg_ParseTuple(args, "KKd|p:_configure", &max_bytes, &segment_bytes, &timeout, &strict))
       throw PyErrSet{};
     if (max_bytes == 0 || segment_bytes == 0 || !(timeout > 0))
       raise(PyExc_ValueError, "max_bytes, segment_bytes and transfer_timeout must be positive");
@@ -219,23 +218,21 @@ PyMethodDef module_methods[] = {
 int add_exceptions(PyObject* m) {
   Exceptions& ex = exceptions();
   if (!ex.pool_error) {
-    ex.pool_error = PyErr_NewExceptionWithDoc("pyarraypool.PoolError",
-                                              "Base class of pyarraypool errors.", nullptr, nullptr);
+    ex.pool_error = PyErr_NewExceptionWithDoc(
+        "pyarraypool.PoolError", "Base class of pyarraypool errors.", nullptr, nullptr);
     if (!ex.pool_error) return -1;
     OwnedRef full_bases = OwnedRef::steal(PyTuple_Pack(2, ex.pool_error, PyExc_MemoryError));
     OwnedRef invalid_bases = OwnedRef::steal(PyTuple_Pack(2, ex.pool_error, PyExc_ValueError));
     if (!full_bases || !invalid_bases) return -1;
     ex.pool_full = PyErr_NewExceptionWithDoc(
         "pyarraypool.PoolFullError",
-        "The pool cannot hold the request under max_bytes, or /dev/shm is full.",
-        full_bases.get(), nullptr);
+        "The pool cannot hold the request under max_bytes, or /dev/shm is full.", full_bases.get(),
+        nullptr);
     ex.stale_handle = PyErr_NewExceptionWithDoc(
         "pyarraypool.StaleHandleError",
-        "A handle names a block that is gone, or a block of another pool.", ex.pool_error,
-        nullptr);
-    ex.invalid_handle = PyErr_NewExceptionWithDoc("pyarraypool.InvalidHandleError",
-                                                  "A handle is malformed.", invalid_bases.get(),
-                                                  nullptr);
+        "A handle names a block that is gone, or a block of another pool.", ex.pool_error, nullptr);
+    ex.invalid_handle = PyErr_NewExceptionWithDoc(
+        "pyarraypool.InvalidHandleError", "A handle is malformed.", invalid_bases.get(), nullptr);
     if (!ex.pool_full || !ex.stale_handle || !ex.invalid_handle) return -1;
   }
   if (PyModule_AddObjectRef(m, "PoolError", ex.pool_error) < 0 ||
@@ -249,8 +246,7 @@ int add_exceptions(PyObject* m) {
 int module_exec(PyObject* m) {
   static bool loaded = false;
   if (loaded) {
-    PyErr_SetString(PyExc_ImportError,
-                    "pyarraypool._core can be loaded only once per process");
+    PyErr_SetString(PyExc_ImportError, "pyarraypool._core can be loaded only once per process");
     return -1;
   }
   if (PyArray_ImportNumPyAPI() < 0) return -1;

@@ -9,7 +9,7 @@ namespace pyb {
 int add_block_type(PyObject* module);
 int add_array_type(PyObject* module);
 
-extern PyTypeObject* array_type;  // TransferableArray
+extern PyTypeObject* array_type;    // TransferableArray
 extern PyObject* rebuild_function;  // pyarraypool._core._rebuild, for __reduce__
 
 // Module-level functions implemented next to the array type.

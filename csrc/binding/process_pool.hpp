@@ -25,8 +25,7 @@ namespace pyb {
 // some array, view, memoryview or np.asarray result still reaches it. There
 // is at most one per block per process (interned in ProcessPool).
 struct BlockObject {
-  PyObject_HEAD
-  pap::BlockRef ref;
+  PyObject_HEAD pap::BlockRef ref;
   uint64_t generation;
   unsigned char* payload;
   uint64_t capacity;

@@ -7,11 +7,6 @@
 // exception ever unwinds into the interpreter.
 #pragma once
 
-#include <exception>
-#include <optional>
-#include <type_traits>
-#include <utility>
-
 #include "binding/numpy_api.hpp"
 #include "binding/py_refs.hpp"
 #include "core/errors.hpp"
@@ -58,33 +53,24 @@ R boundary(R on_error, F&& body) noexcept {
   }
 }
 
-// Runs `f` with the GIL released (for system calls and waits); exceptions
-// are carried back across and rethrown with the GIL held again.
+// Releases the GIL for a scope (system calls, waits, large copies) and takes
+// it back when the scope ends, also when it ends by an exception.
+class GilReleased {
+ public:
+  GilReleased() : state_(PyEval_SaveThread()) {}
+  ~GilReleased() { PyEval_RestoreThread(state_); }
+  GilReleased(const GilReleased&) = delete;
+  GilReleased& operator=(const GilReleased&) = delete;
+
+ private:
+  PyThreadState* state_;
+};
+
+// Runs `f` without the GIL; `f` must not touch Python objects.
 template <class F>
 auto without_gil(F&& f) -> decltype(f()) {
-  using R = decltype(f());
-  std::exception_ptr err;
-  if constexpr (std::is_void_v<R>) {
-    Py_BEGIN_ALLOW_THREADS
-    try {
-      f();
-    } catch (...) {
-      err = std::current_exception();
-    }
-    Py_END_ALLOW_THREADS
-    if (err) std::rethrow_exception(err);
-  } else {
-    std::optional<R> result;
-    Py_BEGIN_ALLOW_THREADS
-    try {
-      result.emplace(f());
-    } catch (...) {
-      err = std::current_exception();
-    }
-    Py_END_ALLOW_THREADS
-    if (err) std::rethrow_exception(err);
-    return std::move(*result);
-  }
+  GilReleased released;
+  return f();
 }
 
 }  // namespace pyb

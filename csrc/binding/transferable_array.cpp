@@ -53,7 +53,8 @@ OwnedRef plainify(OwnedRef obj) {
       if (!is_array_subtype(item) || find_block(item)) continue;
       OwnedRef out = check(tuple ? PyTuple_New(n) : PyList_New(n));
       for (Py_ssize_t j = 0; j < n; ++j) {
-        OwnedRef e = plainify(OwnedRef::borrow(tuple ? PyTuple_GET_ITEM(o, j) : PyList_GET_ITEM(o, j)));
+        OwnedRef e =
+            plainify(OwnedRef::borrow(tuple ? PyTuple_GET_ITEM(o, j) : PyList_GET_ITEM(o, j)));
         if (tuple)
           PyTuple_SET_ITEM(out.get(), j, e.release());
         else
@@ -85,9 +86,8 @@ void check_shareable(PyArray_Descr* d) {
 }
 
 // A TransferableArray on `data` (inside `block`'s payload). Steals `descr`.
-OwnedRef new_pool_array(PyArray_Descr* descr, int nd, const npy_intp* dims,
-                        const npy_intp* strides, unsigned char* data, PyObject* block,
-                        bool fortran) {
+OwnedRef new_pool_array(PyArray_Descr* descr, int nd, const npy_intp* dims, const npy_intp* strides,
+                        unsigned char* data, PyObject* block, bool fortran) {
   int flags = NPY_ARRAY_WRITEABLE | (fortran ? NPY_ARRAY_F_CONTIGUOUS : 0);
   OwnedRef arr = check(PyArray_NewFromDescr(array_type, descr, nd, const_cast<npy_intp*>(dims),
                                             const_cast<npy_intp*>(strides), data, flags, nullptr));
@@ -149,8 +149,8 @@ OwnedRef allocate_array(PyArray_Descr* descr, int nd, const npy_intp* dims, bool
 // --- methods -------------------------------------------------------------
 
 OwnedRef reduce_by_value(PyObject* self, PyObject* protocol) {
-  OwnedRef plain = check(PyArray_View(reinterpret_cast<PyArrayObject*>(self), nullptr,
-                                      &PyArray_Type));
+  OwnedRef plain =
+      check(PyArray_View(reinterpret_cast<PyArrayObject*>(self), nullptr, &PyArray_Type));
   if (protocol) return check(PyObject_CallMethod(plain.get(), "__reduce_ex__", "O", protocol));
   return check(PyObject_CallMethod(plain.get(), "__reduce__", nullptr));
 }
@@ -181,7 +181,8 @@ OwnedRef reduce_impl(PyObject* self, PyObject* protocol) {
     return reduce_by_value(self, protocol);
   if (h.flags & pap::kHandleFlagTransferRequired) pp.add_pending(b->ref, b->generation);
   std::string bytes = pap::encode_handle(h);
-  OwnedRef handle = check(PyBytes_FromStringAndSize(bytes.data(), static_cast<Py_ssize_t>(bytes.size())));
+  OwnedRef handle =
+      check(PyBytes_FromStringAndSize(bytes.data(), static_cast<Py_ssize_t>(bytes.size())));
   return check(Py_BuildValue("O(OO)", rebuild_function, handle.get(),
                              reinterpret_cast<PyObject*>(PyArray_DESCR(arr))));
 }
@@ -204,7 +205,8 @@ PyObject* array_wrap(PyObject* self, PyObject* args, PyObject* kwargs) {
       throw PyErrSet{};
     (void)self;
     (void)context;
-    if (return_scalar && PyArray_Check(arr) && PyArray_NDIM(reinterpret_cast<PyArrayObject*>(arr)) == 0) {
+    if (return_scalar && PyArray_Check(arr) &&
+        PyArray_NDIM(reinterpret_cast<PyArrayObject*>(arr)) == 0) {
       Py_INCREF(arr);
       return PyArray_Return(reinterpret_cast<PyArrayObject*>(arr));  // steals
     }
@@ -274,10 +276,10 @@ constexpr char kByteswap[] = "byteswap";
 constexpr char kDiagonal[] = "diagonal";
 constexpr char kSqueeze[] = "squeeze";
 
-#define PLAIN_METHOD(pyname, tmpl, doc)                                                     \
-  {                                                                                         \
+#define PLAIN_METHOD(pyname, tmpl, doc)                                                      \
+  {                                                                                          \
     pyname, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plain_method<tmpl>)), \
-        METH_VARARGS | METH_KEYWORDS, doc                                                   \
+        METH_VARARGS | METH_KEYWORDS, doc                                                    \
   }
 
 PyMethodDef array_methods[] = {
@@ -352,8 +354,8 @@ PyType_Spec array_spec = {
 }  // namespace
 
 int add_array_type(PyObject* module) {
-  PyObject* t = PyType_FromModuleAndSpec(module, &array_spec,
-                                         reinterpret_cast<PyObject*>(&PyArray_Type));
+  PyObject* t =
+      PyType_FromModuleAndSpec(module, &array_spec, reinterpret_cast<PyObject*>(&PyArray_Type));
   if (!t) return -1;
   array_type = reinterpret_cast<PyTypeObject*>(t);  // kept for the life of the process
   return PyModule_AddObjectRef(module, "TransferableArray", t);
@@ -366,8 +368,8 @@ PyObject* make_transferable(PyObject*, PyObject* args, PyObject* kwargs) {
     static const char* kw[] = {"arr", "transfer_required", nullptr};
     PyObject* obj;
     int transfer_required = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$p:make_transferable",
-                                     const_cast<char**>(kw), &obj, &transfer_required))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$p:make_transferable", const_cast<char**>(kw),
+                                     &obj, &transfer_required))
       throw PyErrSet{};
     if (PyArray_Check(obj) && find_block(obj)) {
       // Already in the pool: no copy. A plain view of pool memory becomes a
@@ -405,9 +407,9 @@ PyObject* empty_impl(PyObject*, PyObject* args, PyObject* kwargs) {
       Py_XDECREF(descr);
       throw PyErrSet{};
     }
-    OwnedRef descr_ref = OwnedRef::steal(descr ? reinterpret_cast<PyObject*>(descr)
-                                               : reinterpret_cast<PyObject*>(
-                                                     PyArray_DescrFromType(NPY_DOUBLE)));
+    OwnedRef descr_ref =
+        OwnedRef::steal(descr ? reinterpret_cast<PyObject*>(descr)
+                              : reinterpret_cast<PyObject*>(PyArray_DescrFromType(NPY_DOUBLE)));
     npy_intp dims[pap::kMaxDims];
     int nd = parse_shape(shape_obj, dims);
     if (order != NPY_CORDER && order != NPY_FORTRANORDER)
@@ -431,7 +433,8 @@ PyObject* rebuild(PyObject*, PyObject* args) {
     PyObject *handle, *dtype;
     if (!PyArg_ParseTuple(args, "OO:_rebuild", &handle, &dtype)) throw PyErrSet{};
     if (!PyBytes_Check(handle)) raise(exceptions().invalid_handle, "handle is not bytes");
-    if (!PyArray_DescrCheck(dtype)) raise(exceptions().invalid_handle, "handle dtype is not a dtype");
+    if (!PyArray_DescrCheck(dtype))
+      raise(exceptions().invalid_handle, "handle dtype is not a dtype");
     auto* descr = reinterpret_cast<PyArray_Descr*>(dtype);
     pap::Handle h = pap::decode_handle(PyBytes_AS_STRING(handle),
                                        static_cast<size_t>(PyBytes_GET_SIZE(handle)));

@@ -215,6 +215,19 @@ Allocator::WalkTotals Allocator::rebuild(uint32_t nsegs, const KeepFn& keep) {
   return totals;
 }
 
+uint64_t Allocator::largest_free() const {
+  if (!st_.fl_bitmap) return 0;
+  uint32_t fl = log2_floor(st_.fl_bitmap);
+  uint32_t sl = 31u - static_cast<uint32_t>(__builtin_clz(st_.sl_bitmap[fl]));
+  uint64_t best = 0;
+  for (uint64_t bits = st_.heads[fl][sl]; bits != BlockRef::kNilBits;) {
+    const BlockHeader* h = header(BlockRef::from_bits(bits));
+    if (h->size() > best) best = h->size();
+    bits = h->free_links.next;
+  }
+  return best;
+}
+
 void Allocator::for_each_block(uint32_t seg,
                                const std::function<void(BlockRef, const BlockHeader&)>& fn) const {
   const uint64_t end = spans_[seg].size & kSizeMask;

@@ -88,6 +88,9 @@ class Allocator {
   // index from scratch. Throws CoreError(kPool) if a chain is broken.
   WalkTotals rebuild(uint32_t nsegs, const KeepFn& keep);
 
+  // Size of the largest free block, from the index: O(length of one list).
+  uint64_t largest_free() const;
+
   // Calls `fn` for each block of segment `seg` in address order.
   void for_each_block(uint32_t seg, const std::function<void(BlockRef, const BlockHeader&)>& fn) const;
 

@@ -25,6 +25,9 @@ struct Counters {
   uint64_t pending_transfers;
   uint64_t pending_blocks;
   uint64_t next_generation;
+  // No pending count expires before this time: maintenance skips its walk
+  // until then unless a process died. Only ever moved earlier between walks.
+  uint64_t next_expiry_ns;
 };
 
 // The control segment. Fields above `lock` are written once by the creator
@@ -394,6 +397,8 @@ bool Pool::add_pending(BlockRef ref, uint64_t generation, Mode mode) {
   // One deadline per block: the newest pickle's. Older pickles of the same
   // block live at least as long as the newest one.
   h->pending_deadline_ns = monotonic_ns() + hdr_->config.transfer_timeout_ns;
+  c.next_expiry_ns = c.pending_blocks == 1 ? h->pending_deadline_ns
+                                            : std::min(c.next_expiry_ns, h->pending_deadline_ns);
   return true;
 }
 
@@ -441,11 +446,12 @@ uint64_t Pool::maintain_locked(bool force_rebuild, const HolderMask& also_dead) 
     if (!table().alive(i, now)) dead.set(i);
   }
   Counters& c = hdr_->counters;
-  if (!force_rebuild && !dead.any() && c.pending_blocks == 0) return 0;
+  if (!force_rebuild && !dead.any() && (c.pending_blocks == 0 || now < c.next_expiry_ns)) return 0;
 
   const uint64_t used_before = c.used_bytes;
   Counters fresh{};
   fresh.next_generation = c.next_generation;
+  fresh.next_expiry_ns = ~uint64_t{0};
   auto keep = [&](BlockRef, BlockHeader& h) {
     h.holders.clear_all(dead);
     if (h.pending > 0 && now >= h.pending_deadline_ns) h.pending = 0;
@@ -453,7 +459,10 @@ uint64_t Pool::maintain_locked(bool force_rebuild, const HolderMask& also_dead) 
     fresh.used_bytes += h.size();
     ++fresh.live_blocks;
     fresh.pending_transfers += h.pending;
-    fresh.pending_blocks += h.pending > 0;
+    if (h.pending > 0) {
+      ++fresh.pending_blocks;
+      fresh.next_expiry_ns = std::min(fresh.next_expiry_ns, h.pending_deadline_ns);
+    }
     return true;
   };
   uint32_t nsegs = hdr_->segment_count.load(std::memory_order_acquire);
@@ -486,11 +495,7 @@ PoolStats Pool::stats() {
   s.config = hdr_->config;
   s.processes = live_processes_locked(monotonic_ns(), &s.pids);
   s.free_bytes = c.capacity_bytes - c.used_bytes;
-  Allocator a = allocator();
-  for (uint32_t seg = 0; seg < s.segments; ++seg)
-    a.for_each_block(seg, [&](BlockRef, const BlockHeader& h) {
-      if (!h.used() && h.size() > s.largest_free_block) s.largest_free_block = h.size();
-    });
+  s.largest_free_block = allocator().largest_free();
   return s;
 }
 

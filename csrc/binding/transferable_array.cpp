@@ -146,6 +146,38 @@ OwnedRef allocate_array(PyArray_Descr* descr, int nd, const npy_intp* dims, bool
   return new_pool_array(descr, nd, dims, nullptr, b.payload, block.get(), fortran);
 }
 
+// --- dtypes in handles ---------------------------------------------------
+//
+// Pickling a numpy dtype object costs more than the rest of a handle round
+// trip together. A dtype without fields, subarray or metadata is exactly
+// described by its `.str` ('<f8', '>i4', '|S5', '<M8[ns]'), which pickles as
+// a short string and is rebuilt from a small cache. Other dtypes travel as
+// dtype objects.
+
+OwnedRef dtype_for_pickle(PyArray_Descr* d) {
+  if (!PyDataType_HASFIELDS(d) && !PyDataType_HASSUBARRAY(d) && PyDataType_METADATA(d) == nullptr)
+    return check(PyObject_GetAttrString(reinterpret_cast<PyObject*>(d), "str"));
+  return OwnedRef::borrow(reinterpret_cast<PyObject*>(d));
+}
+
+// New reference to the dtype a handle's dtype argument names.
+OwnedRef dtype_from_pickle(PyObject* arg) {
+  if (PyArray_DescrCheck(arg)) return OwnedRef::borrow(arg);
+  if (!PyUnicode_Check(arg)) raise(exceptions().invalid_handle, "handle dtype is not a dtype");
+  static PyObject* cache = PyDict_New();  // dtype string -> dtype, for the process
+  if (!cache) throw PyErrSet{};
+  if (PyObject* hit = PyDict_GetItemWithError(cache, arg)) return OwnedRef::borrow(hit);
+  if (PyErr_Occurred()) throw PyErrSet{};
+  PyArray_Descr* d = nullptr;
+  if (!PyArray_DescrConverter(arg, &d)) {
+    PyErr_Clear();
+    raise(exceptions().invalid_handle, "handle dtype string is not a numpy dtype");
+  }
+  OwnedRef descr = OwnedRef::steal(reinterpret_cast<PyObject*>(d));
+  if (PyDict_GET_SIZE(cache) < 1024) check_status(PyDict_SetItem(cache, arg, descr.get()));
+  return descr;
+}
+
 // --- methods -------------------------------------------------------------
 
 OwnedRef reduce_by_value(PyObject* self, PyObject* protocol) {
@@ -183,8 +215,8 @@ OwnedRef reduce_impl(PyObject* self, PyObject* protocol) {
   std::string bytes = pap::encode_handle(h);
   OwnedRef handle =
       check(PyBytes_FromStringAndSize(bytes.data(), static_cast<Py_ssize_t>(bytes.size())));
-  return check(Py_BuildValue("O(OO)", rebuild_function, handle.get(),
-                             reinterpret_cast<PyObject*>(PyArray_DESCR(arr))));
+  OwnedRef dtype = dtype_for_pickle(PyArray_DESCR(arr));
+  return check(Py_BuildValue("O(OO)", rebuild_function, handle.get(), dtype.get()));
 }
 
 PyObject* array_reduce(PyObject* self, PyObject*) {
@@ -433,9 +465,8 @@ PyObject* rebuild(PyObject*, PyObject* args) {
     PyObject *handle, *dtype;
     if (!PyArg_ParseTuple(args, "OO:_rebuild", &handle, &dtype)) throw PyErrSet{};
     if (!PyBytes_Check(handle)) raise(exceptions().invalid_handle, "handle is not bytes");
-    if (!PyArray_DescrCheck(dtype))
-      raise(exceptions().invalid_handle, "handle dtype is not a dtype");
-    auto* descr = reinterpret_cast<PyArray_Descr*>(dtype);
+    OwnedRef dtype_ref = dtype_from_pickle(dtype);
+    auto* descr = reinterpret_cast<PyArray_Descr*>(dtype_ref.get());
     pap::Handle h = pap::decode_handle(PyBytes_AS_STRING(handle),
                                        static_cast<size_t>(PyBytes_GET_SIZE(handle)));
     if (static_cast<uint64_t>(PyDataType_ELSIZE(descr)) != h.itemsize ||

@@ -115,7 +115,12 @@ class Pool::Guard {
     held_ = true;
     try {
       p.ensure_mapped();
-      if (how == Acquired::kFromDeadOwner) p.maintain_locked(true, HolderMask{});
+      if (how == Acquired::kFromDeadOwner) {
+        // The owner may have died in leave() between marking the pool dead
+        // and finding us alive: we are, so the pool runs on.
+        p.hdr_->state.store(kStateRunning, std::memory_order_seq_cst);
+        p.maintain_locked(true, HolderMask{});
+      }
     } catch (...) {
       release();
       throw;

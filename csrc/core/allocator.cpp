@@ -1,5 +1,6 @@
 #include "core/allocator.hpp"
 
+#include <atomic>
 #include <cstring>
 #include <string>
 
@@ -98,18 +99,39 @@ void Allocator::add_segment(uint32_t seg) {
   insert_free(BlockRef(seg, 0), header(BlockRef(seg, 0))->size());
 }
 
+BlockRef Allocator::first_fit_in_class(uint64_t block_size) const {
+  uint32_t fl, sl;
+  mapping_insert(block_size / kAlign, fl, sl);
+  for (uint64_t bits = st_.heads[fl][sl]; bits != BlockRef::kNilBits;) {
+    const BlockHeader* h = header(BlockRef::from_bits(bits));
+    if (h->size() >= block_size) return BlockRef::from_bits(bits);
+    bits = h->free_links.next;
+  }
+  return BlockRef();
+}
+
 BlockRef Allocator::allocate(uint64_t block_size, const UsedInit& init) {
   uint32_t fl, sl;
   if (!mapping_search(block_size / kAlign, fl, sl)) return BlockRef();
   uint32_t sl_map = st_.sl_bitmap[fl] & (~0u << sl);
   if (!sl_map) {
     uint64_t fl_map = fl + 1 < 64 ? st_.fl_bitmap & (~uint64_t{0} << (fl + 1)) : 0;
-    if (!fl_map) return BlockRef();
-    fl = static_cast<uint32_t>(__builtin_ctzll(fl_map));
-    sl_map = st_.sl_bitmap[fl];
+    if (fl_map) {
+      fl = static_cast<uint32_t>(__builtin_ctzll(fl_map));
+      sl_map = st_.sl_bitmap[fl];
+    }
   }
-  sl = static_cast<uint32_t>(__builtin_ctz(sl_map));
-  BlockRef ref = BlockRef::from_bits(st_.heads[fl][sl]);
+  BlockRef ref;
+  if (sl_map) {
+    sl = static_cast<uint32_t>(__builtin_ctz(sl_map));
+    ref = BlockRef::from_bits(st_.heads[fl][sl]);
+  } else {
+    // Nothing in the classes above the request. Its own class (skipped by
+    // the rounding) may still hold a block large enough; this linear search
+    // runs only when the alternative is growing the pool or failing.
+    ref = first_fit_in_class(block_size);
+    if (ref.nil()) return ref;
+  }
   BlockHeader* h = header(ref);
   uint64_t have = h->size();
   remove_free(ref, have);
@@ -142,7 +164,6 @@ BlockRef Allocator::allocate(uint64_t block_size, const UsedInit& init) {
 void Allocator::free(BlockRef ref) {
   BlockHeader* h = header(ref);
   uint64_t size = h->size();
-  clear_used_fields(*h);
   if (has_next(ref, size)) {
     BlockRef next(ref.seg(), ref.off() + size);
     BlockHeader* n = header(next);
@@ -153,6 +174,12 @@ void Allocator::free(BlockRef ref) {
     }
   }
   h->commit_size(size, false);  // commit: free, merged with the next block
+  // Only now, once the block is free: a process killed before the commit
+  // must leave a used block that is still whole (generation and check
+  // intact), and a free block's stale fields are never read. The fence keeps
+  // the compiler from moving these stores above the commit.
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  clear_used_fields(*h);
   if (ref.off() != 0) {
     BlockRef prev(ref.seg(), ref.off() - h->prev_size);
     BlockHeader* p = header(prev);
@@ -192,8 +219,10 @@ Allocator::WalkTotals Allocator::rebuild(uint32_t nsegs, const KeepFn& keep) {
       if (size < kAlign || size > end - off) corrupt("bad block size", ref);
       bool used = h->used();
       if (used && !keep(ref, *h)) {
-        clear_used_fields(*h);
         h->commit_size(size, false);
+        // Cleared after the commit, as in free().
+        std::atomic_signal_fence(std::memory_order_seq_cst);
+        clear_used_fields(*h);
         used = false;
       }
       if (used) {

@@ -4,7 +4,11 @@
 // second level = one of 32 slices of it); two bitmaps find a non-empty free
 // list of a large enough class in two count-trailing-zero instructions. A
 // request is rounded up to the start of the next class, so any block on the
-// list found fits ("good fit"); waste inside a class is at most 1/32.
+// list found fits ("good fit"); waste inside a class is at most 1/32. Only
+// when no such class has a block does allocate() look through the list of
+// the request's own class, whose blocks may or may not fit: without that, a
+// free block of exactly the size asked for (the hole left by an array of
+// the same shape, a segment grown for this very request) would be missed.
 //
 // Crash consistency. A process can be killed between any two stores. The
 // free lists and bitmaps are only an index: recovery rebuilds them from the
@@ -92,7 +96,8 @@ class Allocator {
   uint64_t largest_free() const;
 
   // Calls `fn` for each block of segment `seg` in address order.
-  void for_each_block(uint32_t seg, const std::function<void(BlockRef, const BlockHeader&)>& fn) const;
+  void for_each_block(uint32_t seg,
+                      const std::function<void(BlockRef, const BlockHeader&)>& fn) const;
 
   // Debug check of every invariant of the index against the chain; throws
   // CoreError(kPool) naming the first one broken. O(blocks).
@@ -105,8 +110,12 @@ class Allocator {
  private:
   void insert_free(BlockRef ref, uint64_t size);
   void remove_free(BlockRef ref, uint64_t size);
+  BlockRef first_fit_in_class(uint64_t block_size) const;
+  // The chain ends at the segment size rounded down to kAlign (see
+  // format_segment): a segment whose size is not a multiple of 64 has a
+  // tail that is no block, and no header may be written there.
   bool has_next(BlockRef ref, uint64_t size) const {
-    return ref.off() + size < spans_[ref.seg()].size;
+    return ref.off() + size < (spans_[ref.seg()].size & kSizeMask);
   }
 
   AllocState& st_;

@@ -21,8 +21,8 @@ int futex_wait(std::atomic<uint32_t>* addr, uint32_t expected, int64_t timeout_n
 }
 
 int futex_wake(std::atomic<uint32_t>* addr, int count) {
-  long r = syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), FUTEX_WAKE, count, nullptr,
-                   nullptr, 0);
+  long r =
+      syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), FUTEX_WAKE, count, nullptr, nullptr, 0);
   return r >= 0 ? 0 : -errno;
 }
 

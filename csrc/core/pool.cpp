@@ -316,7 +316,9 @@ std::optional<Block> Pool::allocate_locked(uint64_t block_size, bool transfer_re
 void Pool::grow_locked(uint64_t block_size) {
   Counters& c = hdr_->counters;
   const PoolConfig cfg = hdr_->config;
-  uint64_t size = std::max(cfg.segment_bytes, round_up(block_size, kLargeRound));
+  // Whole pages: a segment's chain ends at its size, which must be a
+  // multiple of the block alignment.
+  uint64_t size = round_up(std::max(cfg.segment_bytes, round_up(block_size, kLargeRound)), kPage);
   if (c.capacity_bytes + size > cfg.max_bytes) {
     // A smaller segment that still fits the request, if max_bytes allows.
     size = round_up(block_size, kPage);
@@ -349,13 +351,13 @@ void Pool::grow_locked(uint64_t block_size) {
 void Pool::throw_full(uint64_t bytes) {
   const Counters& c = hdr_->counters;
   const PoolConfig cfg = hdr_->config;
-  throw CoreError(ErrorKind::kPoolFull,
-                  "pyarraypool cannot allocate " + std::to_string(bytes) + " bytes: the pool uses " +
-                      std::to_string(c.used_bytes) + " of max_bytes=" +
-                      std::to_string(cfg.max_bytes) + " in " + std::to_string(c.live_blocks) +
-                      " live blocks (" + std::to_string(c.pending_transfers) +
-                      " pickles pending); raise max_bytes with pyarraypool.configure(max_bytes=...)"
-                      " or PYARRAYPOOL_MAX_BYTES");
+  throw CoreError(
+      ErrorKind::kPoolFull,
+      "pyarraypool cannot allocate " + std::to_string(bytes) + " bytes: the pool uses " +
+          std::to_string(c.used_bytes) + " of max_bytes=" + std::to_string(cfg.max_bytes) + " in " +
+          std::to_string(c.live_blocks) + " live blocks (" + std::to_string(c.pending_transfers) +
+          " pickles pending); raise max_bytes with pyarraypool.configure(max_bytes=...)"
+          " or PYARRAYPOOL_MAX_BYTES");
 }
 
 BlockHeader* Pool::checked_header(BlockRef ref, uint64_t generation) {
@@ -403,13 +405,12 @@ bool Pool::add_pending(BlockRef ref, uint64_t generation, Mode mode) {
   // block live at least as long as the newest one.
   h->pending_deadline_ns = monotonic_ns() + hdr_->config.transfer_timeout_ns;
   c.next_expiry_ns = c.pending_blocks == 1 ? h->pending_deadline_ns
-                                            : std::min(c.next_expiry_ns, h->pending_deadline_ns);
+                                           : std::min(c.next_expiry_ns, h->pending_deadline_ns);
   return true;
 }
 
 std::optional<Block> Pool::attach_block(const Handle& hd, uint64_t lo, uint64_t hi, Mode mode) {
-  if (!(hd.pool == id_))
-    throw CoreError(ErrorKind::kStaleHandle, "handle belongs to another pool");
+  if (!(hd.pool == id_)) throw CoreError(ErrorKind::kStaleHandle, "handle belongs to another pool");
   Guard g(*this, mode);
   if (!g.held()) {
     // In kFast a handle of a segment this process has not mapped yet lands
@@ -446,9 +447,14 @@ uint32_t Pool::live_processes_locked(uint64_t now, std::vector<int>* pids) {
 uint64_t Pool::maintain_locked(bool force_rebuild, const HolderMask& also_dead) {
   const uint64_t now = monotonic_ns();
   HolderMask dead = also_dead;
+  uint64_t dead_ids[kMaxSlots] = {};  // the id each slot had when judged dead
   for (uint32_t i = 0; i < kMaxSlots; ++i) {
-    if (i == slot_ || table().slots[i].id.load(std::memory_order_acquire) == 0) continue;
-    if (!table().alive(i, now)) dead.set(i);
+    uint64_t id = table().slots[i].id.load(std::memory_order_acquire);
+    if (i == slot_ || id == 0 || also_dead.test(i)) continue;
+    if (!table().alive(i, now)) {
+      dead.set(i);
+      dead_ids[i] = id;
+    }
   }
   Counters& c = hdr_->counters;
   if (!force_rebuild && !dead.any() && (c.pending_blocks == 0 || now < c.next_expiry_ns)) return 0;
@@ -476,7 +482,7 @@ uint64_t Pool::maintain_locked(bool force_rebuild, const HolderMask& also_dead) 
     fresh.capacity_bytes += hdr_->segment_sizes[i].load(std::memory_order_relaxed);
   c = fresh;
   for (uint32_t i = 0; i < kMaxSlots; ++i)
-    if (dead.test(i) && i != slot_ && !also_dead.test(i)) table().release(i);
+    if (dead_ids[i] != 0) table().release_if(i, dead_ids[i]);
   return used_before > c.used_bytes ? used_before - c.used_bytes : 0;
 }
 
@@ -530,7 +536,8 @@ void Pool::before_fork(const std::vector<std::pair<BlockRef, uint64_t>>& held) {
   Guard g(*this, Mode::kSlow);
   local_mutex_.lock();  // released by after_fork_*: no thread may be mid-append at fork
   fork_prepared_ = true;
-  child_slot_ = table().claim(slot_id(::getpid(), SlotKind::kReserved));
+  child_slot_id_ = slot_id(::getpid(), SlotKind::kReserved);
+  child_slot_ = table().claim(child_slot_id_);
   if (child_slot_ < 0) return;  // too many processes: the child attaches on its own
   table().slots[child_slot_].reserved_at_ns.store(monotonic_ns(), std::memory_order_release);
   for (const auto& [ref, gen] : held) {
@@ -558,11 +565,19 @@ void Pool::after_fork_child() {
     claim_slot_or_throw();
     return;
   }
-  slot_ = static_cast<uint32_t>(child_slot_);
+  const uint32_t reserved = static_cast<uint32_t>(child_slot_);
   child_slot_ = -1;
-  ProcessSlot& s = table().slots[slot_];
+  ProcessSlot& s = table().slots[reserved];
+  // The reservation names the parent; it may have expired and been freed if
+  // this child was stopped for a long time between fork and now.
+  uint64_t expected = child_slot_id_;
+  const uint64_t mine = slot_id(::getpid(), SlotKind::kActive);
   s.start_time.store(process_start_time(::getpid()), std::memory_order_release);
-  s.id.store(slot_id(::getpid(), SlotKind::kActive), std::memory_order_seq_cst);
+  if (!s.id.compare_exchange_strong(expected, mine, std::memory_order_seq_cst)) {
+    claim_slot_or_throw();  // inherited blocks are no longer protected
+    return;
+  }
+  slot_ = reserved;
 }
 
 void Pool::verify() {

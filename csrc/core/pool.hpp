@@ -115,9 +115,10 @@ class Pool {
   void leave(bool unlink_if_last = true);
   bool left() const { return left_; }
 
-  // fork(): before_fork reserves a slot for the child and marks it as a
-  // holder of every block in `held`, while holding the pool lock and the
-  // local mutex; exactly one of the after_fork_* must follow.
+  // fork(): before_fork reserves a slot for the child and, under the pool
+  // lock, marks it as a holder of every block in `held`; it returns holding
+  // the local mutex (no thread may be mid-way through mapping a segment at
+  // the fork), which exactly one of the after_fork_* releases.
   void before_fork(const std::vector<std::pair<BlockRef, uint64_t>>& held);
   void after_fork_parent();
   void after_fork_child();
@@ -154,7 +155,8 @@ class Pool {
   Mapping control_;
   ControlHeader* hdr_;
   uint32_t slot_ = 0;
-  int child_slot_ = -1;  // reserved across a fork
+  int child_slot_ = -1;         // reserved across a fork
+  uint64_t child_slot_id_ = 0;  // the reservation's id
   bool fork_prepared_ = false;
   bool left_ = false;
 

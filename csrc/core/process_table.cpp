@@ -62,18 +62,35 @@ void ProcessTable::release(uint32_t slot) {
   slots[slot].id.store(0, std::memory_order_seq_cst);
 }
 
+bool ProcessTable::release_if(uint32_t slot, uint64_t expected_id) {
+  ProcessSlot& s = slots[slot];
+  // Park the slot on a sentinel while clearing it, so that nobody claims it
+  // (claims need id == 0) before its fields are clean.
+  uint64_t expected = expected_id;
+  if (!s.id.compare_exchange_strong(expected, kReleasingId, std::memory_order_seq_cst))
+    return false;
+  s.start_time.store(0, std::memory_order_relaxed);
+  s.reserved_at_ns.store(0, std::memory_order_relaxed);
+  s.id.store(0, std::memory_order_seq_cst);
+  return true;
+}
+
 bool ProcessTable::alive(uint32_t slot, uint64_t now_ns) const {
   const ProcessSlot& s = slots[slot];
   uint64_t id = s.id.load(std::memory_order_acquire);
   if (id == 0) return false;
+  if (id == kReleasingId) return true;  // being freed right now by a live process
   if (slot_kind(id) == SlotKind::kReserved)
     return now_ns - s.reserved_at_ns.load(std::memory_order_relaxed) < kReservationGraceNs;
   pid_t pid = slot_pid(id);
   bool zombie = false;
   uint64_t started = process_start_time(pid, &zombie);
   if (started == 0) {
-    // No /proc entry: gone, unless /proc is hidden from us (then ask kill).
-    return ::kill(pid, 0) == 0 || errno == EPERM ? access("/proc/self/stat", R_OK) != 0 : false;
+    // /proc/PID/stat could not be read. Only kill() can say "certainly
+    // gone" (ESRCH): the open may have failed for reasons of ours (EMFILE,
+    // ENFILE, ENOMEM) while the owner lives, and calling it dead would free
+    // blocks it is using.
+    return ::kill(pid, 0) == 0 || errno == EPERM;
   }
   if (zombie) return false;
   uint64_t recorded = s.start_time.load(std::memory_order_acquire);

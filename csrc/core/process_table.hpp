@@ -34,6 +34,9 @@ enum class SlotKind : uint64_t {
   kReserved = 2,  // reserved by the process `pid` for a child it is forking
 };
 
+// A slot's id while a live process frees it (pid 0 is never a process).
+constexpr uint64_t kReleasingId = 3;
+
 inline uint64_t slot_id(pid_t pid, SlotKind kind) {
   return (static_cast<uint64_t>(pid) << 2) | static_cast<uint64_t>(kind);
 }
@@ -51,6 +54,10 @@ struct ProcessTable {
   int claim(uint64_t id);
   // Frees a slot (its holdings must already be reclaimed).
   void release(uint32_t slot);
+  // Frees a slot only if it still holds `expected_id`: between judging an
+  // owner dead and freeing its slot, another process may have taken the
+  // slot over (see Pool::claim_slot_or_throw), and must keep it.
+  bool release_if(uint32_t slot, uint64_t expected_id);
   // True unless the slot's owner is certainly gone. Reads /proc.
   bool alive(uint32_t slot, uint64_t now_ns) const;
 };

@@ -141,8 +141,8 @@ bool open_segment(const std::string& name, uint64_t expected_size, uint64_t min_
   if (::fstat(fd.get(), &st) != 0) throw_os_error("fstat " + name, errno);
   uint64_t size = static_cast<uint64_t>(st.st_size);
   if ((expected_size && size != expected_size) || size < min_size || size == 0)
-    throw CoreError(ErrorKind::kPool, "segment " + name + " has an unexpected size " +
-                                          std::to_string(size));
+    throw CoreError(ErrorKind::kPool,
+                    "segment " + name + " has an unexpected size " + std::to_string(size));
   *out = Mapping(map_fd(fd.get(), size, name), size);
   return true;
 }

@@ -39,9 +39,9 @@ class Mapping {
   uint64_t size_ = 0;
 };
 
-std::string random_token();                       // 32 lowercase hex digits
+std::string random_token();  // 32 lowercase hex digits
 bool valid_token(const std::string& token);
-std::string control_name(const std::string& token);             // "/pyarraypool-<token>"
+std::string control_name(const std::string& token);               // "/pyarraypool-<token>"
 std::string data_name(const std::string& token, uint32_t index);  // ".../-<index>"
 
 enum class CreateResult { kCreated, kExists };
@@ -53,8 +53,7 @@ CreateResult create_segment(const std::string& name, uint64_t size, Mapping* out
 
 // Opens and maps an existing segment. Returns false if it does not exist.
 // `expected_size` 0 accepts any size of at least `min_size`.
-bool open_segment(const std::string& name, uint64_t expected_size, uint64_t min_size,
-                  Mapping* out);
+bool open_segment(const std::string& name, uint64_t expected_size, uint64_t min_size, Mapping* out);
 
 // Unlinks a segment; a missing one is not an error.
 void unlink_segment(const std::string& name);

@@ -198,7 +198,9 @@ OwnedRef reduce_impl(PyObject* self, PyObject* protocol) {
   h.generation = b->generation;
   h.flags = (b->flags & pap::kFlagTransferRequired) ? pap::kHandleFlagTransferRequired : 0;
   auto* data = reinterpret_cast<unsigned char*>(PyArray_BYTES(arr));
-  h.view_offset = static_cast<uint64_t>(data - b->payload);
+  // An empty view touches no bytes, and numpy may leave its pointer past
+  // the end of an empty block: any offset inside the block serves.
+  h.view_offset = PyArray_SIZE(arr) == 0 ? 0 : static_cast<uint64_t>(data - b->payload);
   h.itemsize = static_cast<uint64_t>(PyArray_ITEMSIZE(arr));
   h.ndim = static_cast<uint32_t>(PyArray_NDIM(arr));
   for (uint32_t i = 0; i < h.ndim; ++i) {
@@ -209,7 +211,8 @@ OwnedRef reduce_impl(PyObject* self, PyObject* protocol) {
   // An array built on the block's memory by other means (np.frombuffer,
   // ndarray(buffer=...)) may point elsewhere: only what lies inside travels
   // by handle.
-  if (data < b->payload || !pap::view_extent(h, &lo, &hi) || hi > b->capacity)
+  if ((PyArray_SIZE(arr) != 0 && data < b->payload) || !pap::view_extent(h, &lo, &hi) ||
+      hi > b->capacity)
     return reduce_by_value(self, protocol);
   if (h.flags & pap::kHandleFlagTransferRequired) pp.add_pending(b->ref, b->generation);
   std::string bytes = pap::encode_handle(h);

@@ -1,0 +1,582 @@
+"""Sharing: what a TransferableArray is, how it pickles, and which dtypes travel.
+
+Contract points 1-6 (see /work/shared/guide/contract.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import multiprocessing
+import pickle
+
+import numpy as np
+import pytest
+from numpy.lib.recfunctions import repack_fields
+
+import pyarraypool
+from pyarraypool import _core
+
+MiB = 1 << 20
+
+
+def block_of(arr):
+    return _core._block_of(arr)
+
+
+def settle() -> pyarraypool.PoolStats:
+    gc.collect()
+    pyarraypool.collect()
+    return pyarraypool.stats()
+
+
+def roundtrip(arr, protocol=pickle.HIGHEST_PROTOCOL):
+    return pickle.loads(pickle.dumps(arr, protocol=protocol))
+
+
+# --- point 1: the type, the size of a pickle, alignment ---------------------
+
+
+def test_make_transferable_returns_ndarray_subclass_with_the_same_values():
+    src = np.arange(24, dtype=np.int64).reshape(4, 6)
+    x = pyarraypool.make_transferable(src)
+    assert isinstance(x, pyarraypool.TransferableArray)
+    assert isinstance(x, np.ndarray)
+    assert issubclass(pyarraypool.TransferableArray, np.ndarray)
+    assert x.dtype == src.dtype and x.shape == src.shape
+    np.testing.assert_array_equal(x, src)
+    assert block_of(x) is not None
+    # A copy: the source is not aliased.
+    assert not np.shares_memory(x, src)
+    src[0, 0] = 99
+    assert x[0, 0] == 0
+
+
+def test_transferable_array_cannot_be_constructed_directly():
+    with pytest.raises(TypeError):
+        pyarraypool.TransferableArray((3,))
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_pickle_is_a_small_handle_whatever_the_size(protocol):
+    small = pyarraypool.make_transferable(np.ones(1024 // 8))  # 1 KiB
+    big = pyarraypool.make_transferable(np.ones(16 * MiB // 8))  # 16 MiB
+    assert big.nbytes == 16 * MiB
+    s_small = pickle.dumps(small, protocol=protocol)
+    s_big = pickle.dumps(big, protocol=protocol)
+    try:
+        assert len(s_big) < 1024, f"a 16 MiB array pickled to {len(s_big)} bytes"
+        assert len(s_small) < 1024
+        if protocol >= 3:
+            # Protocols < 3 escape bytes objects, so the length depends on the
+            # bytes of the handle; from 3 on the handle is fixed-width.
+            assert len(s_big) == len(s_small)
+    finally:
+        # Load both so that no pickle stays pending.
+        a, b = pickle.loads(s_small), pickle.loads(s_big)
+    assert b.shape == big.shape and a.shape == small.shape
+    assert b.ctypes.data == big.ctypes.data
+    assert b[-1] == 1.0 and a[0] == 1.0
+
+
+def test_pickle_with_out_of_band_buffers_still_sends_a_handle():
+    big = pyarraypool.make_transferable(np.ones(16 * MiB // 8))
+    buffers = []
+    s = pickle.dumps(big, protocol=5, buffer_callback=buffers.append)
+    y = pickle.loads(s, buffers=buffers)
+    assert len(s) < 1024
+    assert sum(memoryview(b).nbytes for b in buffers) < 1024
+    assert y.ctypes.data == big.ctypes.data
+
+
+@pytest.mark.parametrize("nbytes", [1, 3, 7, 63, 64, 65, 100, 1000, 4095, 4097, 65537])
+def test_every_block_is_64_byte_aligned(nbytes):
+    arrays = []
+    # Several in a row, so that blocks follow each other in the pool.
+    for i in range(4):
+        a = pyarraypool.empty(nbytes + i, dtype=np.uint8)
+        b = pyarraypool.make_transferable(np.zeros(nbytes + i, dtype=np.uint8))
+        c = pyarraypool.zeros((nbytes + i + 15) // 16, dtype=np.complex128)
+        arrays += [a, b, c]
+    for a in arrays:
+        assert a.ctypes.data % 64 == 0, hex(a.ctypes.data)
+        assert a.flags.aligned
+        assert block_of(a).address % 64 == 0
+
+
+def test_unaligned_input_gives_an_aligned_pool_array():
+    raw = np.zeros(8 * 100 + 1, dtype=np.uint8)
+    unaligned = raw[1:].view(np.float64)
+    assert not unaligned.flags.aligned
+    unaligned[:] = np.arange(100)
+    x = pyarraypool.make_transferable(unaligned)
+    assert x.flags.aligned and x.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(x, np.arange(100.0))
+    y = roundtrip(x)
+    assert y.flags.aligned and y.ctypes.data % 64 == 0
+
+
+# --- point 3: views travel as views; results not in the pool are plain -----
+
+VIEWS = {
+    "x[3:7, ::2]": lambda x: x[3:7, ::2],
+    "x.T": lambda x: x.T,
+    "x[..., 0]": lambda x: x[..., 0],
+    "x[::-1, 2:, ::-3]": lambda x: x[::-1, 2:, ::-3],
+    "x[5]": lambda x: x[5],
+    "x[3:7, ::2][1:, ::-1]": lambda x: x[3:7, ::2][1:, ::-1],
+    "x[2, 3, 1:2]": lambda x: x[2, 3, 1:2],
+    "x[None, 1:3]": lambda x: x[None, 1:3],
+    "x.transpose(1, 0, 2)[::2]": lambda x: x.transpose(1, 0, 2)[::2],
+    "x[4:4]": lambda x: x[4:4],
+}
+
+
+@pytest.mark.parametrize("name", list(VIEWS))
+def test_views_pickle_as_views_on_the_same_memory(name):
+    x = pyarraypool.make_transferable(np.arange(10 * 8 * 3, dtype=np.float64).reshape(10, 8, 3))
+    before = settle()
+    v = VIEWS[name](x)
+    assert isinstance(v, pyarraypool.TransferableArray)
+    assert block_of(v) is block_of(x)
+    s = pickle.dumps(v)
+    assert len(s) < 1024
+    y = pickle.loads(s)
+    assert isinstance(y, pyarraypool.TransferableArray)
+    assert y.shape == v.shape and y.strides == v.strides and y.dtype == v.dtype
+    assert y.ctypes.data == v.ctypes.data
+    np.testing.assert_array_equal(y, v)
+    # No new block: the view was not copied anywhere.
+    after = pyarraypool.stats()
+    assert after.used_bytes == before.used_bytes
+    assert after.live_blocks == before.live_blocks
+    # Writes through the loaded view land in x, exactly where v points.
+    expected = np.array(x)
+    VIEWS[name](expected)[...] = -1.0
+    y[...] = -1.0
+    np.testing.assert_array_equal(np.asarray(x), expected)
+
+
+def test_a_view_of_a_big_array_pickles_small():
+    x = pyarraypool.make_transferable(np.zeros((2048, 1024)))  # 16 MiB
+    v = x[100:1900:3, ::-5]
+    s = pickle.dumps(v)
+    y = pickle.loads(s)
+    assert len(s) < 1024
+    assert y.ctypes.data == v.ctypes.data and y.strides == v.strides
+
+
+@pytest.mark.parametrize("name", ["e[:, 1]", "e.T[2]", "e[:, 2:0:-1]", "e[:, ::-1]", "e[:0]"])
+def test_views_of_an_empty_array_travel_as_views(name):
+    # An empty view touches no byte, wherever numpy left its data pointer;
+    # it is still a view of the pool array and must load as one.
+    e = pyarraypool.make_transferable(np.zeros((0, 3)))
+    try:
+        v = eval(name, {"e": e})
+        assert isinstance(v, pyarraypool.TransferableArray) and block_of(v) is block_of(e)
+        y = roundtrip(v)
+        assert isinstance(y, pyarraypool.TransferableArray), type(y)
+        assert block_of(y) is block_of(e)
+        assert y.shape == v.shape and y.strides == v.strides and y.dtype == v.dtype
+    finally:
+        e = v = y = None  # keep a failure from holding the block
+
+
+def _fresh():
+    return pyarraypool.make_transferable(np.arange(6 * 5, dtype=np.float64).reshape(6, 5))
+
+
+PLAIN_RESULTS = {
+    "x * 2": lambda x: x * 2,
+    "x + x": lambda x: x + x,
+    "np.sqrt(x)": np.sqrt,
+    "x.copy()": lambda x: x.copy(),
+    "x.sum(axis=0)": lambda x: x.sum(axis=0),
+    "x.max(axis=1)": lambda x: x.max(axis=1),
+    "np.concatenate": lambda x: np.concatenate([x, x]),
+    "np.stack": lambda x: np.stack([x, x]),
+    "fancy x[[0, 2]]": lambda x: x[[0, 2]],
+    "fancy x[:, [4, 1]]": lambda x: x[:, [4, 1]],
+    "boolean x[x > 3]": lambda x: x[x > 3],
+    "copy.copy": copy.copy,
+    "copy.deepcopy": copy.deepcopy,
+    "x.astype(float32)": lambda x: x.astype(np.float32),
+    "x.flatten()": lambda x: x.flatten(),
+    "x.T.ravel()": lambda x: x.T.ravel(),
+    "np.array(x)": np.array,
+    "x @ x.T": lambda x: x @ x.T,
+}
+
+
+@pytest.mark.parametrize("name", list(PLAIN_RESULTS))
+def test_results_not_in_the_pool_are_plain_independent_ndarrays(name):
+    x = _fresh()
+    expected = PLAIN_RESULTS[name](np.array(x))  # the same computation on plain numpy
+    r = PLAIN_RESULTS[name](x)
+    assert type(r) is np.ndarray, type(r)
+    assert block_of(r) is None
+    assert not np.shares_memory(r, x)
+    np.testing.assert_array_equal(r, expected)
+    # Independent of the block: writing x does not change r ...
+    x[...] = -7.0
+    np.testing.assert_array_equal(r, expected)
+    # ... and r does not keep the block alive.
+    live = pyarraypool.stats().live_blocks
+    del x
+    assert pyarraypool.stats().live_blocks == live - 1
+    np.testing.assert_array_equal(r, expected)
+    # It pickles by value, as a plain ndarray, and leaves nothing pending.
+    pending = pyarraypool.stats().pending_transfers
+    r2 = roundtrip(r)
+    assert type(r2) is np.ndarray
+    np.testing.assert_array_equal(r2, expected)
+    assert pyarraypool.stats().pending_transfers == pending
+
+
+# --- point 4: allocation directly in the pool --------------------------------
+
+
+@pytest.mark.parametrize("func", [pyarraypool.empty, pyarraypool.zeros])
+def test_empty_and_zeros_allocate_in_the_pool(func):
+    before = settle()
+    a = func((7, 9), dtype=np.int32)
+    assert isinstance(a, pyarraypool.TransferableArray)
+    assert block_of(a) is not None
+    assert a.shape == (7, 9) and a.dtype == np.int32
+    assert a.flags.c_contiguous and a.flags.writeable
+    after = pyarraypool.stats()
+    assert after.live_blocks == before.live_blocks + 1
+    assert after.used_bytes >= before.used_bytes + a.nbytes
+    # Written in place, seen by whoever loads it.
+    a[...] = np.arange(63).reshape(7, 9)
+    y = roundtrip(a)
+    assert y.ctypes.data == a.ctypes.data
+    np.testing.assert_array_equal(y, np.arange(63).reshape(7, 9))
+
+
+@pytest.mark.parametrize("func", [pyarraypool.empty, pyarraypool.zeros])
+def test_defaults_match_numpy(func):
+    a = func(5)
+    assert a.shape == (5,) and a.dtype == np.float64
+    b = func((2, 3))
+    assert b.shape == (2, 3)
+    c = func(())
+    assert c.shape == () and block_of(c) is not None
+
+
+@pytest.mark.parametrize("func", [pyarraypool.empty, pyarraypool.zeros])
+def test_order_f_gives_fortran_contiguous(func):
+    a = func((4, 6, 3), dtype=np.float32, order="F")
+    assert a.flags.f_contiguous and not a.flags.c_contiguous
+    assert a.strides == (4, 16, 96)
+    assert block_of(a) is not None
+    y = roundtrip(a)
+    assert y.flags.f_contiguous and y.strides == a.strides
+
+
+def test_zeros_are_zero_even_on_reused_dirty_memory():
+    shapes = [(1000,), (37, 11), (4096,), (3,)]
+    dirty_addresses = set()
+    for _ in range(3):
+        dirty = [pyarraypool.empty(s, dtype=np.uint8) for s in shapes]
+        for d in dirty:
+            d[...] = 0xAB
+            dirty_addresses.add(d.ctypes.data)
+        del d, dirty
+        zs = [pyarraypool.zeros(s, dtype=np.uint8) for s in shapes]
+        zs += [pyarraypool.zeros_like(np.ones(s, dtype=np.uint8)) for s in shapes]
+        reused = [z for z in zs if z.ctypes.data in dirty_addresses]
+        for z in zs:
+            assert not z.any(), "zeros() returned non-zero bytes"
+        del zs, z
+    # The test means something only if the pool did hand back dirty memory.
+    assert reused, "precondition: the pool never reused a freed block"
+
+
+@pytest.mark.parametrize("func", [pyarraypool.empty_like, pyarraypool.zeros_like])
+def test_like_functions_allocate_in_the_pool(func):
+    proto = np.arange(12, dtype=np.int16).reshape(3, 4)
+    a = func(proto)
+    assert isinstance(a, pyarraypool.TransferableArray) and block_of(a) is not None
+    assert a.shape == (3, 4) and a.dtype == np.int16 and a.flags.c_contiguous
+    b = func(proto, dtype=np.complex64)
+    assert b.dtype == np.complex64 and b.shape == (3, 4)
+    c = func(proto, shape=(5,))
+    assert c.shape == (5,) and c.dtype == np.int16
+    d = func([[1.0, 2.0], [3.0, 4.0]])
+    assert d.shape == (2, 2) and d.dtype == np.float64
+    pooled = pyarraypool.make_transferable(proto)
+    e = func(pooled)
+    assert block_of(e) is not None and block_of(e) is not block_of(pooled)
+    assert not np.shares_memory(e, pooled)
+    for arr in (a, b, c, d, e):
+        assert block_of(arr) is not None
+    if func is pyarraypool.zeros_like:
+        for arr in (a, b, c, d, e):
+            assert not arr.any()
+
+
+@pytest.mark.parametrize("func", [pyarraypool.empty_like, pyarraypool.zeros_like])
+def test_like_functions_keep_fortran_order(func):
+    proto = np.asfortranarray(np.arange(24.0).reshape(2, 3, 4))
+    assert proto.flags.f_contiguous and not proto.flags.c_contiguous
+    a = func(proto)
+    assert a.flags.f_contiguous and not a.flags.c_contiguous
+    assert a.strides == proto.strides
+    b = func(proto, order="C")
+    assert b.flags.c_contiguous and not b.flags.f_contiguous
+    c = func(np.arange(24.0).reshape(2, 3, 4), order="F")
+    assert c.flags.f_contiguous and not c.flags.c_contiguous
+    pooled_f = pyarraypool.make_transferable(proto)
+    assert pooled_f.flags.f_contiguous
+    d = func(pooled_f)
+    assert d.flags.f_contiguous and not d.flags.c_contiguous
+
+
+@pytest.mark.parametrize("func", [pyarraypool.empty, pyarraypool.zeros,
+                                  pyarraypool.empty_like, pyarraypool.zeros_like])
+def test_allocation_with_transfer_required_false_is_in_the_pool(func):
+    arg = (3, 4) if func in (pyarraypool.empty, pyarraypool.zeros) else np.ones((3, 4))
+    a = func(arg, transfer_required=False)
+    assert block_of(a) is not None
+    assert block_of(a).transfer_required is False
+    a[...] = 5
+    y = roundtrip(a)  # a is still alive: loading works
+    assert y.ctypes.data == a.ctypes.data
+    np.testing.assert_array_equal(y, 5)
+
+
+# --- point 5: make_transferable of pool memory does not copy -----------------
+
+
+def test_make_transferable_of_a_pool_array_is_the_same_object():
+    x = pyarraypool.make_transferable(np.arange(100.0))
+    before = settle()
+    assert pyarraypool.make_transferable(x) is x
+    assert pyarraypool.make_transferable(x, transfer_required=False) is x
+    e = pyarraypool.empty(10)
+    assert pyarraypool.make_transferable(e) is e
+    v = x[10:50:3]
+    assert pyarraypool.make_transferable(v) is v
+    y = roundtrip(x)
+    assert pyarraypool.make_transferable(y) is y
+    after = pyarraypool.stats()
+    assert after.live_blocks == before.live_blocks + 1  # only `e`
+    del e
+    assert pyarraypool.stats().used_bytes == before.used_bytes
+
+
+def test_make_transferable_of_asarray_of_pool_memory_is_a_view_not_a_copy():
+    x = pyarraypool.make_transferable(np.arange(40.0).reshape(5, 8))
+    before = settle()
+    plain = np.asarray(x)
+    assert type(plain) is np.ndarray
+    assert block_of(plain) is block_of(x)
+    t = pyarraypool.make_transferable(plain)
+    assert isinstance(t, pyarraypool.TransferableArray)
+    assert t.ctypes.data == x.ctypes.data and t.shape == x.shape and t.strides == x.strides
+    assert block_of(t) is block_of(x)
+    after = pyarraypool.stats()
+    assert (after.used_bytes, after.live_blocks) == (before.used_bytes, before.live_blocks)
+    t[2, 3] = -1.0
+    assert x[2, 3] == -1.0
+    # The same for a plain view of a slice.
+    pv = np.asarray(x)[1:4, ::-2]
+    tv = pyarraypool.make_transferable(pv)
+    assert tv.ctypes.data == pv.ctypes.data and tv.strides == pv.strides
+    y = roundtrip(tv)
+    y[0, 0] = 123.0
+    assert x[1, 7] == 123.0
+
+
+# --- point 6: dtypes -----------------------------------------------------------
+
+NESTED = np.dtype([
+    ("id", "<u4"),
+    ("pos", [("x", "<f8"), ("y", "<f4"), ("tag", "S3")]),
+    ("grid", "<i2", (2, 3)),
+    ("flag", "?"),
+])
+ALIGNED_NESTED = np.dtype([("a", "u1"), ("b", [("c", "<f8"), ("d", "<i2")]), ("e", "<c8")],
+                          align=True)
+DTYPES = [
+    np.dtype(np.bool_),
+    np.dtype(np.int8), np.dtype(np.int16), np.dtype(np.int32), np.dtype(np.int64),
+    np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint64),
+    np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.longdouble),
+    np.dtype(np.complex64), np.dtype(np.complex128),
+    np.dtype("datetime64[ns]"), np.dtype("timedelta64[s]"),
+    np.dtype("S5"), np.dtype("U3"),
+    NESTED, ALIGNED_NESTED,
+    np.dtype(">i4"), np.dtype(">f8"), np.dtype(">c16"), np.dtype(">M8[us]"), np.dtype(">U2"),
+]
+
+
+def sample(dtype: np.dtype, shape, seed=0) -> np.ndarray:
+    """Deterministic data of any dtype in DTYPES (valid values for every kind)."""
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape, dtype=np.int64))
+    if dtype.fields is not None:
+        out = np.zeros(n, dtype=dtype)
+        raw = out.view(np.uint8).reshape(n, dtype.itemsize)
+        raw[...] = rng.integers(0, 256, size=raw.shape, dtype=np.uint8)
+        for name in dtype.names:
+            f = dtype.fields[name][0]
+            if f.fields is None and f.kind in "fc?":
+                out[name] = sample(f.base, out[name].shape, seed + 1)
+        return out.reshape(shape)
+    kind = dtype.kind
+    if kind == "b":
+        flat = rng.integers(0, 2, n).astype(bool)
+    elif kind in "iu":
+        raw = rng.integers(0, 256, n * dtype.itemsize, dtype=np.uint8)
+        flat = raw.view(dtype.newbyteorder("="))
+    elif kind == "f":
+        flat = rng.standard_normal(n) * 1000
+        if n >= 3:
+            flat[:3] = [np.nan, np.inf, -0.0]
+    elif kind == "c":
+        flat = rng.standard_normal(n) + 1j * rng.standard_normal(n)
+    elif kind in "Mm":
+        unit = np.datetime_data(dtype)[0]
+        flat = rng.integers(-(2**40), 2**40, n).astype(f"{kind}8[{unit}]")
+        if n >= 2:
+            flat[1] = np.dtype(f"{kind}8[{unit}]").type("NaT")
+    elif kind == "S":
+        alphabet = np.frombuffer(b"abcdefghij\x00XYZ\xff", dtype="S1")
+        flat = np.array([b"".join(rng.choice(alphabet, dtype.itemsize)) for _ in range(n)],
+                        dtype=dtype)
+    elif kind == "U":
+        chars = list("ab\u00e9\u4e2d\U0001f600z ")
+        width = dtype.itemsize // 4
+        flat = np.array(["".join(rng.choice(chars, width)) for _ in range(n)], dtype=dtype)
+    else:
+        raise AssertionError(dtype)
+    return np.asarray(flat).astype(dtype).reshape(shape)
+
+
+LAYOUTS = {
+    "C": lambda d: sample(d, (4, 5)),
+    "F": lambda d: np.asfortranarray(sample(d, (4, 5, 2))),
+    "noncontiguous": lambda d: sample(d, (6, 9))[::2, ::-3],
+    "0-d": lambda d: sample(d, ()),
+    "empty (0,3)": lambda d: sample(d, (0, 3)),
+    "1-d": lambda d: sample(d, (7,)),
+}
+
+
+def canonical_bytes(a: np.ndarray) -> bytes:
+    """The bytes of `a` in C order, without the padding of aligned structured
+    dtypes (numpy does not copy padding, so it holds garbage in copies)."""
+    if a.dtype.fields is not None:
+        a = repack_fields(a, recurse=True)
+    return a.tobytes(order="C")
+
+
+def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    return canonical_bytes(a) == canonical_bytes(b)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=[d.str if d.fields is None else "struct" + str(i)
+                                                for i, d in enumerate(DTYPES)])
+def test_every_dtype_round_trips_byte_for_byte(dtype, layout):
+    src = LAYOUTS[layout](dtype)
+    assert src.dtype == dtype
+    x = pyarraypool.make_transferable(src)
+    assert isinstance(x, pyarraypool.TransferableArray)
+    assert x.dtype == dtype and x.dtype.str == dtype.str and x.dtype.descr == dtype.descr
+    assert x.shape == src.shape
+    assert same_bytes(x, src)
+    if layout == "F":
+        assert x.flags.f_contiguous
+    elif layout != "empty (0,3)":
+        assert x.flags.c_contiguous
+    y = roundtrip(x)
+    assert isinstance(y, pyarraypool.TransferableArray)
+    assert y.dtype == dtype and y.dtype.descr == dtype.descr and y.dtype.isnative == dtype.isnative
+    assert y.shape == src.shape and y.strides == x.strides
+    assert same_bytes(y, src)
+    if x.size:
+        assert y.ctypes.data == x.ctypes.data
+    # A view of it travels too.
+    if x.ndim >= 1 and x.shape[0] > 1:
+        v = x[::-1]
+        w = roundtrip(v)
+        assert w.dtype == dtype and w.strides == v.strides and same_bytes(w, src[::-1])
+
+
+def _describe_in_child(arrays):
+    out = []
+    for a in arrays:
+        out.append((type(a).__name__, canonical_bytes(a), a.dtype, a.dtype.str, a.shape, a.strides,
+                    a.ctypes.data % 64 if a.size else 0))
+    return out
+
+
+def test_every_dtype_reaches_another_process_byte_for_byte():
+    srcs = [LAYOUTS[lay](d) for d in DTYPES for lay in LAYOUTS]
+    xs = [pyarraypool.make_transferable(s) for s in srcs]
+    xs += [x[::-1] for x in xs if x.ndim >= 1]
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply(_describe_in_child, (xs,))
+        pool.close()
+        pool.join()
+    assert len(got) == len(xs)
+    for x, (tname, raw, dt, dstr, shape, strides, align) in zip(xs, got, strict=True):
+        assert tname == "TransferableArray"
+        assert dt == x.dtype and dstr == x.dtype.str and dt.descr == x.dtype.descr
+        assert shape == x.shape and strides == x.strides
+        assert raw == canonical_bytes(x), (x.dtype, x.shape)
+        assert align == x.ctypes.data % 64
+
+
+OBJECT_DTYPES = [
+    np.dtype(object),
+    np.dtype([("a", "<i4"), ("o", "O")]),
+    np.dtype([("a", "<i4"), ("s", [("x", "<f8"), ("o", "O")])]),
+    np.dtype([("o", "O", (2,))]),
+]
+
+
+@pytest.mark.parametrize("dtype", OBJECT_DTYPES, ids=str)
+def test_object_dtypes_are_refused(dtype):
+    assert dtype.hasobject
+    before = settle()
+    src = np.empty(3, dtype=dtype)
+    with pytest.raises(TypeError):
+        pyarraypool.make_transferable(src)
+    with pytest.raises(TypeError):
+        pyarraypool.empty(3, dtype=dtype)
+    with pytest.raises(TypeError):
+        pyarraypool.zeros((2, 2), dtype=dtype)
+    with pytest.raises(TypeError):
+        pyarraypool.empty_like(src)
+    with pytest.raises(TypeError):
+        pyarraypool.zeros_like(np.ones(3), dtype=dtype)
+    after = settle()
+    assert (after.used_bytes, after.live_blocks) == (before.used_bytes, before.live_blocks)
+
+
+def test_object_array_of_python_objects_is_refused():
+    with pytest.raises(TypeError):
+        pyarraypool.make_transferable(np.array([1, "a", None], dtype=object))
+    with pytest.raises(TypeError):
+        pyarraypool.make_transferable([1, "a", None])
+
+
+@pytest.mark.skipif(not hasattr(np.dtypes, "StringDType"), reason="numpy 2 only")
+def test_string_dtype_is_refused():
+    dt = np.dtypes.StringDType()
+    before = settle()
+    with pytest.raises(TypeError):
+        pyarraypool.make_transferable(np.array(["a", "longer string"], dtype=dt))
+    with pytest.raises(TypeError):
+        pyarraypool.empty(3, dtype=dt)
+    with pytest.raises(TypeError):
+        pyarraypool.zeros(3, dtype=dt)
+    with pytest.raises(TypeError):
+        pyarraypool.empty_like(np.array(["x"], dtype=dt))
+    after = settle()
+    assert (after.used_bytes, after.live_blocks) == (before.used_bytes, before.live_blocks)

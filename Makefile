@@ -16,12 +16,14 @@ CORE_SRCS  := $(sort $(wildcard csrc/core/*.cpp))
 CORE_HDRS  := $(sort $(wildcard csrc/core/*.hpp))
 CSRC_FILES  = $(shell find csrc -name '*.cpp' -o -name '*.hpp' | sort)
 TEST_FLAGS := -std=c++20 -O1 -g -UNDEBUG -Wall -Wextra -pthread -Icsrc
+BENCH_FLAGS := -std=c++20 -O2 -DNDEBUG -pthread -Icsrc
+BENCH_ARGS ?=
 ASAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 
 # Use sudo for apt-get only when not already root.
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv install core-tests test demo bench lint lint-tools format asan clean
+.PHONY: venv install core-tests test demo bench bench-tools core-bench lint lint-tools format asan clean
 
 # venv: create .venv (if absent) and install the build/test/lint tools; a stamp
 # file makes it a no-op until this Makefile changes or `make clean` removes it.
@@ -72,6 +74,28 @@ demo: install
 # bench: run the Python benchmark against the in-place build.
 bench: install
 	$(VPY) bench/bench_python.py
+
+# bench-tools: apt-get install libbenchmark-dev (Google Benchmark) if its header
+# is missing (apt-get update only when the package lists cannot provide it).
+bench-tools:
+	@if [ ! -f /usr/include/benchmark/benchmark.h ]; then \
+	  echo "installing libbenchmark-dev"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $(SUDO) apt-get install -y -q libbenchmark-dev </dev/null || \
+	  { $(SUDO) apt-get update -q </dev/null && $(SUDO) apt-get install -y -q libbenchmark-dev </dev/null; }; \
+	fi
+
+# core-bench: build and run the C++ core benchmarks (Google Benchmark; no Python):
+# medians of 5 repetitions to the terminal and to build/core_bench.json. Extra
+# options go in BENCH_ARGS, e.g. BENCH_ARGS=--benchmark_filter=Lock. The binary
+# fails if any pool it made is left in /dev/shm.
+core-bench: bench-tools build/core_bench
+	./build/core_bench --benchmark_out=build/core_bench.json --benchmark_out_format=json $(BENCH_ARGS)
+
+# build/core_bench: the benchmark binary (bench-tools first, for the header).
+build/core_bench: bench/core_bench.cpp $(CORE_SRCS) $(CORE_HDRS) | bench-tools
+	@mkdir -p build
+	$(CXX) $(BENCH_FLAGS) bench/core_bench.cpp $(CORE_SRCS) -lbenchmark -lpthread -o $@
 
 # lint-tools: apt-get install clang-format and cppcheck if missing
 # (apt-get update only when the package lists cannot provide them).

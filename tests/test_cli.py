@@ -1,0 +1,265 @@
+"""The command line: `python -m pyarraypool stats [--pool TOKEN] [--json]` and
+`python -m pyarraypool clean [--dry-run]`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from helpers import REPO, fresh_env, my_pool_token, pool_files
+
+TOKEN_LINE = re.compile(r"^TOKEN ([0-9a-f]{32})$", re.M)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pyarraypool", *args], env=fresh_env(),
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+def group_alive(pgid: int) -> list[int]:
+    alive = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X", "x"):
+                alive.append(int(entry))
+    return alive
+
+
+class Program:
+    """A child program in its own session; it runs until its stdin closes."""
+
+    def __init__(self, code: str, path):
+        path.with_suffix(".py").write_text(textwrap.dedent(code))
+        self.out = path.with_suffix(".out")
+        with open(self.out, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, str(path.with_suffix(".py"))],
+                                         env=fresh_env(), stdin=subprocess.PIPE, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            m = re.search(pattern, self.out.read_text(), re.M)
+            if m:
+                return m
+            assert self.proc.poll() is None, f"the child exited:\n{self.out.read_text()}"
+            assert time.monotonic() < deadline, f"no {pattern!r}:\n{self.out.read_text()}"
+            time.sleep(0.02)
+
+    @property
+    def token(self) -> str:
+        return self.wait_for(TOKEN_LINE.pattern).group(1)
+
+    def finish(self, timeout: float = 30) -> None:
+        self.proc.stdin.close()
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the child did not exit:\n{self.out.read_text()}") from None
+        assert rc == 0, self.out.read_text()
+        deadline = time.monotonic() + timeout
+        while group_alive(self.proc.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        deadline = time.monotonic() + 10
+        while group_alive(self.proc.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+
+@pytest.fixture
+def program(tmp_path):
+    started: list[Program] = []
+
+    def start(code: str) -> Program:
+        p = Program(code, tmp_path / f"prog{len(started)}")
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.kill()
+        for token in TOKEN_LINE.findall(p.out.read_text()):
+            for name in pool_files(token):
+                try:
+                    os.unlink("/dev/shm/" + name)
+                except FileNotFoundError:
+                    pass
+
+
+# A program with two arrays (one of them pickled and never loaded) and a
+# forked worker; it prints its own view of the pool as JSON.
+BUSY = """
+    import json, os, pickle, sys, time, dataclasses
+    import numpy as np, pyarraypool
+    a = pyarraypool.make_transferable(np.arange(100_000.0))
+    b = pyarraypool.zeros(1000)
+    blob = pickle.dumps(b)
+    r, w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        os.write(ready_w, b"x")  # this process is attached now
+        os.read(r, 1)            # until the parent exits
+        os._exit(0)
+    os.close(r)
+    os.read(ready_r, 1)
+    s = pyarraypool.stats()
+    print("TOKEN", pyarraypool._core._pool_token(), flush=True)
+    print("STATS", json.dumps(dataclasses.asdict(s)), flush=True)
+    sys.stdin.read()
+    os.close(w)
+    os.waitpid(pid, 0)
+"""
+
+
+def own_stats(p: Program) -> dict:
+    return json.loads(p.wait_for(r"^STATS (.*)$").group(1))
+
+
+def test_help_and_usage():
+    r = cli("--help")
+    assert r.returncode == 0 and "stats" in r.stdout and "clean" in r.stdout, r.stdout
+    r = cli()
+    assert r.returncode == 2 and "usage" in r.stderr.lower(), r.stderr
+    r = cli("frobnicate")
+    assert r.returncode == 2, r.stderr
+    for sub in ("stats", "clean"):
+        r = cli(sub, "--help")
+        assert r.returncode == 0, r.stderr
+    assert "--json" in cli("stats", "--help").stdout
+    assert "--dry-run" in cli("clean", "--help").stdout
+
+
+def test_stats_json_describes_a_live_pool(program):
+    p = program(BUSY)
+    token, mine = p.token, own_stats(p)
+    r = cli("stats", "--json")
+    assert r.returncode == 0, r.stderr
+    pools = json.loads(r.stdout)
+    assert isinstance(pools, list)
+    by_token = {d["pool"]: d for d in pools}
+    assert token in by_token, r.stdout
+    assert my_pool_token() in by_token, "the pytest process's pool is not listed"
+    d = by_token[token]
+    for key in ("used_bytes", "capacity_bytes", "live_blocks", "pending_transfers",
+                "segments", "max_bytes", "segment_bytes"):
+        assert d[key] == mine[key], (key, d, mine)
+    assert d["live_blocks"] == 2 and d["pending_transfers"] == 1, d
+    assert d["used_bytes"] >= 800_000 + 8000, d
+    # The program's two processes, not the inspecting command.
+    assert d["processes"] == 2, d
+    assert set(d["pids"]) == set(mine["pids"]) and len(d["pids"]) == 2, (d, mine)
+    p.finish()
+    assert pool_files(token) == [], "inspecting the pool kept it from being removed"
+
+
+def test_stats_table_is_readable(program):
+    p = program(BUSY)
+    token, mine = p.token, own_stats(p)
+    r = cli("stats")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    header = re.split(r"\s{2,}", lines[0].strip())
+    for column in ("POOL", "PROCS", "USED", "CAPACITY", "BLOCKS", "PENDING"):
+        assert column in header, lines[0]
+    rows = [re.split(r"\s{2,}", line.strip()) for line in lines[1:]]
+    mine_rows = [cells for cells in rows if cells[0] == token]
+    assert len(mine_rows) == 1, r.stdout
+    assert len(mine_rows[0]) == len(header), (header, mine_rows)
+    row = dict(zip(header, mine_rows[0], strict=True))
+    assert row["PROCS"] == "2" and row["BLOCKS"] == "2" and row["PENDING"] == "1", row
+    # Sizes for people: 781.4 KiB, 64.0 MiB.
+    assert re.fullmatch(r"\d+(\.\d)? (B|KiB|MiB|GiB|TiB)", row["USED"]), row
+    assert re.fullmatch(r"\d+(\.\d)? (B|KiB|MiB|GiB|TiB)", row["CAPACITY"]), row
+    used = float(row["USED"].split()[0]) * {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20,
+                                            "GiB": 1 << 30, "TiB": 1 << 40}[row["USED"].split()[1]]
+    assert abs(used - mine["used_bytes"]) <= 0.001 * mine["used_bytes"] + 1024, (row, mine)
+    p.finish()
+
+
+def test_stats_of_one_pool(program):
+    p = program(BUSY)
+    other = program(BUSY)
+    token, other_token = p.token, other.token
+    r = cli("stats", "--pool", token, "--json")
+    assert r.returncode == 0, r.stderr
+    pools = json.loads(r.stdout)
+    assert [d["pool"] for d in pools] == [token], r.stdout
+    r = cli("stats", "--pool", token)
+    assert r.returncode == 0 and token in r.stdout and other_token not in r.stdout, r.stdout
+    p.finish()
+    other.finish()
+    # A pool that does not exist (any more) is an error, and so is a bad token.
+    r = cli("stats", "--pool", token)
+    assert r.returncode != 0 and token in r.stderr, (r.stdout, r.stderr)
+    r = cli("stats", "--pool", "not-a-token", "--json")
+    assert r.returncode != 0, r.stdout
+
+
+def test_stats_shows_a_dead_program_and_clean_removes_it(program):
+    p = program(BUSY)
+    token = p.token
+    p.kill()
+    files = pool_files(token)
+    assert f"pyarraypool-{token}" in files, files
+
+    r = cli("stats", "--pool", token, "--json")
+    assert r.returncode == 0, r.stderr
+    (d,) = json.loads(r.stdout)
+    assert d["processes"] == 0 and d["pids"] == [], d
+    assert pool_files(token) == files, "stats changed /dev/shm"
+
+    r = cli("clean", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    for name in files:
+        assert f"would remove /dev/shm/{name}" in r.stdout.splitlines(), r.stdout
+    assert pool_files(token) == files, "clean --dry-run removed something"
+
+    r = cli("clean")
+    assert r.returncode == 0, r.stderr
+    for name in files:
+        assert f"removed /dev/shm/{name}" in r.stdout.splitlines(), r.stdout
+    assert pool_files(token) == []
+
+    r = cli("clean", "--dry-run")
+    assert r.returncode == 0 and token not in r.stdout, r.stdout
+
+
+def test_cli_keeps_live_pools_and_makes_none_of_its_own(program):
+    p = program(BUSY)
+    token = p.token
+    before = {n for n in os.listdir("/dev/shm") if n.startswith("pyarraypool-")}
+    for args in (("stats",), ("stats", "--json"), ("clean", "--dry-run"), ("clean",)):
+        r = cli(*args)
+        assert r.returncode == 0, (args, r.stderr)
+        assert f"remove /dev/shm/pyarraypool-{token}" not in r.stdout, r.stdout
+        assert f"removed /dev/shm/pyarraypool-{token}" not in r.stdout, r.stdout
+    after = {n for n in os.listdir("/dev/shm") if n.startswith("pyarraypool-")}
+    assert after - before == set(), f"the command left {after - before}"
+    assert f"pyarraypool-{token}" in after
+    # The program still works and, as its last process leaves, removes its pool.
+    assert own_stats(p)["pool"] == token
+    p.finish()
+    assert pool_files(token) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any, SupportsIndex
 
@@ -117,6 +118,11 @@ def configure(
         if not new_timeout > 0:
             raise ValueError("transfer_timeout must be a positive number of seconds")
     _core._configure(new_max, new_seg, new_timeout, True)
+    # Processes started from now on (spawn workers may be the first to use
+    # the pool and so create it) take the same settings.
+    os.environ["PYARRAYPOOL_MAX_BYTES"] = str(new_max)
+    os.environ["PYARRAYPOOL_SEGMENT_BYTES"] = str(new_seg)
+    os.environ["PYARRAYPOOL_TRANSFER_TIMEOUT"] = repr(new_timeout)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ Importing does not touch shared memory: a process attaches on first use.
 
 from __future__ import annotations
 
+import multiprocessing.util as mp_util
 import os
 import secrets
 
@@ -25,17 +26,26 @@ def ensure_pool_name() -> str:
     return name
 
 
+def _leave_at_exit() -> None:
+    # Leave the pool at exit, after multiprocessing has terminated and joined
+    # its daemonic workers (finalizers with a negative priority run last):
+    # the last process of the program to leave unlinks every segment.
+    # multiprocessing's finalizers run only in the process that made them,
+    # so a forked child makes its own.
+    mp_util.Finalize(None, _core._shutdown, exitpriority=-100)
+
+
+def _after_fork_child() -> None:
+    _core._after_fork_child()
+    _leave_at_exit()
+
+
 def install_hooks() -> None:
     # fork(): the child must hold every block the parent holds at that
     # instant, before the parent can drop one (contract point 13).
     os.register_at_fork(
         before=_core._before_fork,
         after_in_parent=_core._after_fork_parent,
-        after_in_child=_core._after_fork_child,
+        after_in_child=_after_fork_child,
     )
-    # Leave the pool at exit, after multiprocessing has terminated and joined
-    # its daemonic workers (finalizers with a negative priority run last):
-    # the last process of the program to leave unlinks every segment.
-    import multiprocessing.util as mp_util
-
-    mp_util.Finalize(None, _core._shutdown, exitpriority=-100)
+    _leave_at_exit()

@@ -36,6 +36,8 @@ def parse_size(value: object) -> int:
         raise TypeError(f"a size must be an int or a string like '512M', not {kind}")
     if size <= 0:
         raise ValueError(f"a size must be positive, got {value!r}")
+    if size >= 1 << 63:
+        raise ValueError(f"a size must be below 2**63 bytes, got {value!r}")
     return size
 
 

@@ -103,6 +103,16 @@ pap::Block ProcessPool::attach_block(const pap::Handle& h, uint64_t lo, uint64_t
 
 void ProcessPool::shutdown() {
   if (shut_down_) return;
+  // A process that never used the pool still leaves it: when only its
+  // workers used it (and they ended with os._exit), this is the last
+  // process of the program and must unlink the segments.
+  if (!pool_ && std::getenv("PYARRAYPOOL_POOL")) {
+    try {
+      attach_if_exists();
+    } catch (...) {
+      PyErr_Clear();  // nothing to leave
+    }
+  }
   if (pool_) without_gil([&] { pool_->leave(); });
   shut_down_ = true;
   // Arrays that outlive this point keep their memory mapped (the mappings

@@ -99,6 +99,10 @@ void Allocator::add_segment(uint32_t seg) {
   insert_free(BlockRef(seg, 0), header(BlockRef(seg, 0))->size());
 }
 
+void Allocator::remove_segment(uint32_t seg) {
+  remove_free(BlockRef(seg, 0), header(BlockRef(seg, 0))->size());
+}
+
 BlockRef Allocator::first_fit_in_class(uint64_t block_size) const {
   uint32_t fl, sl;
   mapping_insert(block_size / kAlign, fl, sl);

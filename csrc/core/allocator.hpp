@@ -64,6 +64,10 @@ class Allocator {
   // Indexes the free block covering a formatted segment.
   void add_segment(uint32_t seg);
 
+  // Takes the free block covering a whole segment out of the index (the
+  // segment is being given back).
+  void remove_segment(uint32_t seg);
+
   // Block size (header included) for a payload of `bytes`; 0 on overflow.
   static uint64_t block_size_for(uint64_t bytes);
 

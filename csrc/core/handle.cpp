@@ -82,6 +82,14 @@ Handle decode_handle(const void* data, size_t len) {
   }
   uint64_t lo, hi;
   if (!view_extent(h, &lo, &hi)) invalid("view extent overflows");
+  // numpy refuses arrays whose nominal size overflows, even empty ones or
+  // ones with zero strides: refuse them here, as malformed.
+  uint64_t nbytes = h.itemsize;
+  for (uint32_t i = 0; i < h.ndim; ++i)
+    if (h.shape[i] != 0 &&
+        __builtin_mul_overflow(nbytes, static_cast<uint64_t>(h.shape[i]), &nbytes))
+      invalid("array size overflows");
+  if (nbytes > static_cast<uint64_t>(INT64_MAX)) invalid("array size overflows");
   return h;
 }
 

@@ -45,7 +45,10 @@ struct ControlHeader {
   alignas(64) LockWord lock;
   alignas(64) ProcessTable table;
   std::atomic<uint32_t> segment_count;
+  // Size of each data segment; 0 once retired (see retire_free_segments_locked).
   std::atomic<uint64_t> segment_sizes[BlockRef::kMaxSegments];
+  // Bumped at each retirement, so processes notice they must unmap.
+  std::atomic<uint64_t> retired_epoch;
   alignas(64) AllocState alloc;
   Counters counters;
 };
@@ -106,7 +109,9 @@ class Pool::Guard {
     if (mode == Mode::kFast) {
       if (!p.all_mapped() || !futex_lock::try_lock(p.hdr_->lock, me)) return;
       held_ = true;
-      if (!p.all_mapped()) release();  // a segment was published meanwhile
+      // A segment was published or retired meanwhile: (un)mapping is a
+      // system call, for kSlow.
+      if (!p.all_mapped() || !p.retirements_seen()) release();
       return;
     }
     p.ensure_mapped();
@@ -115,6 +120,7 @@ class Pool::Guard {
     held_ = true;
     try {
       p.ensure_mapped();
+      p.unmap_retired();
       if (how == Acquired::kFromDeadOwner) {
         // The owner may have died in leave() between marking the pool dead
         // and finding us alive: we are, so the pool runs on.
@@ -164,6 +170,11 @@ void Pool::ensure_mapped() {
   uint32_t published = hdr_->segment_count.load(std::memory_order_acquire);
   for (uint32_t i = mapped_.load(std::memory_order_relaxed); i < published; ++i) {
     uint64_t size = hdr_->segment_sizes[i].load(std::memory_order_acquire);
+    if (size == 0) {  // retired before this process ever mapped it
+      spans_[i] = SegmentSpan{nullptr, 0};
+      mapped_.store(i + 1, std::memory_order_release);
+      continue;
+    }
     Mapping m;
     if (!open_segment(data_name(token_, i), size, size, &m))
       throw CoreError(ErrorKind::kPool, "segment " + data_name(token_, i) + " is missing");
@@ -171,6 +182,54 @@ void Pool::ensure_mapped() {
     mappings_[i] = std::move(m);
     mapped_.store(i + 1, std::memory_order_release);
   }
+}
+
+bool Pool::retirements_seen() const {
+  return seen_retired_epoch_ == hdr_->retired_epoch.load(std::memory_order_acquire);
+}
+
+void Pool::unmap_retired() {
+  if (retirements_seen()) return;
+  std::lock_guard<std::mutex> local(local_mutex_);
+  uint32_t n = mapped_.load(std::memory_order_relaxed);
+  for (uint32_t i = 0; i < n; ++i) {
+    if (spans_[i].size != 0 && hdr_->segment_sizes[i].load(std::memory_order_acquire) == 0) {
+      spans_[i] = SegmentSpan{nullptr, 0};
+      mappings_[i] = Mapping();  // unmapped: the last mapping frees the pages
+    }
+  }
+  seen_retired_epoch_ = hdr_->retired_epoch.load(std::memory_order_acquire);
+}
+
+uint64_t Pool::retire_free_segments_locked(uint64_t wanted) {
+  // A segment holding nothing is one free block spanning all of it. Retire
+  // such segments until `wanted` bytes of max_bytes are released: this lets
+  // an emptied pool of small segments serve a request larger than any of
+  // them. Other processes unmap a retired segment at their next locked
+  // operation; until then its pages stay allocated in /dev/shm.
+  Counters& c = hdr_->counters;
+  Allocator a = allocator();
+  uint64_t released = 0;
+  uint32_t nsegs = hdr_->segment_count.load(std::memory_order_acquire);
+  for (uint32_t i = 0; i < nsegs && released < wanted; ++i) {
+    uint64_t size = hdr_->segment_sizes[i].load(std::memory_order_relaxed);
+    if (size == 0) continue;
+    BlockHeader* h = a.header(BlockRef(i, 0));
+    if (h->used() || h->size() != (spans_[i].size & kSizeMask)) continue;
+    a.remove_segment(i);
+    hdr_->segment_sizes[i].store(0, std::memory_order_release);
+    c.capacity_bytes -= size;
+    released += size;
+    unlink_segment(data_name(token_, i));
+    std::lock_guard<std::mutex> local(local_mutex_);
+    spans_[i] = SegmentSpan{nullptr, 0};
+    mappings_[i] = Mapping();
+  }
+  if (released) {
+    hdr_->retired_epoch.fetch_add(1, std::memory_order_acq_rel);
+    seen_retired_epoch_ = hdr_->retired_epoch.load(std::memory_order_acquire);
+  }
+  return released;
 }
 
 void Pool::claim_slot_or_throw() {
@@ -295,7 +354,7 @@ std::optional<Block> Pool::allocate(uint64_t bytes, bool transfer_required, Mode
   // hold, then grow by a segment.
   if (maintain_locked(false, HolderMask{}) > 0)
     if (auto b = allocate_locked(block_size, transfer_required)) return b;
-  grow_locked(block_size);
+  grow_locked(block_size, bytes);
   if (auto b = allocate_locked(block_size, transfer_required)) return b;
   throw_full(bytes);
 }
@@ -313,16 +372,20 @@ std::optional<Block> Pool::allocate_locked(uint64_t block_size, bool transfer_re
   return Block{ref, init.generation, h->payload(), h->capacity(), init.flags};
 }
 
-void Pool::grow_locked(uint64_t block_size) {
+void Pool::grow_locked(uint64_t block_size, uint64_t requested) {
   Counters& c = hdr_->counters;
   const PoolConfig cfg = hdr_->config;
-  // Whole pages: a segment's chain ends at its size, which must be a
-  // multiple of the block alignment.
-  uint64_t size = round_up(std::max(cfg.segment_bytes, round_up(block_size, kLargeRound)), kPage);
+  // Grow by segment_bytes; a request larger than that gets a segment of its
+  // own. Whole pages: a segment's chain ends at its size.
+  const uint64_t minimum = round_up(block_size, kPage);
+  uint64_t size = std::max(round_up(cfg.segment_bytes, kPage), minimum);
   if (c.capacity_bytes + size > cfg.max_bytes) {
-    // A smaller segment that still fits the request, if max_bytes allows.
-    size = round_up(block_size, kPage);
-    if (c.capacity_bytes + size > cfg.max_bytes) throw_full(block_size - kHeaderSize);
+    // A smaller segment that still fits the request, if max_bytes allows,
+    // after giving back segments that hold nothing.
+    size = minimum;
+    if (c.capacity_bytes + size > cfg.max_bytes)
+      retire_free_segments_locked(c.capacity_bytes + size - cfg.max_bytes);
+    if (c.capacity_bytes + size > cfg.max_bytes) throw_full(requested);
   }
   std::lock_guard<std::mutex> local(local_mutex_);
   uint32_t index = hdr_->segment_count.load(std::memory_order_relaxed);
@@ -330,12 +393,30 @@ void Pool::grow_locked(uint64_t block_size) {
     throw CoreError(ErrorKind::kPoolFull, "the pool has reached its limit of segments");
   const std::string name = data_name(token_, index);
   Mapping m;
-  if (create_segment(name, size, &m) == CreateResult::kExists) {
-    // Left by a process killed while growing, before it published the
-    // segment: nobody maps it.
-    unlink_segment(name);
-    if (create_segment(name, size, &m) == CreateResult::kExists)
-      throw CoreError(ErrorKind::kPool, "segment " + name + " exists");
+  for (;;) {
+    try {
+      if (create_segment(name, size, &m) == CreateResult::kExists) {
+        // Left by a process killed while growing, before it published the
+        // segment: nobody maps it.
+        unlink_segment(name);
+        if (create_segment(name, size, &m) == CreateResult::kExists)
+          throw CoreError(ErrorKind::kPool, "segment " + name + " exists");
+      }
+      break;
+    } catch (const CoreError& e) {
+      // /dev/shm is smaller than a whole segment (Docker gives 64 MB):
+      // settle for less, down to what the request needs.
+      if (e.kind() != ErrorKind::kPoolFull || size <= minimum) {
+        if (e.kind() == ErrorKind::kPoolFull)
+          throw CoreError(ErrorKind::kPoolFull,
+                          "pyarraypool cannot allocate " + std::to_string(requested) +
+                              " bytes: /dev/shm has no room for them (" + e.what() +
+                              "); free space there, or give the container a larger --shm-size",
+                          e.error_number());
+        throw;
+      }
+      size = std::max(minimum, round_up(size / 2, kPage));
+    }
   }
   spans_[index] = SegmentSpan{m.data(), m.size()};
   mappings_[index] = std::move(m);
@@ -364,6 +445,8 @@ BlockHeader* Pool::checked_header(BlockRef ref, uint64_t generation) {
   if (ref.seg() >= mapped_.load(std::memory_order_acquire))
     throw CoreError(ErrorKind::kStaleHandle, "handle names a segment this pool does not have");
   const SegmentSpan& s = spans_[ref.seg()];
+  if (s.size == 0)
+    throw CoreError(ErrorKind::kStaleHandle, "handle names a segment the pool has given back");
   if (ref.off() % kAlign != 0 || ref.off() + kHeaderSize > s.size)
     throw CoreError(ErrorKind::kInvalidHandle, "handle points outside its segment");
   BlockHeader* h = allocator().header(ref);
@@ -540,6 +623,7 @@ void Pool::before_fork(const std::vector<std::pair<BlockRef, uint64_t>>& held) {
   child_slot_ = table().claim(child_slot_id_);
   if (child_slot_ < 0) return;  // too many processes: the child attaches on its own
   table().slots[child_slot_].reserved_at_ns.store(monotonic_ns(), std::memory_order_release);
+  table().slots[child_slot_].reserved_ticks.store(boot_ticks(), std::memory_order_release);
   for (const auto& [ref, gen] : held) {
     BlockHeader* h = allocator().header(ref);
     if (h->used() && h->generation == gen) h->holders.set(static_cast<uint32_t>(child_slot_));
@@ -547,6 +631,12 @@ void Pool::before_fork(const std::vector<std::pair<BlockRef, uint64_t>>& held) {
 }
 
 void Pool::after_fork_parent() {
+  if (child_slot_ >= 0) {
+    // The child now exists (or the fork failed): its reservation lives as
+    // long as that child has not adopted it (ProcessTable::alive).
+    std::atomic<uint64_t>& t = table().slots[child_slot_].reserved_ticks;
+    t.store(t.load(std::memory_order_relaxed) | kForkReturned, std::memory_order_release);
+  }
   child_slot_ = -1;
   if (fork_prepared_) local_mutex_.unlock();
   fork_prepared_ = false;

@@ -138,12 +138,15 @@ class Pool {
 
   void ensure_mapped();
   bool all_mapped() const;
+  bool retirements_seen() const;
+  void unmap_retired();
+  uint64_t retire_free_segments_locked(uint64_t wanted);
   Allocator allocator() { return Allocator(alloc_state(), spans_); }
   AllocState& alloc_state();
   ProcessTable& table();
   void claim_slot_or_throw();
   std::optional<Block> allocate_locked(uint64_t block_size, bool transfer_required);
-  void grow_locked(uint64_t block_size);
+  void grow_locked(uint64_t block_size, uint64_t requested);
   void free_if_unused(BlockRef ref, BlockHeader& h);
   BlockHeader* checked_header(BlockRef ref, uint64_t generation);
   uint64_t maintain_locked(bool force_rebuild, const HolderMask& also_dead);
@@ -167,6 +170,7 @@ class Pool {
   std::unique_ptr<Mapping[]> mappings_;
   SegmentSpan spans_[BlockRef::kMaxSegments] = {};
   std::atomic<uint32_t> mapped_{0};
+  uint64_t seen_retired_epoch_ = 0;  // retired_epoch when this process last unmapped
 };
 
 }  // namespace pap

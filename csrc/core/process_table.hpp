@@ -26,8 +26,13 @@ struct ProcessSlot {
   std::atomic<uint64_t> start_time;
   // For kReserved: CLOCK_MONOTONIC ns when the parent reserved it.
   std::atomic<uint64_t> reserved_at_ns;
-  uint64_t unused;
+  // For kReserved: boot time in clock ticks (the unit of /proc start times)
+  // when the parent reserved it, with kForkReturned set once fork() has
+  // returned in the parent. From then on the child exists or is dead.
+  std::atomic<uint64_t> reserved_ticks;
 };
+
+constexpr uint64_t kForkReturned = uint64_t{1} << 63;
 
 enum class SlotKind : uint64_t {
   kActive = 1,    // owned by the process `pid`
@@ -65,6 +70,11 @@ struct ProcessTable {
 // Start time of a process, or 0 if it cannot be read. Also reports whether
 // the process is a zombie (dead but not yet reaped), which counts as dead.
 uint64_t process_start_time(pid_t pid, bool* zombie = nullptr);
+// Boot time now, in the clock ticks of /proc start times.
+uint64_t boot_ticks();
+// Whether `parent` has a live (non-zombie) child started at or after
+// `since_ticks` that no slot of `table` names. Scans /proc.
+bool has_unregistered_child(const struct ProcessTable& table, pid_t parent, uint64_t since_ticks);
 uint64_t monotonic_ns();
 
 }  // namespace pap

@@ -155,9 +155,23 @@ OwnedRef allocate_array(PyArray_Descr* descr, int nd, const npy_intp* dims, bool
 // dtype objects.
 
 OwnedRef dtype_for_pickle(PyArray_Descr* d) {
-  if (!PyDataType_HASFIELDS(d) && !PyDataType_HASSUBARRAY(d) && PyDataType_METADATA(d) == nullptr)
-    return check(PyObject_GetAttrString(reinterpret_cast<PyObject*>(d), "str"));
-  return OwnedRef::borrow(reinterpret_cast<PyObject*>(d));
+  if (PyDataType_HASFIELDS(d) || PyDataType_HASSUBARRAY(d) || PyDataType_METADATA(d) != nullptr)
+    return OwnedRef::borrow(reinterpret_cast<PyObject*>(d));
+  // `.str` builds a new string on every call; remember the last few. The
+  // cache holds its dtypes, so an address in it always means that dtype.
+  struct Entry {
+    PyObject* descr;
+    PyObject* str;
+  };
+  static Entry cache[16] = {};
+  Entry& e = cache[(reinterpret_cast<uintptr_t>(d) >> 4) % 16];
+  if (e.descr == reinterpret_cast<PyObject*>(d)) return OwnedRef::borrow(e.str);
+  OwnedRef str = check(PyObject_GetAttrString(reinterpret_cast<PyObject*>(d), "str"));
+  Py_XDECREF(e.descr);
+  Py_XDECREF(e.str);
+  e.descr = Py_NewRef(reinterpret_cast<PyObject*>(d));
+  e.str = Py_NewRef(str.get());
+  return str;
 }
 
 // New reference to the dtype a handle's dtype argument names.

@@ -582,8 +582,11 @@ constexpr uint64_t kPairBytes = 1024;
 const PoolConfig kPairConfig{256 * MiB, 16 * MiB, 60'000'000'000ull};
 
 // One allocate + release pair as the binding does it: kFast, then kSlow if
-// kFast declined (the lock was busy). Returns the number of kSlow retries.
-int alloc_free_pair(Pool& p) {
+// kFast declined (the lock was busy). `unshared`: the block never left the
+// process (no handle, no fork), so the binding releases it with
+// release_unshared and it may come back from the local cache; otherwise
+// every operation goes through the pool lock. Returns the kSlow retries.
+int alloc_free_pair(Pool& p, bool unshared) {
   int slow = 0;
   auto b = p.allocate(kPairBytes, false, Mode::kFast);
   if (!b) {
@@ -591,7 +594,9 @@ int alloc_free_pair(Pool& p) {
     b = p.allocate(kPairBytes, false, Mode::kSlow);
     if (!b) throw std::runtime_error("kSlow allocate failed");
   }
-  if (!p.release(b->ref, b->generation, Mode::kFast)) {
+  bool done = unshared ? p.release_unshared(*b, Mode::kFast)
+                       : p.release(b->ref, b->generation, Mode::kFast);
+  if (!done) {
     ++slow;
     if (!p.release(b->ref, b->generation, Mode::kSlow))
       throw std::runtime_error("kSlow release failed");
@@ -599,7 +604,7 @@ int alloc_free_pair(Pool& p) {
   return slow;
 }
 
-void pool_pairs(benchmark::State& state, bool two_processes) {
+void pool_pairs(benchmark::State& state, bool two_processes, bool unshared) {
   guarded(state, [&] {
     drop_fixtures();
     const std::string tok = new_token();
@@ -615,15 +620,15 @@ void pool_pairs(benchmark::State& state, bool two_processes) {
         }
       }
     } leave{*p};
-    alloc_free_pair(*p);  // first use: grows and maps a segment (kSlow)
+    alloc_free_pair(*p, unshared);  // first use: grows and maps a segment (kSlow)
     std::optional<ChildGuard> child;
     if (two_processes) {
-      pid_t pid = spawn([c, &tok] {
+      pid_t pid = spawn([c, &tok, unshared] {
         // Its own attachment, after the fork: the parent's Pool object is
         // not used here.
         std::unique_ptr<Pool> cp = Pool::attach(tok, kPairConfig);
-        alloc_free_pair(*cp);  // maps the segment
-        child_loop(c, [&] { alloc_free_pair(*cp); });
+        alloc_free_pair(*cp, unshared);  // maps the segment
+        child_loop(c, [&] { alloc_free_pair(*cp, unshared); });
         cp->leave();
         return 0;
       });
@@ -632,7 +637,7 @@ void pool_pairs(benchmark::State& state, bool two_processes) {
     }
     uint64_t slow = 0;
     const Usage u0 = thread_usage(0);
-    for (auto _ : state) slow += static_cast<uint64_t>(alloc_free_pair(*p));
+    for (auto _ : state) slow += static_cast<uint64_t>(alloc_free_pair(*p, unshared));
     const Usage parent = thread_usage(static_cast<uint64_t>(state.iterations())) - u0;
     Usage theirs;
     if (child) {
@@ -649,8 +654,22 @@ void pool_pairs(benchmark::State& state, bool two_processes) {
   });
 }
 
-void BM_PoolAllocFreeOneProcess(benchmark::State& state) { pool_pairs(state, false); }
-void BM_PoolAllocFreeTwoProcesses(benchmark::State& state) { pool_pairs(state, true); }
+// Arrays that stay in their process (the local cache applies).
+void BM_PoolAllocFreeOneProcess(benchmark::State& state) { pool_pairs(state, false, true); }
+void BM_PoolAllocFreeTwoProcesses(benchmark::State& state) { pool_pairs(state, true, true); }
+// Arrays that were shared: every allocation and release takes the pool lock.
+void BM_PoolAllocFreeSharedOneProcess(benchmark::State& state) { pool_pairs(state, false, false); }
+void BM_PoolAllocFreeSharedTwoProcesses(benchmark::State& state) { pool_pairs(state, true, false); }
+BENCHMARK(BM_PoolAllocFreeSharedOneProcess)
+    ->UseRealTime()
+    ->Repetitions(kReps)
+    ->ReportAggregatesOnly(true)
+    ->MinTime(0.3);
+BENCHMARK(BM_PoolAllocFreeSharedTwoProcesses)
+    ->UseRealTime()
+    ->Repetitions(kReps)
+    ->ReportAggregatesOnly(true)
+    ->MinTime(0.3);
 BENCHMARK(BM_PoolAllocFreeOneProcess)
     ->UseRealTime()
     ->Repetitions(kReps)

@@ -118,6 +118,15 @@ static_assert(sizeof(BlockHeader) == kHeaderSize, "block header must be exactly 
 static_assert(std::atomic<uint64_t>::is_always_lock_free, "shared atomics must be lock-free");
 static_assert(std::atomic<uint32_t>::is_always_lock_free, "shared atomics must be lock-free");
 
+// A block this process holds, as the binding sees it.
+struct Block {
+  BlockRef ref;
+  uint64_t generation;
+  unsigned char* payload;
+  uint64_t capacity;
+  uint32_t flags;
+};
+
 // A used block's `check` ties its generation to its own offset, so that a
 // stale handle pointing at bytes that are now the middle of another block's
 // payload is refused unless those bytes happen to spell this exact value.

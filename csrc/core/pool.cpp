@@ -42,6 +42,10 @@ struct ControlHeader {
   uint64_t created_realtime_ns;
   PoolConfig config;
   std::atomic<uint32_t> state;
+  // Set by a waiter that took the lock from a dead owner, cleared once the
+  // repair is complete: a repair cut short (an error, another death) is
+  // redone by the next owner.
+  std::atomic<uint32_t> needs_repair;
   alignas(64) LockWord lock;
   alignas(64) ProcessTable table;
   std::atomic<uint32_t> segment_count;
@@ -105,27 +109,33 @@ void unlink_pool_files(const std::string& token, uint32_t segments) {
 class Pool::Guard {
  public:
   Guard(Pool& p, Mode mode) : p_(p) {
+    if (p.left_)
+      throw CoreError(ErrorKind::kPool, "this process is no longer attached to the pool");
     const uint32_t me = p.slot_ + 1;
     if (mode == Mode::kFast) {
       if (!p.all_mapped() || !futex_lock::try_lock(p.hdr_->lock, me)) return;
       held_ = true;
       // A segment was published or retired meanwhile: (un)mapping is a
       // system call, for kSlow.
-      if (!p.all_mapped() || !p.retirements_seen()) release();
+      if (!p.all_mapped() || !p.retirements_seen() ||
+          p.hdr_->needs_repair.load(std::memory_order_relaxed))
+        release();
       return;
     }
     p.ensure_mapped();
     TableProbe probe(p.hdr_->table);
     Acquired how = futex_lock::lock(p.hdr_->lock, me, probe);
     held_ = true;
+    if (how == Acquired::kFromDeadOwner) p.hdr_->needs_repair.store(1, std::memory_order_relaxed);
     try {
       p.ensure_mapped();
       p.unmap_retired();
-      if (how == Acquired::kFromDeadOwner) {
+      if (p.hdr_->needs_repair.load(std::memory_order_relaxed)) {
         // The owner may have died in leave() between marking the pool dead
         // and finding us alive: we are, so the pool runs on.
         p.hdr_->state.store(kStateRunning, std::memory_order_seq_cst);
         p.maintain_locked(true, HolderMask{});
+        p.hdr_->needs_repair.store(0, std::memory_order_relaxed);
       }
     } catch (...) {
       release();
@@ -176,8 +186,14 @@ void Pool::ensure_mapped() {
       continue;
     }
     Mapping m;
-    if (!open_segment(data_name(token_, i), size, size, &m))
-      throw CoreError(ErrorKind::kPool, "segment " + data_name(token_, i) + " is missing");
+    if (!open_segment(data_name(token_, i), size, size, &m)) {
+      if (hdr_->segment_sizes[i].load(std::memory_order_acquire) != 0)
+        throw CoreError(ErrorKind::kPool, "segment " + data_name(token_, i) + " is missing");
+      // Retired (and unlinked) while we were getting to it.
+      spans_[i] = SegmentSpan{nullptr, 0};
+      mapped_.store(i + 1, std::memory_order_release);
+      continue;
+    }
     spans_[i] = SegmentSpan{m.data(), m.size()};
     mappings_[i] = std::move(m);
     mapped_.store(i + 1, std::memory_order_release);
@@ -190,6 +206,7 @@ bool Pool::retirements_seen() const {
 
 void Pool::unmap_retired() {
   if (retirements_seen()) return;
+  const uint64_t epoch = hdr_->retired_epoch.load(std::memory_order_acquire);
   std::lock_guard<std::mutex> local(local_mutex_);
   uint32_t n = mapped_.load(std::memory_order_relaxed);
   for (uint32_t i = 0; i < n; ++i) {
@@ -198,7 +215,7 @@ void Pool::unmap_retired() {
       mappings_[i] = Mapping();  // unmapped: the last mapping frees the pages
     }
   }
-  seen_retired_epoch_ = hdr_->retired_epoch.load(std::memory_order_acquire);
+  seen_retired_epoch_ = epoch;
 }
 
 uint64_t Pool::retire_free_segments_locked(uint64_t wanted) {
@@ -217,6 +234,9 @@ uint64_t Pool::retire_free_segments_locked(uint64_t wanted) {
     BlockHeader* h = a.header(BlockRef(i, 0));
     if (h->used() || h->size() != (spans_[i].size & kSizeMask)) continue;
     a.remove_segment(i);
+    // Epoch first: a process killed right after the size store must still
+    // leave survivors a reason to look (unmap_retired).
+    hdr_->retired_epoch.fetch_add(1, std::memory_order_acq_rel);
     hdr_->segment_sizes[i].store(0, std::memory_order_release);
     c.capacity_bytes -= size;
     released += size;
@@ -225,41 +245,37 @@ uint64_t Pool::retire_free_segments_locked(uint64_t wanted) {
     spans_[i] = SegmentSpan{nullptr, 0};
     mappings_[i] = Mapping();
   }
-  if (released) {
-    hdr_->retired_epoch.fetch_add(1, std::memory_order_acq_rel);
-    seen_retired_epoch_ = hdr_->retired_epoch.load(std::memory_order_acquire);
-  }
+  if (released) seen_retired_epoch_ = hdr_->retired_epoch.load(std::memory_order_acquire);
   return released;
 }
 
 void Pool::claim_slot_or_throw() {
   const uint64_t id = slot_id(::getpid(), SlotKind::kActive);
-  int s = table().claim(id);
-  if (s < 0) {
-    // Every slot is taken: take one whose owner is dead and clear its bits
-    // before holding anything. Never the lock owner's slot: a waiter must
-    // still see that owner as dead to repair after it.
-    uint32_t owner = futex_lock::owner_of(hdr_->lock.load(std::memory_order_relaxed));
-    uint64_t now = monotonic_ns();
-    for (uint32_t i = 0; i < kMaxSlots && s < 0; ++i) {
-      uint64_t old = table().slots[i].id.load(std::memory_order_acquire);
-      if (old == 0 || i + 1 == owner || table().alive(i, now)) continue;
-      if (table().slots[i].id.compare_exchange_strong(old, id)) s = static_cast<int>(i);
-    }
-    if (s < 0)
-      throw CoreError(ErrorKind::kPool, "too many processes attached to the pool (limit " +
-                                            std::to_string(kMaxSlots) + ")");
-    table().slots[s].start_time.store(process_start_time(::getpid()), std::memory_order_release);
+  ProcessTable::SlotFields mine;
+  mine.start_time = process_start_time(::getpid());
+  int s = table().claim(id, mine);
+  if (s >= 0) {
     slot_ = static_cast<uint32_t>(s);
-    HolderMask inherited{};
-    inherited.set(slot_);
-    Guard g(*this, Mode::kSlow);
-    maintain_locked(true, inherited);
-    // maintain_locked releases dead slots; ours was cleared but is still ours.
     return;
   }
-  table().slots[s].start_time.store(process_start_time(::getpid()), std::memory_order_release);
+  // Every slot is taken: take one whose owner is dead and clear its bits
+  // before holding anything. Never the lock owner's slot: a waiter must
+  // still see that owner as dead to repair after it.
+  uint32_t owner = futex_lock::owner_of(hdr_->lock.load(std::memory_order_relaxed));
+  uint64_t now = monotonic_ns();
+  for (uint32_t i = 0; i < kMaxSlots && s < 0; ++i) {
+    uint64_t old = table().slots[i].id.load(std::memory_order_acquire);
+    if (old == 0 || old == kReleasingId || i + 1 == owner || table().alive(i, now)) continue;
+    if (table().take(i, old, id, mine)) s = static_cast<int>(i);
+  }
+  if (s < 0)
+    throw CoreError(ErrorKind::kPool, "too many processes attached to the pool (limit " +
+                                          std::to_string(kMaxSlots) + ")");
   slot_ = static_cast<uint32_t>(s);
+  HolderMask inherited{};
+  inherited.set(slot_);
+  Guard g(*this, Mode::kSlow);
+  maintain_locked(true, inherited);  // clears the dead owner's bits, now ours
 }
 
 std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& config) {
@@ -278,7 +294,8 @@ std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& c
     // link(), which fails if another process won the race: nobody ever
     // opens a half-initialized pool.
     const std::string final_name = control_name(token);
-    const std::string tmp_name = final_name + ".init" + std::to_string(::getpid());
+    // Random, not the pid: two threads of one process may race here.
+    const std::string tmp_name = final_name + ".init" + random_token().substr(0, 12);
     unlink_segment(tmp_name);
     Mapping m;
     if (create_segment(tmp_name, kControlBytes, &m) == CreateResult::kExists) continue;
@@ -295,6 +312,11 @@ std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& c
     h->counters = Counters{};
     h->counters.next_generation = 1;
     h->magic.store(kMagic, std::memory_order_release);
+    // Claim our slot before the pool becomes visible: a cleaner must never
+    // see a published pool without a live process.
+    ProcessTable::SlotFields mine;
+    mine.start_time = process_start_time(::getpid());
+    const int first_slot = h->table.claim(slot_id(::getpid(), SlotKind::kActive), mine);
     int linked = ::link(("/dev/shm" + tmp_name).c_str(), ("/dev/shm" + final_name).c_str());
     int link_errno = errno;
     unlink_segment(tmp_name);
@@ -303,7 +325,7 @@ std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& c
       throw_os_error("link " + final_name, link_errno);
     }
     std::unique_ptr<Pool> p(new Pool(token, std::move(m)));
-    p->claim_slot_or_throw();
+    p->slot_ = static_cast<uint32_t>(first_slot);
     return p;
   }
   throw CoreError(ErrorKind::kPool, "could not attach to pool " + token);
@@ -346,6 +368,9 @@ std::unique_ptr<Pool> Pool::attach_existing(const std::string& token) {
 std::optional<Block> Pool::allocate(uint64_t bytes, bool transfer_required, Mode mode) {
   uint64_t block_size = Allocator::block_size_for(bytes);
   if (block_size == 0) throw_full(bytes);
+  // No cache while a fork is under way: the child must hold every block.
+  if (mode == Mode::kFast && cache_.bytes() != 0 && child_slot_.load(std::memory_order_relaxed) < 0)
+    if (auto b = cache_.take(bytes, transfer_required ? kFlagTransferRequired : 0u)) return b;
   Guard g(*this, mode);
   if (!g.held()) return std::nullopt;
   if (auto b = allocate_locked(block_size, transfer_required)) return b;
@@ -367,6 +392,9 @@ std::optional<Block> Pool::allocate_locked(uint64_t block_size, bool transfer_re
   if (ref.nil()) return std::nullopt;
   ++c.next_generation;
   BlockHeader* h = a.header(ref);
+  // Another thread is forking: the child inherits this block's arrays too.
+  if (int child = child_slot_.load(std::memory_order_relaxed); child >= 0)
+    h->holders.set(static_cast<uint32_t>(child));
   c.used_bytes += h->size();
   ++c.live_blocks;
   return Block{ref, init.generation, h->payload(), h->capacity(), init.flags};
@@ -466,6 +494,20 @@ void Pool::free_if_unused(BlockRef ref, BlockHeader& h) {
   allocator().free(ref);
 }
 
+bool Pool::release_unshared(const Block& b, Mode mode) {
+  if (mode == Mode::kFast && child_slot_.load(std::memory_order_relaxed) < 0 && cache_.put(b))
+    return true;
+  return release(b.ref, b.generation, mode);
+}
+
+void Pool::drain_cache_locked() {
+  cache_.drain([&](const Block& b) {
+    BlockHeader* h = checked_header(b.ref, b.generation);
+    h->holders.clear(slot_);
+    free_if_unused(b.ref, *h);
+  });
+}
+
 bool Pool::release(BlockRef ref, uint64_t generation, Mode mode) {
   Guard g(*this, mode);
   if (!g.held()) return false;
@@ -506,6 +548,8 @@ std::optional<Block> Pool::attach_block(const Handle& hd, uint64_t lo, uint64_t 
                     "handle describes bytes [" + std::to_string(lo) + ", " + std::to_string(hi) +
                         ") outside its block of " + std::to_string(h->capacity()) + " bytes");
   h->holders.set(slot_);
+  if (int child = child_slot_.load(std::memory_order_relaxed); child >= 0)
+    h->holders.set(static_cast<uint32_t>(child));  // a fork is under way
   if ((hd.flags & kHandleFlagTransferRequired) && h->pending > 0) {
     Counters& c = hdr_->counters;
     --h->pending;
@@ -515,11 +559,12 @@ std::optional<Block> Pool::attach_block(const Handle& hd, uint64_t lo, uint64_t 
   return Block{hd.ref, hd.generation, h->payload(), h->capacity(), h->flags};
 }
 
-uint32_t Pool::live_processes_locked(uint64_t now, std::vector<int>* pids) {
+uint32_t Pool::live_processes_locked(uint64_t now, std::vector<int>* pids, bool count_me) {
   uint32_t n = 0;
   for (uint32_t i = 0; i < kMaxSlots; ++i) {
     uint64_t id = table().slots[i].id.load(std::memory_order_seq_cst);
     if (id == 0) continue;
+    if (i == slot_ && !count_me) continue;
     if (i != slot_ && !table().alive(i, now)) continue;
     ++n;
     if (pids && slot_kind(id) == SlotKind::kActive) pids->push_back(slot_pid(id));
@@ -560,6 +605,10 @@ uint64_t Pool::maintain_locked(bool force_rebuild, const HolderMask& also_dead) 
     return true;
   };
   uint32_t nsegs = hdr_->segment_count.load(std::memory_order_acquire);
+  // The walk trusts the shared sizes, not this process's spans: a segment
+  // retired by a process that died before bumping anything is skipped too.
+  for (uint32_t i = 0; i < nsegs; ++i)
+    if (hdr_->segment_sizes[i].load(std::memory_order_acquire) == 0) spans_[i].size = 0;
   allocator().rebuild(nsegs, keep);
   for (uint32_t i = 0; i < nsegs; ++i)
     fresh.capacity_bytes += hdr_->segment_sizes[i].load(std::memory_order_relaxed);
@@ -571,11 +620,15 @@ uint64_t Pool::maintain_locked(bool force_rebuild, const HolderMask& also_dead) 
 
 uint64_t Pool::collect() {
   Guard g(*this, Mode::kSlow);
-  return maintain_locked(false, HolderMask{});
+  const uint64_t used_before = hdr_->counters.used_bytes;
+  drain_cache_locked();
+  const uint64_t cached = used_before - hdr_->counters.used_bytes;
+  return cached + maintain_locked(false, HolderMask{});
 }
 
 PoolStats Pool::stats() {
   Guard g(*this, Mode::kSlow);
+  drain_cache_locked();  // this process's accounting is exact
   maintain_locked(false, HolderMask{});
   PoolStats s;
   s.token = token_;
@@ -595,24 +648,28 @@ PoolStats Pool::stats() {
 
 void Pool::leave(bool unlink_if_last) {
   if (left_) return;
-  uint32_t nsegs;
+  bool last = false;
+  uint32_t nsegs = 0;
   {
     Guard g(*this, Mode::kSlow);
     HolderMask me{};
     me.set(slot_);
+    cache_.forget();  // the walk below drops our holds on cached blocks too
     maintain_locked(true, me);
-    table().release(slot_);
     left_ = true;
-    if (!unlink_if_last) return;
-    // See attach_existing() for the other half of this handshake.
-    hdr_->state.store(kStateDead, std::memory_order_seq_cst);
-    if (live_processes_locked(monotonic_ns(), nullptr) > 0) {
-      hdr_->state.store(kStateRunning, std::memory_order_seq_cst);
-      return;
+    if (unlink_if_last) {
+      // See attach_existing() for the other half of this handshake.
+      hdr_->state.store(kStateDead, std::memory_order_seq_cst);
+      last = live_processes_locked(monotonic_ns(), nullptr, /*count_me=*/false) == 0;
+      if (!last) hdr_->state.store(kStateRunning, std::memory_order_seq_cst);
+      nsegs = hdr_->segment_count.load();
     }
-    nsegs = hdr_->segment_count.load();
   }
-  unlink_pool_files(token_, nsegs);
+  // Our slot is freed only after the lock is released: killed while holding
+  // the lock, we must still be found dead by the lock's waiters, never
+  // replaced in our slot by a live newcomer that they would wait for.
+  table().release_if(slot_, slot_id(::getpid(), SlotKind::kActive));
+  if (last) unlink_pool_files(token_, nsegs);
 }
 
 void Pool::before_fork(const std::vector<std::pair<BlockRef, uint64_t>>& held) {
@@ -620,54 +677,55 @@ void Pool::before_fork(const std::vector<std::pair<BlockRef, uint64_t>>& held) {
   local_mutex_.lock();  // released by after_fork_*: no thread may be mid-append at fork
   fork_prepared_ = true;
   child_slot_id_ = slot_id(::getpid(), SlotKind::kReserved);
-  child_slot_ = table().claim(child_slot_id_);
-  if (child_slot_ < 0) return;  // too many processes: the child attaches on its own
-  table().slots[child_slot_].reserved_at_ns.store(monotonic_ns(), std::memory_order_release);
-  table().slots[child_slot_].reserved_ticks.store(boot_ticks(), std::memory_order_release);
+  ProcessTable::SlotFields reservation;
+  reservation.reserved_at_ns = monotonic_ns();
+  reservation.reserved_ticks = boot_ticks();
+  int reserved = table().claim(child_slot_id_, reservation);
+  if (reserved < 0) return;  // too many processes: the child attaches on its own
+  child_slot_.store(reserved, std::memory_order_relaxed);
   for (const auto& [ref, gen] : held) {
     BlockHeader* h = allocator().header(ref);
-    if (h->used() && h->generation == gen) h->holders.set(static_cast<uint32_t>(child_slot_));
+    if (h->used() && h->generation == gen) h->holders.set(static_cast<uint32_t>(reserved));
   }
 }
 
 void Pool::after_fork_parent() {
-  if (child_slot_ >= 0) {
+  const int reserved = child_slot_.exchange(-1);
+  if (reserved >= 0) {
     // The child now exists (or the fork failed): its reservation lives as
     // long as that child has not adopted it (ProcessTable::alive).
-    std::atomic<uint64_t>& t = table().slots[child_slot_].reserved_ticks;
+    std::atomic<uint64_t>& t = table().slots[reserved].reserved_ticks;
     t.store(t.load(std::memory_order_relaxed) | kForkReturned, std::memory_order_release);
   }
-  child_slot_ = -1;
   if (fork_prepared_) local_mutex_.unlock();
   fork_prepared_ = false;
 }
 
 void Pool::after_fork_child() {
-  if (!fork_prepared_) {
-    // before_fork failed, so no slot waits for us: the parent's slot is not
-    // ours to use. Attach afresh (inherited blocks are unprotected).
-    claim_slot_or_throw();
-    return;
-  }
+  cache_.forget();  // the parent's blocks, held by the parent
+  const int reserved = child_slot_.exchange(-1);
+  const bool prepared = fork_prepared_;
   fork_prepared_ = false;
-  local_mutex_.unlock();
-  if (child_slot_ < 0) {
+  if (prepared) local_mutex_.unlock();
+  ProcessTable::SlotFields mine;
+  mine.start_time = process_start_time(::getpid());
+  // The reservation names the parent; it may have expired and been freed
+  // if this child was stopped for a long time between fork and now.
+  if (prepared && reserved >= 0 &&
+      table().take(static_cast<uint32_t>(reserved), child_slot_id_,
+                   slot_id(::getpid(), SlotKind::kActive), mine)) {
+    slot_ = static_cast<uint32_t>(reserved);
+    return;
+  }
+  // No reservation: the parent's slot is not ours to use. Attach afresh
+  // (inherited blocks are then unprotected); if even that fails, this
+  // process is detached and every operation raises.
+  try {
     claim_slot_or_throw();
-    return;
+  } catch (...) {
+    left_ = true;
+    throw;
   }
-  const uint32_t reserved = static_cast<uint32_t>(child_slot_);
-  child_slot_ = -1;
-  ProcessSlot& s = table().slots[reserved];
-  // The reservation names the parent; it may have expired and been freed if
-  // this child was stopped for a long time between fork and now.
-  uint64_t expected = child_slot_id_;
-  const uint64_t mine = slot_id(::getpid(), SlotKind::kActive);
-  s.start_time.store(process_start_time(::getpid()), std::memory_order_release);
-  if (!s.id.compare_exchange_strong(expected, mine, std::memory_order_seq_cst)) {
-    claim_slot_or_throw();  // inherited blocks are no longer protected
-    return;
-  }
-  slot_ = reserved;
 }
 
 void Pool::verify() {

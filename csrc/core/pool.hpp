@@ -29,6 +29,7 @@
 #include "core/block_header.hpp"
 #include "core/futex_lock.hpp"
 #include "core/handle.hpp"
+#include "core/local_cache.hpp"
 #include "core/process_table.hpp"
 #include "core/shm_segment.hpp"
 
@@ -57,15 +58,6 @@ struct PoolStats {
   uint32_t segments = 0;
   PoolConfig config{};
   std::vector<int> pids;  // live attached processes
-};
-
-// A block this process holds, as the binding sees it.
-struct Block {
-  BlockRef ref;
-  uint64_t generation;
-  unsigned char* payload;
-  uint64_t capacity;
-  uint32_t flags;
 };
 
 // kFast: try the lock once and make no system call; an operation that would
@@ -97,6 +89,10 @@ class Pool {
   std::optional<Block> allocate(uint64_t bytes, bool transfer_required, Mode mode);
   // Drops this process's hold on a block; frees it if nobody else needs it.
   bool release(BlockRef ref, uint64_t generation, Mode mode);
+  // The same for a block this process allocated and never shared (no
+  // handle made, no fork while held): in kFast it may keep the block in the
+  // local cache (local_cache.hpp) instead.
+  bool release_unshared(const Block& b, Mode mode);
   // Counts one more pickle in flight (a no-op for blocks that do not
   // require transfer tracking).
   bool add_pending(BlockRef ref, uint64_t generation, Mode mode);
@@ -150,7 +146,7 @@ class Pool {
   void free_if_unused(BlockRef ref, BlockHeader& h);
   BlockHeader* checked_header(BlockRef ref, uint64_t generation);
   uint64_t maintain_locked(bool force_rebuild, const HolderMask& also_dead);
-  uint32_t live_processes_locked(uint64_t now, std::vector<int>* pids);
+  uint32_t live_processes_locked(uint64_t now, std::vector<int>* pids, bool count_me = true);
   [[noreturn]] void throw_full(uint64_t bytes);
 
   std::string token_;
@@ -158,7 +154,9 @@ class Pool {
   Mapping control_;
   ControlHeader* hdr_;
   uint32_t slot_ = 0;
-  int child_slot_ = -1;         // reserved across a fork
+  // The slot reserved for a child between before_fork and after_fork_*;
+  // blocks allocated or attached meanwhile are marked for it too.
+  std::atomic<int> child_slot_{-1};
   uint64_t child_slot_id_ = 0;  // the reservation's id
   bool fork_prepared_ = false;
   bool left_ = false;
@@ -170,7 +168,9 @@ class Pool {
   std::unique_ptr<Mapping[]> mappings_;
   SegmentSpan spans_[BlockRef::kMaxSegments] = {};
   std::atomic<uint32_t> mapped_{0};
-  uint64_t seen_retired_epoch_ = 0;  // retired_epoch when this process last unmapped
+  uint64_t seen_retired_epoch_ = 0;
+  LocalCache cache_;
+  void drain_cache_locked();  // retired_epoch when this process last unmapped
 };
 
 }  // namespace pap

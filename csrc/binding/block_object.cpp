@@ -17,7 +17,7 @@ void block_dealloc(PyObject* self) {
   PyObject *type, *value, *tb;
   PyErr_Fetch(&type, &value, &tb);
   try {
-    pp.release(b->ref, b->generation);
+    pp.release(*b);
   } catch (...) {
     set_error_from_current_exception();
     PyErr_WriteUnraisable(self);

@@ -1,6 +1,7 @@
 #include "binding/process_pool.hpp"
 
 #include <cstdlib>
+#include <new>
 #include <string>
 
 namespace pyb {
@@ -44,7 +45,10 @@ pap::Pool& ProcessPool::pool() {
   if (!pool_) {
     std::string token = token_from_env();
     pap::PoolConfig cfg = creation_config_;
-    pool_ = without_gil([&] { return pap::Pool::attach(token, cfg); });
+    without_gil([&] {
+      std::lock_guard<std::mutex> once(attach_mutex_);
+      if (!pool_) pool_ = pap::Pool::attach(token, cfg);
+    });
   }
   return *pool_;
 }
@@ -53,15 +57,24 @@ pap::Pool* ProcessPool::attach_if_exists() {
   if (shut_down_) return nullptr;
   if (!pool_) {
     std::string token = token_from_env();
-    pool_ = without_gil([&] { return pap::Pool::attach_existing(token); });
+    without_gil([&] {
+      std::lock_guard<std::mutex> once(attach_mutex_);
+      if (!pool_) pool_ = pap::Pool::attach_existing(token);
+    });
   }
   return pool_.get();
 }
 
-PyObject* ProcessPool::block_object(const pap::Block& b) {
+PyObject* ProcessPool::block_object(const pap::Block& b, bool shared) {
   auto it = blocks_.find(b.ref.bits());
   if (it != blocks_.end()) {
-    // Already held by this process: the hold `b` stands for is the same bit.
+    // Already held by this process: the hold `b` stands for is the same bit,
+    // and the existing object stands for it.
+    {
+      std::lock_guard<std::mutex> g(hold_mutex_);
+      --holds_[b.ref.bits()];
+    }
+    it->second->shared |= shared || fork_in_progress_;
     Py_INCREF(it->second);
     return reinterpret_cast<PyObject*>(it->second);
   }
@@ -76,19 +89,75 @@ PyObject* ProcessPool::block_object(const pap::Block& b) {
   o->payload = b.payload;
   o->capacity = b.capacity;
   o->flags = b.flags;
+  o->shared = shared || fork_in_progress_;  // a child being forked holds it too
   blocks_.emplace(b.ref.bits(), o);
   return reinterpret_cast<PyObject*>(o);
 }
 
+void ProcessPool::record_hold(pap::BlockRef ref) {
+  std::lock_guard<std::mutex> g(hold_mutex_);
+  ++holds_[ref.bits()];
+}
+
 pap::Block ProcessPool::allocate(uint64_t bytes, bool transfer_required) {
   pap::Pool& p = pool();
-  return *call([&](pap::Mode m) { return p.allocate(bytes, transfer_required, m); });
+  pap::Block b = *call([&](pap::Mode m) { return p.allocate(bytes, transfer_required, m); });
+  record_hold(b.ref);
+  return b;
 }
 
 void ProcessPool::release(pap::BlockRef ref, uint64_t generation) {
+  BlockObject b{};
+  b.ref = ref;
+  b.generation = generation;
+  b.shared = true;
+  release(b);
+}
+
+void ProcessPool::release(const BlockObject& b) {
   pap::Pool* p = attached();
   if (!p) return;  // after shutdown the pool has already dropped our holds
-  call([&](pap::Mode m) { return p->release(ref, generation, m); });
+  const uint64_t key = b.ref.bits();
+  const pap::Block block{b.ref, b.generation, b.payload, b.capacity, b.flags};
+  auto core_release = [&](pap::Mode m) {
+    return b.shared ? p->release(b.ref, b.generation, m) : p->release_unshared(block, m);
+  };
+  // Fast: the hold count and the pool both free right now.
+  bool counted = false;
+  {
+    std::unique_lock<std::mutex> g(hold_mutex_, std::try_to_lock);
+    if (g.owns_lock()) {
+      counted = true;
+      auto it = holds_.find(key);
+      if (it != holds_.end() && it->second > 1) {
+        --it->second;  // another hold of this process remains
+        return;
+      }
+      if (core_release(pap::Mode::kFast)) {
+        if (it != holds_.end()) holds_.erase(it);
+        return;
+      }
+      // Left at 0: "being released". A thread that loads a handle to this
+      // block meanwhile raises it again and takes over the bit.
+      if (it != holds_.end())
+        it->second = 0;
+      else
+        holds_.emplace(key, 0);
+    }
+  }
+  without_gil([&] {
+    std::lock_guard<std::mutex> g(hold_mutex_);
+    auto it = holds_.find(key);
+    if (counted) {
+      // Gone: the thread that re-took it has released it already. Raised:
+      // re-taken, the bit is that thread's now.
+      if (it == holds_.end() || it->second > 0) return;
+    } else if (it != holds_.end() && --it->second > 0) {
+      return;
+    }
+    if (it != holds_.end()) holds_.erase(it);
+    core_release(pap::Mode::kSlow);
+  });
 }
 
 void ProcessPool::add_pending(pap::BlockRef ref, uint64_t generation) {
@@ -98,7 +167,21 @@ void ProcessPool::add_pending(pap::BlockRef ref, uint64_t generation) {
 
 pap::Block ProcessPool::attach_block(const pap::Handle& h, uint64_t lo, uint64_t hi) {
   pap::Pool& p = pool();
-  return *call([&](pap::Mode m) { return p.attach_block(h, lo, hi, m); });
+  {
+    std::unique_lock<std::mutex> g(hold_mutex_, std::try_to_lock);
+    if (g.owns_lock()) {
+      if (auto b = p.attach_block(h, lo, hi, pap::Mode::kFast)) {
+        ++holds_[b->ref.bits()];
+        return *b;
+      }
+    }
+  }
+  return without_gil([&] {
+    std::lock_guard<std::mutex> g(hold_mutex_);
+    pap::Block b = *p.attach_block(h, lo, hi, pap::Mode::kSlow);
+    ++holds_[b.ref.bits()];
+    return b;
+  });
 }
 
 void ProcessPool::shutdown() {
@@ -118,22 +201,34 @@ void ProcessPool::shutdown() {
   // Arrays that outlive this point keep their memory mapped (the mappings
   // are never unmapped) but no longer count as holds.
   blocks_.clear();
+  std::lock_guard<std::mutex> g(hold_mutex_);
+  holds_.clear();
 }
 
 void ProcessPool::before_fork() {
   pap::Pool* p = attached();
   if (!p) return;
+  fork_in_progress_ = true;
   std::vector<std::pair<pap::BlockRef, uint64_t>> held;
   held.reserve(blocks_.size());
-  for (const auto& [bits, b] : blocks_) held.emplace_back(b->ref, b->generation);
+  for (const auto& [bits, b] : blocks_) {
+    held.emplace_back(b->ref, b->generation);
+    b->shared = true;  // the child holds it too
+  }
   without_gil([&] { p->before_fork(held); });
 }
 
 void ProcessPool::after_fork_parent() {
+  fork_in_progress_ = false;
   if (pap::Pool* p = attached()) p->after_fork_parent();
 }
 
 void ProcessPool::after_fork_child() {
+  fork_in_progress_ = false;
+  // Only the forking thread exists in the child: no other thread can hold
+  // these mutexes' state there; start them afresh.
+  new (&hold_mutex_) std::mutex();
+  new (&attach_mutex_) std::mutex();
   if (pap::Pool* p = attached()) p->after_fork_child();
 }
 

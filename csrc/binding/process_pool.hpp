@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -30,6 +31,10 @@ struct BlockObject {
   unsigned char* payload;
   uint64_t capacity;
   uint32_t flags;
+  // Whether another process may know this block: it was loaded from a
+  // handle, a handle was made for it, or the process forked while holding
+  // it. An unshared block may go to the local cache when released.
+  bool shared;
 };
 
 extern PyTypeObject* block_type;
@@ -51,12 +56,14 @@ class ProcessPool {
   pap::Pool* attach_if_exists();
 
   // New reference to the BlockObject for `b`: the one this process already
-  // has, or a new one that takes over the hold `b` stands for.
-  PyObject* block_object(const pap::Block& b);
+  // has, or a new one that takes over the hold `b` stands for. `shared`:
+  // `b` came from a handle.
+  PyObject* block_object(const pap::Block& b, bool shared);
   void forget(BlockObject* b) { blocks_.erase(b->ref.bits()); }
 
   pap::Block allocate(uint64_t bytes, bool transfer_required);
   void release(pap::BlockRef ref, uint64_t generation);
+  void release(const BlockObject& b);
   void add_pending(pap::BlockRef ref, uint64_t generation);
   pap::Block attach_block(const pap::Handle& h, uint64_t lo, uint64_t hi);
 
@@ -67,10 +74,23 @@ class ProcessPool {
 
  private:
   ProcessPool();
+  void record_hold(pap::BlockRef ref);
+
   std::unique_ptr<pap::Pool> pool_;
+  std::mutex attach_mutex_;  // one attachment, however many threads start at once
   bool shut_down_ = false;
+  bool fork_in_progress_ = false;  // between before_fork and after_fork_*
   pap::PoolConfig creation_config_;
   std::unordered_map<uint64_t, BlockObject*> blocks_;  // borrowed: removed on dealloc
+
+  // This process's holds per block: live BlockObjects plus attaches whose
+  // BlockObject is not made yet. The pool's holder bit is cleared only when
+  // this reaches 0 under hold_mutex_, so a thread releasing the last object
+  // (with the GIL released, in kSlow) cannot clear the bit another thread
+  // has just re-taken by loading a handle. Never held while calling into
+  // Python; lock order: hold_mutex_, then the pool lock.
+  std::mutex hold_mutex_;
+  std::unordered_map<uint64_t, uint32_t> holds_;
 };
 
 }  // namespace pyb

@@ -140,7 +140,7 @@ OwnedRef allocate_array(PyArray_Descr* descr, int nd, const npy_intp* dims, bool
   uint64_t nbytes = checked_nbytes(descr, nd, dims);
   ProcessPool& pp = ProcessPool::get();
   pap::Block b = pp.allocate(nbytes, transfer_required);
-  OwnedRef block = check(pp.block_object(b));
+  OwnedRef block = check(pp.block_object(b, false));
   Py_INCREF(descr);
   *nbytes_out = nbytes;
   return new_pool_array(descr, nd, dims, nullptr, b.payload, block.get(), fortran);
@@ -228,6 +228,7 @@ OwnedRef reduce_impl(PyObject* self, PyObject* protocol) {
   if ((PyArray_SIZE(arr) != 0 && data < b->payload) || !pap::view_extent(h, &lo, &hi) ||
       hi > b->capacity)
     return reduce_by_value(self, protocol);
+  b->shared = true;  // from now on another process may hold it
   if (h.flags & pap::kHandleFlagTransferRequired) pp.add_pending(b->ref, b->generation);
   std::string bytes = pap::encode_handle(h);
   OwnedRef handle =
@@ -254,6 +255,12 @@ PyObject* array_wrap(PyObject* self, PyObject* args, PyObject* kwargs) {
       throw PyErrSet{};
     (void)self;
     (void)context;
+    // NumPy 2 says when it wants a scalar; NumPy 1.x turns 0-d results of
+    // plain ndarrays into scalars itself, but not those of a subclass's wrap.
+    static const bool numpy1 = PyArray_GetNDArrayCFeatureVersion() < NPY_2_0_API_VERSION;
+    if (numpy1 && PyArray_Check(arr) && PyArray_NDIM(reinterpret_cast<PyArrayObject*>(arr)) == 0 &&
+        !find_block(arr))
+      return_scalar = 1;
     if (return_scalar && PyArray_Check(arr) &&
         PyArray_NDIM(reinterpret_cast<PyArrayObject*>(arr)) == 0) {
       Py_INCREF(arr);
@@ -495,7 +502,7 @@ PyObject* rebuild(PyObject*, PyObject* args) {
     pap::view_extent(h, &lo, &hi);  // decode_handle() has checked it succeeds
     ProcessPool& pp = ProcessPool::get();
     pap::Block b = pp.attach_block(h, lo, hi);
-    OwnedRef block = check(pp.block_object(b));
+    OwnedRef block = check(pp.block_object(b, true));
     npy_intp shape[pap::kMaxDims], strides[pap::kMaxDims];
     for (uint32_t i = 0; i < h.ndim; ++i) {
       shape[i] = static_cast<npy_intp>(h.shape[i]);

@@ -101,14 +101,26 @@ uint64_t process_start_time(pid_t pid, bool* zombie) {
   return std::strtoull(p, nullptr, 10);
 }
 
-int ProcessTable::claim(uint64_t id) {
+int ProcessTable::claim(uint64_t id, const SlotFields& fields) {
   for (uint32_t i = 0; i < kMaxSlots; ++i) {
-    uint64_t expected = 0;
-    if (slots[i].id.load(std::memory_order_relaxed) == 0 &&
-        slots[i].id.compare_exchange_strong(expected, id, std::memory_order_seq_cst))
+    if (slots[i].id.load(std::memory_order_relaxed) == 0 && take(i, 0, id, fields))
       return static_cast<int>(i);
   }
   return -1;
+}
+
+bool ProcessTable::take(uint32_t slot, uint64_t from_id, uint64_t id, const SlotFields& fields) {
+  ProcessSlot& s = slots[slot];
+  // Park the slot on the sentinel (judged alive, claimable by nobody) while
+  // its fields change, so no reader ever pairs the new id with old fields.
+  uint64_t expected = from_id;
+  if (!s.id.compare_exchange_strong(expected, kReleasingId, std::memory_order_seq_cst))
+    return false;
+  s.start_time.store(fields.start_time, std::memory_order_relaxed);
+  s.reserved_at_ns.store(fields.reserved_at_ns, std::memory_order_relaxed);
+  s.reserved_ticks.store(fields.reserved_ticks, std::memory_order_relaxed);
+  s.id.store(id, std::memory_order_seq_cst);
+  return true;
 }
 
 void ProcessTable::release(uint32_t slot) {

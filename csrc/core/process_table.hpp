@@ -55,8 +55,17 @@ constexpr uint64_t kReservationGraceNs = 30'000'000'000ull;
 struct ProcessTable {
   ProcessSlot slots[kMaxSlots];
 
+  // What a slot records besides its id.
+  struct SlotFields {
+    uint64_t start_time = 0;
+    uint64_t reserved_at_ns = 0;
+    uint64_t reserved_ticks = 0;
+  };
   // Claims a free slot for `id` and returns its index, or -1 if none is free.
-  int claim(uint64_t id);
+  int claim(uint64_t id, const SlotFields& fields);
+  // Moves `slot` from `from_id` to `id` with `fields`; false if the slot no
+  // longer holds `from_id`. The new id appears only with its fields written.
+  bool take(uint32_t slot, uint64_t from_id, uint64_t id, const SlotFields& fields);
   // Frees a slot (its holdings must already be reclaimed).
   void release(uint32_t slot);
   // Frees a slot only if it still holds `expected_id`: between judging an

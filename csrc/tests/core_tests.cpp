@@ -1434,15 +1434,15 @@ TEST(process_table) {
   auto t = std::make_unique<ProcessTable>();
   const uint64_t now = monotonic_ns();
   std::set<int> got;
-  for (uint32_t i = 0; i < kMaxSlots; ++i) got.insert(t->claim(slot_id(me, SlotKind::kActive)));
+  for (uint32_t i = 0; i < kMaxSlots; ++i) got.insert(t->claim(slot_id(me, SlotKind::kActive), {}));
   CHECK_EQ(got.size(), size_t{kMaxSlots});
   CHECK(!got.count(-1));
-  CHECK_EQ(t->claim(slot_id(me, SlotKind::kActive)), -1);
+  CHECK_EQ(t->claim(slot_id(me, SlotKind::kActive), {}), -1);
   t->release(5);
   t->release(77);
-  CHECK_EQ(t->claim(slot_id(me, SlotKind::kActive)), 5);
-  CHECK_EQ(t->claim(slot_id(me, SlotKind::kActive)), 77);
-  CHECK_EQ(t->claim(slot_id(me, SlotKind::kActive)), -1);
+  CHECK_EQ(t->claim(slot_id(me, SlotKind::kActive), {}), 5);
+  CHECK_EQ(t->claim(slot_id(me, SlotKind::kActive), {}), 77);
+  CHECK_EQ(t->claim(slot_id(me, SlotKind::kActive), {}), -1);
   for (uint32_t i = 0; i < kMaxSlots; ++i) t->release(i);
   for (uint32_t i = 0; i < kMaxSlots; ++i) CHECK_EQ(t->slots[i].id.load(), 0u);
   CHECK(!t->alive(0, now));  // a free slot has no live owner
@@ -1450,7 +1450,7 @@ TEST(process_table) {
   const uint64_t id = slot_id(me, SlotKind::kActive);
   CHECK_EQ(slot_pid(id), me);
   CHECK(slot_kind(id) == SlotKind::kActive);
-  int s = t->claim(id);
+  int s = t->claim(id, {});
   REQUIRE(s == 0);
   CHECK(t->alive(0, now));  // start time not written yet: alive
   t->slots[0].start_time.store(st);
@@ -1460,7 +1460,7 @@ TEST(process_table) {
   t->slots[0].start_time.store(st);
 
   // A reservation for a fork child lives for the grace period.
-  int r = t->claim(slot_id(me, SlotKind::kReserved));
+  int r = t->claim(slot_id(me, SlotKind::kReserved), {});
   REQUIRE(r == 1);
   t->slots[1].reserved_at_ns.store(now);
   CHECK(t->alive(1, now));
@@ -1475,7 +1475,7 @@ TEST(process_table) {
     return 0;
   });
   go.close_r();
-  REQUIRE(t->claim(slot_id(pid, SlotKind::kActive)) == 2);
+  REQUIRE(t->claim(slot_id(pid, SlotKind::kActive), {}) == 2);
   const uint64_t cst = process_start_time(pid);
   CHECK(cst != 0);
   t->slots[2].start_time.store(cst);

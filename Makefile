@@ -8,7 +8,7 @@ PYTHON     ?= python3
 VENV       := .venv
 VPY        := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.pyarraypool-venv-stamp
-PY_DEPS    := "numpy>=2.0" "setuptools>=64" wheel pytest hypothesis ruff mypy
+PY_DEPS    := "numpy>=2.0" "setuptools>=64" wheel pytest hypothesis ruff mypy matplotlib
 PIP        := $(VPY) -m pip --disable-pip-version-check
 
 CXX        ?= g++
@@ -18,6 +18,9 @@ CSRC_FILES  = $(shell find csrc -name '*.cpp' -o -name '*.hpp' | sort)
 TEST_FLAGS := -std=c++20 -O1 -g -UNDEBUG -Wall -Wextra -pthread -Icsrc
 BENCH_FLAGS := -std=c++20 -O2 -DNDEBUG -pthread -Icsrc
 BENCH_ARGS ?=
+BENCH_PY_ARGS ?=
+BENCH_E2E_ARGS ?=
+BENCH_SCALE_ARGS ?=
 ASAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 
 # Use sudo for apt-get only when not already root.
@@ -71,9 +74,26 @@ test: install
 demo: install
 	$(VPY) examples/seed_example.py
 
-# bench: run the Python benchmark against the in-place build.
+# bench: the whole benchmark suite, then docs/benchmarks.md (and its plots) from
+# the results in build/*.json: the C++ core benchmarks (core-bench; if they cannot
+# be built or run, the report goes without them rather than with stale numbers),
+# the per-array Python benchmark, the end-to-end benchmark through a
+# multiprocessing Pool (with the SharedArray peer if `pip install SharedArray`
+# works), then bench/report.py. A few minutes on 2 cores: run it on an idle
+# machine. Options: BENCH_ARGS (core-bench), BENCH_PY_ARGS (bench_python.py),
+# BENCH_E2E_ARGS (bench_e2e.py), BENCH_SCALE_ARGS (bench_scale.py: 10^6 live arrays,
+# 32 processes, a 16 GiB pool; --skip-16g), e.g. BENCH_PY_ARGS=--quick BENCH_E2E_ARGS=--quick.
 bench: install
-	$(VPY) bench/bench_python.py
+	@mkdir -p build
+	@$(MAKE) --no-print-directory core-bench || \
+	  { echo "note: core-bench failed; the report has no C++ core section" >&2; rm -f build/core_bench.json; }
+	@$(VPY) -c 'import SharedArray' 2>/dev/null || \
+	  $(PIP) install --progress-bar off SharedArray >build/sharedarray-install.log 2>&1 || \
+	  echo "note: SharedArray did not install (build/sharedarray-install.log); bench_e2e.py runs without it" >&2
+	$(VPY) bench/bench_python.py --json build/bench_python.json $(BENCH_PY_ARGS)
+	$(VPY) bench/bench_e2e.py --json build/bench_e2e.json $(BENCH_E2E_ARGS)
+	$(VPY) bench/bench_scale.py --json build/bench_scale.json $(BENCH_SCALE_ARGS)
+	$(VPY) bench/report.py
 
 # bench-tools: apt-get install libbenchmark-dev (Google Benchmark) if its header
 # is missing (apt-get update only when the package lists cannot provide it).

@@ -230,11 +230,12 @@ OwnedRef reduce_impl(PyObject* self, PyObject* protocol) {
     return reduce_by_value(self, protocol);
   b->shared = true;  // from now on another process may hold it
   if (h.flags & pap::kHandleFlagTransferRequired) pp.add_pending(b->ref, b->generation);
-  std::string bytes = pap::encode_handle(h);
   OwnedRef handle =
-      check(PyBytes_FromStringAndSize(bytes.data(), static_cast<Py_ssize_t>(bytes.size())));
+      check(PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(pap::encoded_size(h))));
+  pap::encode_handle_into(h, reinterpret_cast<unsigned char*>(PyBytes_AS_STRING(handle.get())));
   OwnedRef dtype = dtype_for_pickle(PyArray_DESCR(arr));
-  return check(Py_BuildValue("O(OO)", rebuild_function, handle.get(), dtype.get()));
+  OwnedRef args = check(PyTuple_Pack(2, handle.get(), dtype.get()));
+  return check(PyTuple_Pack(2, rebuild_function, args.get()));
 }
 
 PyObject* array_reduce(PyObject* self, PyObject*) {

@@ -10,9 +10,6 @@ namespace {
 constexpr char kMagic[4] = {'P', 'A', 'P', 'H'};
 constexpr uint8_t kVersion = 1;
 
-void put64(std::string& out, uint64_t v) {
-  for (int i = 0; i < 8; ++i) out += static_cast<char>((v >> (8 * i)) & 0xff);
-}
 uint64_t get64(const unsigned char* p) {
   uint64_t v = 0;
   for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
@@ -34,22 +31,31 @@ PoolId PoolId::from_token(const std::string& hex) {
   return id;
 }
 
+size_t encoded_size(const Handle& h) { return kHandleFixedBytes + 16 * size_t{h.ndim}; }
+
+void encode_handle_into(const Handle& h, unsigned char* out) {
+  auto put = [&out](uint64_t v) {
+    for (int i = 0; i < 8; ++i) *out++ = static_cast<unsigned char>((v >> (8 * i)) & 0xff);
+  };
+  std::memcpy(out, kMagic, 4);
+  out[4] = kVersion;
+  out[5] = h.flags;
+  out[6] = static_cast<unsigned char>(h.ndim);
+  out[7] = 0;
+  std::memcpy(out + 8, h.pool.bytes, 16);
+  out += 24;
+  put(h.ref.bits());
+  put(h.generation);
+  put(h.view_offset);
+  put(h.itemsize);
+  put(0);
+  for (uint32_t i = 0; i < h.ndim; ++i) put(static_cast<uint64_t>(h.shape[i]));
+  for (uint32_t i = 0; i < h.ndim; ++i) put(static_cast<uint64_t>(h.strides[i]));
+}
+
 std::string encode_handle(const Handle& h) {
-  std::string out;
-  out.reserve(kHandleFixedBytes + 16 * h.ndim);
-  out.append(kMagic, 4);
-  out += static_cast<char>(kVersion);
-  out += static_cast<char>(h.flags);
-  out += static_cast<char>(h.ndim);
-  out += '\0';
-  out.append(reinterpret_cast<const char*>(h.pool.bytes), 16);
-  put64(out, h.ref.bits());
-  put64(out, h.generation);
-  put64(out, h.view_offset);
-  put64(out, h.itemsize);
-  put64(out, 0);
-  for (uint32_t i = 0; i < h.ndim; ++i) put64(out, static_cast<uint64_t>(h.shape[i]));
-  for (uint32_t i = 0; i < h.ndim; ++i) put64(out, static_cast<uint64_t>(h.strides[i]));
+  std::string out(encoded_size(h), '\0');
+  encode_handle_into(h, reinterpret_cast<unsigned char*>(out.data()));
   return out;
 }
 

@@ -47,6 +47,9 @@ struct Handle {
 constexpr size_t kHandleFixedBytes = 64;
 
 std::string encode_handle(const Handle& h);
+// The same bytes written to `out`, which has room for encoded_size(h).
+size_t encoded_size(const Handle& h);
+void encode_handle_into(const Handle& h, unsigned char* out);
 // Throws CoreError(kInvalidHandle) with a reason for any malformed input.
 Handle decode_handle(const void* data, size_t len);
 

@@ -9,13 +9,15 @@ repetitions:
   - pyarraypool empty + release;
   - pyarraypool handle round trip: pickle.dumps + pickle.loads of a pool array
     (the attach), then release of the loaded array.
-Run: `make bench` or `.venv/bin/python bench/bench_python.py [--quick]`.
+Run: `make bench` or `.venv/bin/python bench/bench_python.py [--quick] [--json PATH]`;
+--json also writes the medians (microseconds) to PATH, for bench/report.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import pickle
 import platform
@@ -26,6 +28,7 @@ from collections.abc import Callable
 from multiprocessing import shared_memory
 
 import numpy as np
+from machine import machine_info
 
 import pyarraypool
 
@@ -96,6 +99,7 @@ def fmt(us: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shorter runs (noisier)")
+    ap.add_argument("--json", metavar="PATH", help="also write the medians (us) to PATH as JSON")
     args = ap.parse_args()
     budget = 0.3 if args.quick else 1.5
     gc.disable()  # no collector pauses inside timed calls
@@ -117,6 +121,22 @@ def main() -> None:
               f"faster than stdlib SharedMemory, {r['pickle dumps+loads'] / mk:.1f}x faster than pickle, "
               f"{mk / r['np.copyto (memcpy floor)']:.2f}x np.copyto; handle round trip "
               f"{r['pyarraypool handle round trip']:.2f} us")
+    if args.json:
+        doc = {
+            "benchmark": "bench_python",
+            "description": "median wall time per array, in one process, microseconds",
+            "unit": "us",
+            "quick": args.quick,
+            "budget_s_per_cell": budget,
+            "machine": machine_info(),
+            "sizes": SIZES,
+            "ways": rows,
+            "results": results,
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=2)
+        print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":

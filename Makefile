@@ -135,7 +135,7 @@ lint: lint-tools venv
 	clang-format --dry-run --Werror $(CSRC_FILES)
 	cppcheck --enable=warning,performance,portability --error-exitcode=1 --inline-suppr \
 	  --std=c++20 -Icsrc csrc/core csrc/binding --suppress=missingIncludeSystem
-	$(VENV)/bin/ruff check pyarraypool tests
+	$(VENV)/bin/ruff check pyarraypool tests bench
 	$(VENV)/bin/mypy pyarraypool
 
 # format: reformat the C++ sources in place with clang-format.

@@ -84,8 +84,9 @@ except Exception as exc:  # noqa: BLE001 - any failure means "not available"
     sa = None
     SA_ERROR = (str(exc).splitlines() or [type(exc).__name__])[0]
     # `make bench` tries `pip install SharedArray` and keeps its output here.
-    _log = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "build",
-                        "sharedarray-install.log")
+    _log = os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "build", "sharedarray-install.log"
+    )
     try:
         with open(_log) as _f:
             _err = [ln.strip() for ln in _f if ln.lower().startswith("error")]
@@ -249,7 +250,8 @@ class Data:
         rng = np.random.default_rng(0)
         self.s1 = rng.random(S1_SHAPE)
         self.s1_expected = np.broadcast_to(
-            np.arange(S1_SHAPE[0], dtype=np.float64)[:, None, None], S1_SHAPE)
+            np.arange(S1_SHAPE[0], dtype=np.float64)[:, None, None], S1_SHAPE
+        )
         self.s3_in = [rng.random(S3_N) for _ in range(S3_TASKS)]
         self.s3_expected = [a * 2.0 + 1.0 for a in self.s3_in]
         self.names: set[str] = set()  # every /dev/shm name this program used
@@ -271,18 +273,25 @@ def check(ok: bool, what: str) -> None:
 
 
 def check_planes(x: np.ndarray, d: Data, way: str) -> None:
-    check(x.shape == S1_SHAPE and np.array_equal(x, d.s1_expected),
-          f"S1 {way}: the parent does not see every plane the workers wrote")
+    check(
+        x.shape == S1_SHAPE and np.array_equal(x, d.s1_expected),
+        f"S1 {way}: the parent does not see every plane the workers wrote",
+    )
 
 
 def check_sums(sums: list[float], way: str) -> None:
-    check(len(sums) == S2_TASKS and all(s == (i + 1.0) * S2_N for i, s in enumerate(sums)),
-          f"S2 {way}: a result does not hold what its worker wrote")
+    check(
+        len(sums) == S2_TASKS and all(s == (i + 1.0) * S2_N for i, s in enumerate(sums)),
+        f"S2 {way}: a result does not hold what its worker wrote",
+    )
 
 
 def check_s3(res: list[np.ndarray], d: Data, way: str) -> None:
-    check(len(res) == S3_TASKS and all(np.array_equal(r, e) for r, e in zip(res, d.s3_expected, strict=True)),
-          f"S3 {way}: a result is not 2 * x + 1 of its input")
+    check(
+        len(res) == S3_TASKS
+        and all(np.array_equal(r, e) for r, e in zip(res, d.s3_expected, strict=True)),
+        f"S3 {way}: a result is not 2 * x + 1 of its input",
+    )
 
 
 # S1 -------------------------------------------------------------------------
@@ -303,8 +312,9 @@ def s1_pyarraypool(pool: Any, d: Data, sw: Stopwatch) -> None:
 def s1_pickle(pool: Any, d: Data, sw: Stopwatch) -> None:
     arr = d.s1
     sw.start()
-    planes = pmap(pool, s1_pickle_task, [(arr[i], i, float(i)) for i in range(S1_SHAPE[0])],
-                  star=True)
+    planes = pmap(
+        pool, s1_pickle_task, [(arr[i], i, float(i)) for i in range(S1_SHAPE[0])], star=True
+    )
     for i, plane in enumerate(planes):
         arr[i] = plane
     del planes
@@ -321,9 +331,12 @@ def s1_shm(pool: Any, d: Data, sw: Stopwatch) -> None:
     try:
         x = np.ndarray(arr.shape, arr.dtype, buffer=seg.buf)
         x[...] = arr
-        pmap(pool, s1_shm_task,
-             [(seg.name, arr.shape, arr.dtype.str, i, float(i)) for i in range(S1_SHAPE[0])],
-             star=True)
+        pmap(
+            pool,
+            s1_shm_task,
+            [(seg.name, arr.shape, arr.dtype.str, i, float(i)) for i in range(S1_SHAPE[0])],
+            star=True,
+        )
         sw.stop()
         check_planes(x, d, "SharedMemory")
         sw.start()
@@ -361,8 +374,10 @@ def s2_pyarraypool(pool: Any, d: Data, sw: Stopwatch) -> None:
     res = pmap(pool, s2_pool_task, list(range(S2_TASKS)))
     sums = [float(r.sum()) for r in res]
     sw.stop()
-    check(all(isinstance(r, pyarraypool.TransferableArray) for r in res),
-          "S2 pyarraypool: a result is not a pool array")
+    check(
+        all(isinstance(r, pyarraypool.TransferableArray) for r in res),
+        "S2 pyarraypool: a result is not a pool array",
+    )
     check_sums(sums, "pyarraypool")
     sw.start()
     del res
@@ -434,8 +449,10 @@ def s3_pyarraypool(pool: Any, d: Data, sw: Stopwatch) -> None:
     ins = [pyarraypool.make_transferable(a) for a in d.s3_in]
     res = pmap(pool, s3_pool_task, ins)
     sw.stop()
-    check(all(isinstance(r, pyarraypool.TransferableArray) for r in res),
-          "S3 pyarraypool: a result is not a pool array")
+    check(
+        all(isinstance(r, pyarraypool.TransferableArray) for r in res),
+        "S3 pyarraypool: a result is not a pool array",
+    )
     check_s3(res, d, "pyarraypool")
     sw.start()
     del ins, res
@@ -472,7 +489,7 @@ def s3_shm(pool: Any, d: Data, sw: Stopwatch) -> None:
         for seg in segs:
             seg.close()
             seg.unlink()
-        for name in names[len(res):]:  # only after a failure
+        for name in names[len(res) :]:  # only after a failure
             unlink_quietly(name)
     sw.stop()
     d.names.update(seg.name for seg in segs)
@@ -484,10 +501,18 @@ def s3_shm(pool: Any, d: Data, sw: Stopwatch) -> None:
 
 
 RUNS: dict[str, dict[str, Callable[[Any, Data, Stopwatch], None]]] = {
-    "S1": {"pyarraypool": s1_pyarraypool, "pickle": s1_pickle, "SharedMemory": s1_shm,
-           "SharedArray": s1_sa},
-    "S2": {"pyarraypool": s2_pyarraypool, "pickle": s2_pickle, "SharedMemory": s2_shm,
-           "SharedArray": s2_sa},
+    "S1": {
+        "pyarraypool": s1_pyarraypool,
+        "pickle": s1_pickle,
+        "SharedMemory": s1_shm,
+        "SharedArray": s1_sa,
+    },
+    "S2": {
+        "pyarraypool": s2_pyarraypool,
+        "pickle": s2_pickle,
+        "SharedMemory": s2_shm,
+        "SharedArray": s2_sa,
+    },
     "S3": {"pyarraypool": s3_pyarraypool, "pickle": s3_pickle, "SharedMemory": s3_shm},
 }
 WAYS = ["pyarraypool", "pickle", "SharedMemory", "SharedArray"]
@@ -526,8 +551,11 @@ def run_scenario(pool: Any, d: Data, scen: str, args: argparse.Namespace) -> dic
             "warmup_s": warm[w],
             "verified": True,  # every run was checked; a wrong result raises
         }
-        print(f"  {scen} {w:>12}: median {fmt_s(out[w]['median_s']):>9} over {len(samples[w])} "
-              f"(min {fmt_s(out[w]['min_s'])}, max {fmt_s(out[w]['max_s'])})", flush=True)
+        print(
+            f"  {scen} {w:>12}: median {fmt_s(out[w]['median_s']):>9} over {len(samples[w])} "
+            f"(min {fmt_s(out[w]['min_s'])}, max {fmt_s(out[w]['max_s'])})",
+            flush=True,
+        )
     return out
 
 
@@ -538,8 +566,11 @@ def run_method(method: str, d: Data, args: argparse.Namespace) -> dict[str, Any]
     try:
         pids = set(pool.map(warm_task, range(4 * WORKERS), chunksize=1))
         startup = time.perf_counter() - t0
-        print(f"{method}: Pool({WORKERS}) up in {fmt_s(startup)} (not timed below), "
-              f"{len(pids)} workers answered", flush=True)
+        print(
+            f"{method}: Pool({WORKERS}) up in {fmt_s(startup)} (not timed below), "
+            f"{len(pids)} workers answered",
+            flush=True,
+        )
         res = {s: run_scenario(pool, d, s, args) for s in args.scenarios}
     finally:
         pool.close()
@@ -561,10 +592,17 @@ def markdown(doc: dict[str, Any]) -> str:
     for method, m in doc["methods"].items():
         ways = [w for w in WAYS if any(w in r for r in m["scenarios"].values())]
         peers = [w for w in ways if w != "pyarraypool"]
-        lines.append(f"**{method}** (Pool({doc['workers']}) start-up {fmt_s(m['pool_startup_s'])}, "
-                     "not included)\n")
-        lines.append("| scenario | " + " | ".join(ways) + " | "
-                     + " | ".join(f"{p} / pyarraypool" for p in peers) + " |")
+        lines.append(
+            f"**{method}** (Pool({doc['workers']}) start-up {fmt_s(m['pool_startup_s'])}, "
+            "not included)\n"
+        )
+        lines.append(
+            "| scenario | "
+            + " | ".join(ways)
+            + " | "
+            + " | ".join(f"{p} / pyarraypool" for p in peers)
+            + " |"
+        )
         lines.append("|---|" + "---:|" * (len(ways) + len(peers)))
         for scen, r in m["scenarios"].items():
             cells = []
@@ -592,18 +630,39 @@ def dev_shm_left(names: set[str]) -> list[str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="a smoke run: 2 repetitions (1 for slow ways), noisy numbers")
-    ap.add_argument("--methods", default="fork,spawn,forkserver",
-                    help="comma-separated start methods (default: fork,spawn,forkserver)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 2 repetitions (1 for slow ways), noisy numbers",
+    )
+    ap.add_argument(
+        "--methods",
+        default="fork,spawn,forkserver",
+        help="comma-separated start methods (default: fork,spawn,forkserver)",
+    )
     ap.add_argument("--scenarios", default="S1,S2,S3", help="comma-separated (default: S1,S2,S3)")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per way (default 7; 2 with --quick)")
-    ap.add_argument("--slow-reps", type=int, default=None,
-                    help="repetitions for ways whose warm-up run exceeds --slow-threshold (default 3; 1 with --quick)")
+    ap.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="timed repetitions per way (default 7; 2 with --quick)",
+    )
+    ap.add_argument(
+        "--slow-reps",
+        type=int,
+        default=None,
+        help="repetitions for ways whose warm-up run exceeds --slow-threshold (default 3; 1 with --quick)",
+    )
     ap.add_argument("--slow-threshold", type=float, default=1.0, help="seconds (default 1.0)")
-    ap.add_argument("--json", metavar="PATH", default="build/bench_e2e.json",
-                    help="where to write the results (default build/bench_e2e.json)")
+    ap.add_argument(
+        "--json",
+        metavar="PATH",
+        default="build/bench_e2e.json",
+        help="where to write the results (default build/bench_e2e.json)",
+    )
     args = ap.parse_args()
     args.reps = args.reps or (2 if args.quick else 7)
     args.slow_reps = args.slow_reps or (1 if args.quick else 3)
@@ -646,12 +705,16 @@ def main() -> int:
         "machine": machine_info(),
         "scenarios": {s: SCENARIOS[s] for s in args.scenarios},
         "ways": WAYS,
-        "sharedarray": ({"available": True, "version": getattr(sa, "__version__", None)}
-                        if sa is not None else {"available": False, "error": SA_ERROR}),
+        "sharedarray": (
+            {"available": True, "version": getattr(sa, "__version__", None)}
+            if sa is not None
+            else {"available": False, "error": SA_ERROR}
+        ),
         "methods": {},
     }
     try:
         from importlib.metadata import version
+
         doc["sharedarray"]["version"] = version("SharedArray")
     except Exception:  # noqa: BLE001
         pass
@@ -675,10 +738,16 @@ def main() -> int:
     doc["dev_shm_left"] = left
     doc["pool_used_bytes"] = {"before": used_before, "after": used_after}
     if left:
-        print(f"FAILED: these segments were left in /dev/shm (now removed): {left[:10]}", file=sys.stderr)
+        print(
+            f"FAILED: these segments were left in /dev/shm (now removed): {left[:10]}",
+            file=sys.stderr,
+        )
         status = 1
     if used_after != used_before:
-        print(f"FAILED: the pool holds {used_after - used_before} more bytes than before", file=sys.stderr)
+        print(
+            f"FAILED: the pool holds {used_after - used_before} more bytes than before",
+            file=sys.stderr,
+        )
         status = 1
     if status:
         return status

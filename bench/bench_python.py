@@ -35,7 +35,9 @@ import pyarraypool
 SIZES = {"1 KiB": 1 << 10, "64 KiB": 64 << 10, "1 MiB": 1 << 20, "16 MiB": 16 << 20}
 
 
-def median_us(fn: Callable[[], object], budget_s: float, min_reps: int = 5, max_reps: int = 20000) -> float:
+def median_us(
+    fn: Callable[[], object], budget_s: float, min_reps: int = 5, max_reps: int = 20000
+) -> float:
     """Median wall time of fn() in microseconds, over repetitions filling budget_s."""
     for _ in range(3):
         fn()  # warm up: first-touch page faults, caches, lazily mapped segments
@@ -97,7 +99,9 @@ def fmt(us: float) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="shorter runs (noisier)")
     ap.add_argument("--json", metavar="PATH", help="also write the medians (us) to PATH as JSON")
     args = ap.parse_args()
@@ -106,8 +110,10 @@ def main() -> None:
     results = {label: bench_size(n, budget) for label, n in SIZES.items()}
     gc.enable()
     rows = list(next(iter(results.values())))
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}, numpy {np.__version__}, Linux {platform.release()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, numpy {np.__version__}, Linux {platform.release()}"
+    )
     print("medians per array, in one process\n")
     print("| way | " + " | ".join(results) + " |")
     print("|---|" + "---|" * len(results))
@@ -117,10 +123,12 @@ def main() -> None:
     for label in results:
         r = results[label]
         mk = r["pyarraypool make_transferable+release"]
-        print(f"{label}: make_transferable is {r['stdlib SharedMemory create+attach+unlink'] / mk:.1f}x "
-              f"faster than stdlib SharedMemory, {r['pickle dumps+loads'] / mk:.1f}x faster than pickle, "
-              f"{mk / r['np.copyto (memcpy floor)']:.2f}x np.copyto; handle round trip "
-              f"{r['pyarraypool handle round trip']:.2f} us")
+        print(
+            f"{label}: make_transferable is {r['stdlib SharedMemory create+attach+unlink'] / mk:.1f}x "
+            f"faster than stdlib SharedMemory, {r['pickle dumps+loads'] / mk:.1f}x faster than pickle, "
+            f"{mk / r['np.copyto (memcpy floor)']:.2f}x np.copyto; handle round trip "
+            f"{r['pyarraypool handle round trip']:.2f} us"
+        )
     if args.json:
         doc = {
             "benchmark": "bench_python",

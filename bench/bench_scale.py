@@ -98,8 +98,9 @@ def run(name: str, code: str, timeout: float) -> dict:
     with open(script, "w") as f:
         f.write("import json\n" + textwrap.dedent(code))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, script], env=env, capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stdout}\n{proc.stderr}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -109,13 +110,16 @@ def run(name: str, code: str, timeout: float) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--skip-16g", action="store_true", help="skip the 16 GiB pool")
     ap.add_argument("--json", default=os.path.join(REPO, "build", "bench_scale.json"))
     args = ap.parse_args()
-    results = {"million_live": run("million_live", MILLION, 600),
-               "thirty_two_processes": run("thirty_two_processes", THIRTY_TWO, 600)}
+    results = {
+        "million_live": run("million_live", MILLION, 600),
+        "thirty_two_processes": run("thirty_two_processes", THIRTY_TWO, 600),
+    }
     if not args.skip_16g:
         results["sixteen_gib"] = run("sixteen_gib", SIXTEEN_GIB, 900)
     with open(args.json, "w") as f:

@@ -35,8 +35,11 @@ PICKLE = "pickle dumps+loads"
 SHM = "stdlib SharedMemory create+attach+unlink"
 
 E2E_WAYS = ["pyarraypool", "pickle", "SharedMemory", "SharedArray"]
-E2E_SHORT = {"S1": "S1 seed example (80 MB, 100 tasks)", "S2": "S2 200 x 1 MiB results",
-             "S3": "S3 5,000 x 1 KiB round trips"}
+E2E_SHORT = {
+    "S1": "S1 seed example (80 MB, 100 tasks)",
+    "S2": "S2 200 x 1 MiB results",
+    "S3": "S3 5,000 x 1 KiB round trips",
+}
 
 
 # ------------------------------------------------------------------ formatting
@@ -136,10 +139,19 @@ def core_medians(core: dict[str, Any] | None) -> list[dict[str, Any]]:
             continue
         scale = _NS.get(b.get("time_unit", "ns"), 1.0)
         run = b.get("run_name", b["name"])
-        short = "/".join(p for p in run.split("/")
-                         if not re.match(r"(min_time|repeats|real_time$|iterations)", p))
-        out.append({**b, "short": short, "real_ns": b["real_time"] * scale,
-                    "cpu_ns": b["cpu_time"] * scale})
+        short = "/".join(
+            p
+            for p in run.split("/")
+            if not re.match(r"(min_time|repeats|real_time$|iterations)", p)
+        )
+        out.append(
+            {
+                **b,
+                "short": short,
+                "real_ns": b["real_time"] * scale,
+                "cpu_ns": b["cpu_time"] * scale,
+            }
+        )
     return out
 
 
@@ -157,8 +169,9 @@ def core_find(meds: list[dict[str, Any]], family: str, **params: str) -> dict[st
 # ------------------------------------------------------------------ targets
 
 
-def targets(bp: dict[str, Any] | None, e2e: dict[str, Any] | None,
-            meds: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+def targets(
+    bp: dict[str, Any] | None, e2e: dict[str, Any] | None, meds: list[dict[str, Any]]
+) -> list[tuple[str, str, str, str]]:
     """(number, target, measured, verdict) rows."""
     rows: list[tuple[str, str, str, str]] = []
     r = bp["results"] if bp else None
@@ -169,50 +182,102 @@ def targets(bp: dict[str, Any] | None, e2e: dict[str, Any] | None,
     t1 = "make_transferable+release 1 KiB: >=15x faster than stdlib SharedMemory, faster than a pickle round trip"
     if r:
         mk, shm, pk = r["1 KiB"][MK], r["1 KiB"][SHM], r["1 KiB"][PICKLE]
-        rows.append(("1", t1, f"{fmt_us(mk)}: {shm / mk:.0f}x faster than SharedMemory ({fmt_us(shm)}), "
-                              f"{pk / mk:.1f}x faster than pickle ({fmt_us(pk)})",
-                     verdict(None, {">=15x SharedMemory": shm / mk >= 15, "faster than pickle": mk < pk})))
+        rows.append(
+            (
+                "1",
+                t1,
+                f"{fmt_us(mk)}: {shm / mk:.0f}x faster than SharedMemory ({fmt_us(shm)}), "
+                f"{pk / mk:.1f}x faster than pickle ({fmt_us(pk)})",
+                verdict(
+                    None, {">=15x SharedMemory": shm / mk >= 15, "faster than pickle": mk < pk}
+                ),
+            )
+        )
     else:
         na("1", t1, "no bench_python.json")
 
     t2 = "handle round trip 16 MiB: within 2x of 1 KiB, >=100x faster than pickling 16 MiB, <=3 us"
     if r:
         h1, h16, pk16 = r["1 KiB"][HRT], r["16 MiB"][HRT], r["16 MiB"][PICKLE]
-        rows.append(("2", t2, f"{fmt_us(h16)} (1 KiB: {fmt_us(h1)}, {h16 / h1:.2f}x); "
-                              f"{pk16 / h16:.0f}x faster than pickling 16 MiB ({fmt_us(pk16)})",
-                     verdict(None, {"within 2x of 1 KiB": h16 <= 2 * h1, ">=100x pickle": pk16 / h16 >= 100,
-                                    "<=3 us": h16 <= 3.0})))
+        rows.append(
+            (
+                "2",
+                t2,
+                f"{fmt_us(h16)} (1 KiB: {fmt_us(h1)}, {h16 / h1:.2f}x); "
+                f"{pk16 / h16:.0f}x faster than pickling 16 MiB ({fmt_us(pk16)})",
+                verdict(
+                    None,
+                    {
+                        "within 2x of 1 KiB": h16 <= 2 * h1,
+                        ">=100x pickle": pk16 / h16 >= 100,
+                        "<=3 us": h16 <= 3.0,
+                    },
+                ),
+            )
+        )
     else:
         na("2", t2, "no bench_python.json")
 
     t3 = "make_transferable 16 MiB: <=1.3x np.copyto, >=5x faster than SharedMemory"
     if r:
         mk, cp, shm = r["16 MiB"][MK], r["16 MiB"][COPYTO], r["16 MiB"][SHM]
-        rows.append(("3", t3, f"{fmt_us(mk)}: {mk / cp:.2f}x np.copyto ({fmt_us(cp)}), "
-                              f"{shm / mk:.1f}x faster than SharedMemory ({fmt_us(shm)})",
-                     verdict(None, {"<=1.3x np.copyto": mk <= 1.3 * cp, ">=5x SharedMemory": shm / mk >= 5})))
+        rows.append(
+            (
+                "3",
+                t3,
+                f"{fmt_us(mk)}: {mk / cp:.2f}x np.copyto ({fmt_us(cp)}), "
+                f"{shm / mk:.1f}x faster than SharedMemory ({fmt_us(shm)})",
+                verdict(
+                    None, {"<=1.3x np.copyto": mk <= 1.3 * cp, ">=5x SharedMemory": shm / mk >= 5}
+                ),
+            )
+        )
     else:
         na("3", t3, "no bench_python.json")
 
     t4 = "empty 16 MiB: >=100x faster than make_transferable 16 MiB"
     if r:
         em, mk = r["16 MiB"][EMPTY], r["16 MiB"][MK]
-        rows.append(("4", t4, f"{fmt_us(em)}: {mk / em:.0f}x faster ({fmt_us(mk)})", verdict(mk / em >= 100)))
+        rows.append(
+            (
+                "4",
+                t4,
+                f"{fmt_us(em)}: {mk / em:.0f}x faster ({fmt_us(mk)})",
+                verdict(mk / em >= 100),
+            )
+        )
     else:
         na("4", t4, "no bench_python.json")
 
-    for num, fam, what in (("5a", "BM_AllocFree", "allocator"),
-                           ("5b", "BM_PoolAllocFree", "pool, lock included")):
-        t5 = (f"C++ alloc+free 1 KiB ({what}, {fam}): median <=100 ns, "
-              "with 1e6 live <=1.5x with 1e3 live")
+    for num, fam, what in (
+        ("5a", "BM_AllocFree", "allocator"),
+        ("5b", "BM_PoolAllocFree", "pool, lock included"),
+    ):
+        t5 = (
+            f"C++ alloc+free 1 KiB ({what}, {fam}): median <=100 ns, "
+            "with 1e6 live <=1.5x with 1e3 live"
+        )
         lo = core_find(meds, fam, size="1024", live="1000")
         hi = core_find(meds, fam, size="1024", live="1000000")
         if lo and hi:
             a, b = lo["real_ns"], hi["real_ns"]
-            rows.append((num, t5, f"{fmt_ns(a)} with 1e3 live, {fmt_ns(b)} with 1e6 live ({b / a:.2f}x)",
-                         verdict(None, {"<=100 ns": max(a, b) <= 100, "1e6 live <=1.5x 1e3 live": b <= 1.5 * a})))
+            rows.append(
+                (
+                    num,
+                    t5,
+                    f"{fmt_ns(a)} with 1e3 live, {fmt_ns(b)} with 1e6 live ({b / a:.2f}x)",
+                    verdict(
+                        None,
+                        {"<=100 ns": max(a, b) <= 100, "1e6 live <=1.5x 1e3 live": b <= 1.5 * a},
+                    ),
+                )
+            )
         else:
-            na(num, t5, "no core_bench.json" if not meds else f"{fam}/size:1024/live:1000|1000000 missing")
+            na(
+                num,
+                t5,
+                "no core_bench.json" if not meds else f"{fam}/size:1024/live:1000|1000000 missing",
+            )
 
     t6 = "two processes' combined pool alloc+free throughput >= one process's"
     one = core_find(meds, "BM_PoolAllocFreeOneProcess")
@@ -220,13 +285,22 @@ def targets(bp: dict[str, Any] | None, e2e: dict[str, Any] | None,
     if one and two and "items_per_second" in one and "items_per_second" in two:
         a, b = one["items_per_second"], two["items_per_second"]
         cpus = f", cpus_used {two['cpus_used']:.2f}" if "cpus_used" in two else ""
-        rows.append(("6", t6, f"two: {fmt_rate(b)}, one: {fmt_rate(a)} ({b / a:.2f}x{cpus})", verdict(b >= a)))
+        rows.append(
+            (
+                "6",
+                t6,
+                f"two: {fmt_rate(b)}, one: {fmt_rate(a)} ({b / a:.2f}x{cpus})",
+                verdict(b >= a),
+            )
+        )
     else:
         na("6", t6, "no core_bench.json" if not meds else "BM_PoolAllocFree*Process* missing")
 
-    t7 = {"S1": "S1: no slower than SharedMemory, >=10x faster than pickle",
-          "S2": "S2: <=0.5x SharedMemory",
-          "S3": "S3: no slower than pickle"}
+    t7 = {
+        "S1": "S1: no slower than SharedMemory, >=10x faster than pickle",
+        "S2": "S2: <=0.5x SharedMemory",
+        "S3": "S3: no slower than pickle",
+    }
     if e2e and e2e.get("methods"):
         for method, m in e2e["methods"].items():
             for scen, text in t7.items():
@@ -239,16 +313,39 @@ def targets(bp: dict[str, Any] | None, e2e: dict[str, Any] | None,
                 shm = res.get("SharedMemory", {}).get("median_s")
                 pk = res.get("pickle", {}).get("median_s")
                 if scen == "S1" and shm and pk:
-                    rows.append(("7", label, f"{fmt_s(p)}: {shm / p:.1f}x faster than SharedMemory "
-                                             f"({fmt_s(shm)}), {pk / p:.1f}x faster than pickle ({fmt_s(pk)})",
-                                 verdict(None, {"no slower than SharedMemory": p <= shm,
-                                                ">=10x pickle": pk / p >= 10})))
+                    rows.append(
+                        (
+                            "7",
+                            label,
+                            f"{fmt_s(p)}: {shm / p:.1f}x faster than SharedMemory "
+                            f"({fmt_s(shm)}), {pk / p:.1f}x faster than pickle ({fmt_s(pk)})",
+                            verdict(
+                                None,
+                                {
+                                    "no slower than SharedMemory": p <= shm,
+                                    ">=10x pickle": pk / p >= 10,
+                                },
+                            ),
+                        )
+                    )
                 elif scen == "S2" and shm:
-                    rows.append(("7", label, f"{fmt_s(p)} = {p / shm:.2f}x SharedMemory ({fmt_s(shm)})",
-                                 verdict(p <= 0.5 * shm)))
+                    rows.append(
+                        (
+                            "7",
+                            label,
+                            f"{fmt_s(p)} = {p / shm:.2f}x SharedMemory ({fmt_s(shm)})",
+                            verdict(p <= 0.5 * shm),
+                        )
+                    )
                 elif scen == "S3" and pk:
-                    rows.append(("7", label, f"{fmt_s(p)} = {p / pk:.2f}x pickle ({fmt_s(pk)})",
-                                 verdict(p <= pk)))
+                    rows.append(
+                        (
+                            "7",
+                            label,
+                            f"{fmt_s(p)} = {p / pk:.2f}x pickle ({fmt_s(pk)})",
+                            verdict(p <= pk),
+                        )
+                    )
                 else:
                     na("7", label, "a peer is missing")
     else:
@@ -269,12 +366,24 @@ def plot_per_array(bp: dict[str, Any], path: str) -> None:
     labels = list(sizes)
     xs = [sizes[s] for s in labels]
     fig, ax = plt.subplots(figsize=(8, 5.2))
-    styles = {COPYTO: ("k", "--"), PICKLE: ("tab:orange", "-"), SHM: ("tab:red", "-"),
-              MK: ("tab:blue", "-"), EMPTY: ("tab:cyan", "-"), HRT: ("tab:green", "-")}
+    styles = {
+        COPYTO: ("k", "--"),
+        PICKLE: ("tab:orange", "-"),
+        SHM: ("tab:red", "-"),
+        MK: ("tab:blue", "-"),
+        EMPTY: ("tab:cyan", "-"),
+        HRT: ("tab:green", "-"),
+    }
     for way in bp["ways"]:
         color, ls = styles.get(way, (None, "-"))
-        ax.plot(xs, [bp["results"][s][way] for s in labels], marker="o", color=color, linestyle=ls,
-                label=way)
+        ax.plot(
+            xs,
+            [bp["results"][s][way] for s in labels],
+            marker="o",
+            color=color,
+            linestyle=ls,
+            label=way,
+        )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(xs, labels)
@@ -297,12 +406,19 @@ def plot_e2e(e2e: dict[str, Any], path: str) -> None:
 
     methods = list(e2e["methods"])
     scens = list(e2e["scenarios"])
-    colors = {"pyarraypool": "tab:blue", "pickle": "tab:orange", "SharedMemory": "tab:red",
-              "SharedArray": "tab:purple"}
+    colors = {
+        "pyarraypool": "tab:blue",
+        "pickle": "tab:orange",
+        "SharedMemory": "tab:red",
+        "SharedArray": "tab:purple",
+    }
     fig, axes = plt.subplots(1, len(scens), figsize=(4.2 * len(scens), 4.6), squeeze=False)
     for ax, scen in zip(axes[0], scens, strict=True):
-        ways = [w for w in E2E_WAYS if any(w in e2e["methods"][m]["scenarios"].get(scen, {})
-                                           for m in methods)]
+        ways = [
+            w
+            for w in E2E_WAYS
+            if any(w in e2e["methods"][m]["scenarios"].get(scen, {}) for m in methods)
+        ]
         width = 0.8 / max(len(ways), 1)
         lowest, highest = math.inf, 0.0
         for j, w in enumerate(ways):
@@ -313,8 +429,12 @@ def plot_e2e(e2e: dict[str, Any], path: str) -> None:
                     xs.append(i + (j - (len(ways) - 1) / 2) * width)
                     ys.append(r["median_s"] * 1e3)
             bars = ax.bar(xs, ys, width=width, color=colors.get(w), label=w)
-            ax.bar_label(bars, labels=[f"{y:.0f}" if y >= 10 else f"{y:.1f}" for y in ys],
-                         fontsize=6, padding=1)
+            ax.bar_label(
+                bars,
+                labels=[f"{y:.0f}" if y >= 10 else f"{y:.1f}" for y in ys],
+                fontsize=6,
+                padding=1,
+            )
             lowest = min([lowest, *ys])
             highest = max([highest, *ys])
         ax.set_xticks(range(len(methods)), methods)
@@ -333,8 +453,10 @@ def plot_e2e(e2e: dict[str, Any], path: str) -> None:
                 handles.append(h)
                 labels.append(lab)
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
-    fig.suptitle("End to end through multiprocessing.Pool(2): median wall time per scenario run"
-                 + (" (--quick)" if e2e.get("quick") else ""))
+    fig.suptitle(
+        "End to end through multiprocessing.Pool(2): median wall time per scenario run"
+        + (" (--quick)" if e2e.get("quick") else "")
+    )
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -343,27 +465,38 @@ def plot_e2e(e2e: dict[str, Any], path: str) -> None:
 # ------------------------------------------------------------------ document
 
 
-def machine_section(bp: dict[str, Any] | None, e2e: dict[str, Any] | None,
-                    core: dict[str, Any] | None) -> list[str]:
+def machine_section(
+    bp: dict[str, Any] | None, e2e: dict[str, Any] | None, core: dict[str, Any] | None
+) -> list[str]:
     m: dict[str, Any] = (e2e or {}).get("machine") or (bp or {}).get("machine") or machine_info()
-    out = ["## Machine", "", "| | |", "|---|---|",
-           f"| CPU | {m['cpu_model']} |",
-           f"| cores | {m['cores']} |",
-           f"| memory | {fmt_bytes(m.get('mem_total_bytes'))} (/dev/shm {fmt_bytes(m.get('dev_shm_bytes'))}) |",
-           f"| kernel | Linux {m['kernel']} |",
-           f"| Python | {m['python']} |",
-           f"| numpy | {m['numpy']} |"]
+    out = [
+        "## Machine",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| CPU | {m['cpu_model']} |",
+        f"| cores | {m['cores']} |",
+        f"| memory | {fmt_bytes(m.get('mem_total_bytes'))} (/dev/shm {fmt_bytes(m.get('dev_shm_bytes'))}) |",
+        f"| kernel | Linux {m['kernel']} |",
+        f"| Python | {m['python']} |",
+        f"| numpy | {m['numpy']} |",
+    ]
     runs = []
     for name, doc in (("bench_python", bp), ("bench_e2e", e2e)):
         if doc and doc.get("machine"):
             dm = doc["machine"]
             load = dm.get("load_avg")
-            runs.append(f"{name} {dm.get('date', '?')}" + (f" (load average {load[0]})" if load else "")
-                        + (", --quick" if doc.get("quick") else ""))
+            runs.append(
+                f"{name} {dm.get('date', '?')}"
+                + (f" (load average {load[0]})" if load else "")
+                + (", --quick" if doc.get("quick") else "")
+            )
     if core and core.get("context"):
         c = core["context"]
         load = c.get("load_avg")
-        runs.append(f"core_bench {c.get('date', '?')}" + (f" (load average {load[0]:.2f})" if load else ""))
+        runs.append(
+            f"core_bench {c.get('date', '?')}" + (f" (load average {load[0]:.2f})" if load else "")
+        )
     if runs:
         out.append(f"| runs | {'; '.join(runs)} |")
     out.append("")
@@ -378,38 +511,56 @@ def build(args: argparse.Namespace) -> str:
     docs_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(docs_dir, exist_ok=True)
 
-    L: list[str] = ["# Benchmarks", "",
-                    "Generated by `bench/report.py` from `build/bench_python.json`, "
-                    "`build/bench_e2e.json` and `build/core_bench.json`; do not edit by hand: "
-                    "rerun `make bench`.", ""]
+    L: list[str] = [
+        "# Benchmarks",
+        "",
+        "Generated by `bench/report.py` from `build/bench_python.json`, "
+        "`build/bench_e2e.json` and `build/core_bench.json`; do not edit by hand: "
+        "rerun `make bench`.",
+        "",
+    ]
     quick = [n for n, d in (("bench_python", bp), ("bench_e2e", e2e)) if d and d.get("quick")]
     if quick:
-        L += [f"> **Smoke run:** {', '.join(quick)} ran with `--quick` (few repetitions): "
-              "the numbers are noisy and the verdicts below are not to be quoted.", ""]
+        L += [
+            f"> **Smoke run:** {', '.join(quick)} ran with `--quick` (few repetitions): "
+            "the numbers are noisy and the verdicts below are not to be quoted.",
+            "",
+        ]
     L += machine_section(bp, e2e, core)
 
-    L += ["## How to rerun", "",
-          "```sh",
-          "make bench   # core-bench, bench_python.py, bench_e2e.py, then this report",
-          "```", "",
-          "`make bench` runs, in order: `make core-bench` (the C++ core under Google Benchmark, "
-          "to `build/core_bench.json`), `bench/bench_python.py --json build/bench_python.json`, "
-          "`bench/bench_e2e.py --json build/bench_e2e.json`, and `bench/report.py`, which "
-          "rewrites this file and its plots. On the 2-core development machine it takes a few "
-          "minutes. Run it on an otherwise idle machine: every figure is a median, but the "
-          "two-process and end-to-end benchmarks need both cores. "
-          "`bench/bench_e2e.py --quick --methods fork` is a smoke test of a few seconds.", ""]
+    L += [
+        "## How to rerun",
+        "",
+        "```sh",
+        "make bench   # core-bench, bench_python.py, bench_e2e.py, then this report",
+        "```",
+        "",
+        "`make bench` runs, in order: `make core-bench` (the C++ core under Google Benchmark, "
+        "to `build/core_bench.json`), `bench/bench_python.py --json build/bench_python.json`, "
+        "`bench/bench_e2e.py --json build/bench_e2e.json`, and `bench/report.py`, which "
+        "rewrites this file and its plots. On the 2-core development machine it takes a few "
+        "minutes. Run it on an otherwise idle machine: every figure is a median, but the "
+        "two-process and end-to-end benchmarks need both cores. "
+        "`bench/bench_e2e.py --quick --methods fork` is a smoke test of a few seconds.",
+        "",
+    ]
 
     # -- per array
     L += ["## Per array, in one process", ""]
     if bp:
         sizes = list(bp["sizes"])
-        L += ["Median time to share one float64 array and drop it (`bench/bench_python.py`): "
-              "create, copy in, attach, release; the handle round trip is `pickle.loads(pickle.dumps(x))` "
-              "of an array already in the pool (what a worker's attach costs).", "",
-              "| way | " + " | ".join(sizes) + " |", "|---|" + "---:|" * len(sizes)]
+        L += [
+            "Median time to share one float64 array and drop it (`bench/bench_python.py`): "
+            "create, copy in, attach, release; the handle round trip is `pickle.loads(pickle.dumps(x))` "
+            "of an array already in the pool (what a worker's attach costs).",
+            "",
+            "| way | " + " | ".join(sizes) + " |",
+            "|---|" + "---:|" * len(sizes),
+        ]
         for way in bp["ways"]:
-            L.append(f"| {way} | " + " | ".join(fmt_us(bp["results"][s][way]) for s in sizes) + " |")
+            L.append(
+                f"| {way} | " + " | ".join(fmt_us(bp["results"][s][way]) for s in sizes) + " |"
+            )
         L.append("")
         plot_per_array(bp, os.path.join(docs_dir, PER_ARRAY_PNG))
         L += [f"![cost per array vs array size]({PER_ARRAY_PNG})", ""]
@@ -419,39 +570,61 @@ def build(args: argparse.Namespace) -> str:
     # -- end to end
     L += ["## End to end through `multiprocessing.Pool(2)`", ""]
     if e2e and e2e.get("methods"):
-        L += ["`bench/bench_e2e.py`: a `multiprocessing.get_context(method).Pool(2)`, started and "
-              "warmed up before any timing. Each scenario runs each way once untimed, then "
-              f"{e2e['reps']} timed repetitions (ways slower than {e2e['slow_threshold_s']:g} s: "
-              f"{e2e['slow_reps']}; a cell says when it differs), interleaved. Timed: from inputs as "
-              "plain ndarrays in the parent to usable results in the parent, plus the clean-up; not "
-              "timed: verifying every result, which the parent does after every run.", ""]
+        L += [
+            "`bench/bench_e2e.py`: a `multiprocessing.get_context(method).Pool(2)`, started and "
+            "warmed up before any timing. Each scenario runs each way once untimed, then "
+            f"{e2e['reps']} timed repetitions (ways slower than {e2e['slow_threshold_s']:g} s: "
+            f"{e2e['slow_reps']}; a cell says when it differs), interleaved. Timed: from inputs as "
+            "plain ndarrays in the parent to usable results in the parent, plus the clean-up; not "
+            "timed: verifying every result, which the parent does after every run.",
+            "",
+        ]
         for s, sc in e2e["scenarios"].items():
             L.append(f"- **{s}**: {sc['title']}.")
-        L += ["",
-              "Ways: **pyarraypool** (S1 `make_transferable` and in-place writes; S2 the worker "
-              "returns `pyarraypool.empty(...)` filled in place; S3 `make_transferable` of each "
-              "input, the worker returns `make_transferable(result)`); **pickle** (plain ndarrays "
-              "through the Pool's pipes; in S1 each plane travels to its worker and back, as the "
-              "seed's `main_with_pickle`); **SharedMemory** (stdlib, passed by name: S1 one segment "
-              "for the array; S2 the worker creates a segment and returns its name, the parent "
-              "attaches, sums, unlinks; S3 one segment per input and per result)"
-              + ("; **SharedArray** (S1 and S2, `SharedArray.create('shm://...')` / `attach` / "
-                 "`delete`)." if e2e["sharedarray"].get("available") else "."), ""]
+        L += [
+            "",
+            "Ways: **pyarraypool** (S1 `make_transferable` and in-place writes; S2 the worker "
+            "returns `pyarraypool.empty(...)` filled in place; S3 `make_transferable` of each "
+            "input, the worker returns `make_transferable(result)`); **pickle** (plain ndarrays "
+            "through the Pool's pipes; in S1 each plane travels to its worker and back, as the "
+            "seed's `main_with_pickle`); **SharedMemory** (stdlib, passed by name: S1 one segment "
+            "for the array; S2 the worker creates a segment and returns its name, the parent "
+            "attaches, sums, unlinks; S3 one segment per input and per result)"
+            + (
+                "; **SharedArray** (S1 and S2, `SharedArray.create('shm://...')` / `attach` / "
+                "`delete`)."
+                if e2e["sharedarray"].get("available")
+                else "."
+            ),
+            "",
+        ]
         sa_info = e2e["sharedarray"]
         if sa_info.get("available"):
-            L += [f"SharedArray {sa_info.get('version') or ''} installed with "
-                  "`.venv/bin/pip install SharedArray`.", ""]
+            L += [
+                f"SharedArray {sa_info.get('version') or ''} installed with "
+                "`.venv/bin/pip install SharedArray`.",
+                "",
+            ]
         else:
-            L += [f"SharedArray is not in these runs: it did not install or import (`{sa_info.get('error')}`).",
-                  ""]
+            L += [
+                f"SharedArray is not in these runs: it did not install or import (`{sa_info.get('error')}`).",
+                "",
+            ]
         for method, m in e2e["methods"].items():
             ways = [w for w in E2E_WAYS if any(w in r for r in m["scenarios"].values())]
             peers = [w for w in ways if w != "pyarraypool"]
-            L += [f"### {method}", "",
-                  f"Pool(2) start-up, not included: {fmt_s(m['pool_startup_s'])}.", "",
-                  "| scenario | " + " | ".join(ways) + " | "
-                  + " | ".join(f"{p} / pyarraypool" for p in peers) + " |",
-                  "|---|" + "---:|" * (len(ways) + len(peers))]
+            L += [
+                f"### {method}",
+                "",
+                f"Pool(2) start-up, not included: {fmt_s(m['pool_startup_s'])}.",
+                "",
+                "| scenario | "
+                + " | ".join(ways)
+                + " | "
+                + " | ".join(f"{p} / pyarraypool" for p in peers)
+                + " |",
+                "|---|" + "---:|" * (len(ways) + len(peers)),
+            ]
             for scen, r in m["scenarios"].items():
                 cells = []
                 for w in ways:
@@ -462,11 +635,18 @@ def build(args: argparse.Namespace) -> str:
                     if r[w]["reps"] != e2e["reps"]:
                         c += f" ({r[w]['reps']} reps)"
                     cells.append(c)
-                ratios = [f"{r[p]['median_s'] / r['pyarraypool']['median_s']:.1f}x"
-                          if p in r and "pyarraypool" in r else "-" for p in peers]
+                ratios = [
+                    f"{r[p]['median_s'] / r['pyarraypool']['median_s']:.1f}x"
+                    if p in r and "pyarraypool" in r
+                    else "-"
+                    for p in peers
+                ]
                 L.append(f"| {E2E_SHORT.get(scen, scen)} | " + " | ".join(cells + ratios) + " |")
             L.append("")
-        L += ["The ratios are the peer's median over pyarraypool's: above 1, pyarraypool is faster.", ""]
+        L += [
+            "The ratios are the peer's median over pyarraypool's: above 1, pyarraypool is faster.",
+            "",
+        ]
         plot_e2e(e2e, os.path.join(docs_dir, E2E_PNG))
         L += [f"![end-to-end scenarios]({E2E_PNG})", ""]
     else:
@@ -475,38 +655,60 @@ def build(args: argparse.Namespace) -> str:
     # -- C++ core
     L += ["## C++ core (Google Benchmark)", ""]
     if meds:
-        L += ["Medians of the repetitions in `build/core_bench.json` (`bench/core_bench.cpp` "
-              "describes each benchmark). `cpus_used` below 2 in a two-thread or two-process "
-              "benchmark means the machine was busy with other work.", "",
-              "| benchmark | real time | CPU time | items/s | cpus_used |", "|---|---:|---:|---:|---:|"]
+        L += [
+            "Medians of the repetitions in `build/core_bench.json` (`bench/core_bench.cpp` "
+            "describes each benchmark). `cpus_used` below 2 in a two-thread or two-process "
+            "benchmark means the machine was busy with other work.",
+            "",
+            "| benchmark | real time | CPU time | items/s | cpus_used |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for b in meds:
             ips = fmt_rate(b["items_per_second"]) if "items_per_second" in b else ""
             cpus = f"{b['cpus_used']:.2f}" if "cpus_used" in b else ""
-            L.append(f"| {b['short']} | {fmt_ns(b['real_ns'])} | {fmt_ns(b['cpu_ns'])} | {ips} | {cpus} |")
+            L.append(
+                f"| {b['short']} | {fmt_ns(b['real_ns'])} | {fmt_ns(b['cpu_ns'])} | {ips} | {cpus} |"
+            )
         L.append("")
     else:
-        L += ["No `build/core_bench.json` (`make core-bench` needs Google Benchmark: "
-              "`make bench-tools`).", ""]
+        L += [
+            "No `build/core_bench.json` (`make core-bench` needs Google Benchmark: "
+            "`make bench-tools`).",
+            "",
+        ]
 
     # -- scale checks (bench/bench_scale.py), if present
     scale = load(os.path.join(args.build, "bench_scale.json"))
     if scale:
-        L += ["## Scale checks", "",
-              "From `build/bench_scale.json` (`bench/bench_scale.py`, run by `make bench`; "
-              "`BENCH_SCALE_ARGS=--skip-16g` skips the 16 GiB pool). Each check runs for "
-              "real: a million arrays live at once, 32 processes attached to one pool, and a "
-              "pool of 16 GiB whose every page is touched.", "",
-              "| check | figures |", "|---|---|"]
+        L += [
+            "## Scale checks",
+            "",
+            "From `build/bench_scale.json` (`bench/bench_scale.py`, run by `make bench`; "
+            "`BENCH_SCALE_ARGS=--skip-16g` skips the 16 GiB pool). Each check runs for "
+            "real: a million arrays live at once, 32 processes attached to one pool, and a "
+            "pool of 16 GiB whose every page is touched.",
+            "",
+            "| check | figures |",
+            "|---|---|",
+        ]
         for name, res in scale.items():
-            figs = ", ".join(f"{k} {fmt_figure(k, v)}" for k, v in res.items()) if isinstance(res, dict) \
+            figs = (
+                ", ".join(f"{k} {fmt_figure(k, v)}" for k, v in res.items())
+                if isinstance(res, dict)
                 else str(res)
+            )
             L.append(f"| {name.replace('_', ' ')} | {figs} |")
         L.append("")
 
     # -- targets
-    L += ["## Targets", "",
-          "Each verdict is computed by `bench/report.py` from the figures above.", "",
-          "| # | target | measured | result |", "|---|---|---|---|"]
+    L += [
+        "## Targets",
+        "",
+        "Each verdict is computed by `bench/report.py` from the figures above.",
+        "",
+        "| # | target | measured | result |",
+        "|---|---|---|---|",
+    ]
     for num, text, measured, v in targets(bp, e2e, meds):
         L.append(f"| {num} | {text} | {measured} | {v} |")
     L.append("")
@@ -514,9 +716,13 @@ def build(args: argparse.Namespace) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--build", default="build", help="directory of the JSON inputs (default build)")
-    ap.add_argument("--out", default="docs/benchmarks.md", help="the report (default docs/benchmarks.md)")
+    ap.add_argument(
+        "--out", default="docs/benchmarks.md", help="the report (default docs/benchmarks.md)"
+    )
     args = ap.parse_args()
     text = build(args)
     with open(args.out, "w") as f:

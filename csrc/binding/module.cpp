@@ -185,6 +185,41 @@ PyObject* lock_forever(PyObject*, PyObject*) {
   });
 }
 
+PyObject* hold_lock(PyObject*, PyObject* args) {
+  return boundary<PyObject*>(nullptr, [&] {
+    double seconds;
+    if (!PyArg_ParseTuple(args, "d:_test_hold_lock", &seconds)) throw PyErrSet{};
+    if (!(seconds >= 0) || seconds > 60) raise(PyExc_ValueError, "seconds must be in [0, 60]");
+    pap::Pool& p = ProcessPool::get().pool();
+    without_gil([&] { p.hold_lock_for(static_cast<uint64_t>(seconds * 1e9)); });
+    Py_RETURN_NONE;
+  });
+}
+
+PyObject* block_info(PyObject*, PyObject* arr) {
+  return boundary<PyObject*>(nullptr, [&]() -> PyObject* {
+    OwnedRef block = check(block_of(nullptr, arr));
+    if (block.get() == Py_None) raise(PyExc_ValueError, "the array does not live in the pool");
+    auto* b = reinterpret_cast<BlockObject*>(block.get());
+    pap::Pool& p = ProcessPool::get().pool();
+    pap::Pool::BlockInfo info = without_gil([&] { return p.inspect_block(b->ref); });
+    // The holder mask as one Python int: bit i is process slot i.
+    OwnedRef holders = check(PyLong_FromUnsignedLongLong(info.holders.words[1]));
+    OwnedRef shift = check(PyLong_FromLong(64));
+    holders = check(PyNumber_Lshift(holders.get(), shift.get()));
+    OwnedRef low = check(PyLong_FromUnsignedLongLong(info.holders.words[0]));
+    holders = check(PyNumber_Or(holders.get(), low.get()));
+    return Py_BuildValue(
+        "{s:O,s:K,s:K,s:K,s:K,s:O,s:I,s:I,s:O,s:I,s:K}", "used", info.used ? Py_True : Py_False,
+        "segment", static_cast<unsigned long long>(b->ref.seg()), "offset",
+        static_cast<unsigned long long>(b->ref.off()), "size",
+        static_cast<unsigned long long>(info.size), "generation",
+        static_cast<unsigned long long>(info.generation), "holders", holders.get(), "pending",
+        info.pending, "flags", info.flags, "check_ok", info.check_ok ? Py_True : Py_False,
+        "my_slot", p.slot(), "capacity", static_cast<unsigned long long>(b->capacity));
+  });
+}
+
 PyMethodDef module_methods[] = {
     {"make_transferable",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(make_transferable)),
@@ -212,6 +247,11 @@ PyMethodDef module_methods[] = {
     {"_verify", verify, METH_NOARGS, "Check every pool invariant (tests)."},
     {"_test_lock_forever", lock_forever, METH_NOARGS,
      "Test hook: take the pool lock and never release it (crash tests)."},
+    {"_test_hold_lock", hold_lock, METH_VARARGS,
+     "Test hook: hold the pool lock for the given seconds (crash tests kill inside it)."},
+    {"_test_block_info", block_info, METH_O,
+     "Test hook: the header of the block an array lives in (used, size, generation, holders "
+     "as an int bitmask of process slots, pending, flags, check_ok, my_slot)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

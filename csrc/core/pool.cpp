@@ -753,6 +753,26 @@ void Pool::verify() {
     throw CoreError(ErrorKind::kPool, "pool counters disagree with the blocks");
 }
 
+void Pool::hold_lock_for(uint64_t ns) {
+  Guard g(*this, Mode::kSlow);
+  std::this_thread::sleep_for(std::chrono::nanoseconds(ns));
+}
+
+Pool::BlockInfo Pool::inspect_block(BlockRef ref) {
+  Guard g(*this, Mode::kSlow);
+  if (ref.seg() >= mapped_.load(std::memory_order_acquire) || spans_[ref.seg()].size == 0 ||
+      ref.off() + kHeaderSize > spans_[ref.seg()].size)
+    throw CoreError(ErrorKind::kInvalidHandle, "no such block");
+  const BlockHeader* h = allocator().header(ref);
+  return BlockInfo{h->used(),
+                   h->size(),
+                   h->generation,
+                   h->holders,
+                   h->pending,
+                   h->flags,
+                   h->check == header_check(ref.off(), h->generation)};
+}
+
 void Pool::lock_forever() {
   ensure_mapped();
   TableProbe probe(table());

@@ -123,6 +123,20 @@ class Pool {
   void verify();
   // Test hook for crash tests: takes the pool lock and never releases it.
   void lock_forever();
+  // Test hook for crash tests: holds the pool lock for `ns` nanoseconds.
+  void hold_lock_for(uint64_t ns);
+
+  // A block's header as the pool sees it (tests; read under the lock).
+  struct BlockInfo {
+    bool used;
+    uint64_t size;  // whole block, header included
+    uint64_t generation;
+    HolderMask holders;
+    uint32_t pending;
+    uint32_t flags;
+    bool check_ok;
+  };
+  BlockInfo inspect_block(BlockRef ref);
 
   // Removes pools of this user whose processes are all dead (and orphaned
   // data segments). Returns the names removed (or that would be).

@@ -7,6 +7,8 @@
 // exception ever unwinds into the interpreter.
 #pragma once
 
+#include <unistd.h>
+
 #include "binding/numpy_api.hpp"
 #include "binding/py_refs.hpp"
 #include "core/errors.hpp"
@@ -53,12 +55,29 @@ R boundary(R on_error, F&& body) noexcept {
   }
 }
 
+inline bool is_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing();
+#else
+  return _Py_IsFinalizing();
+#endif
+}
+
 // Releases the GIL for a scope (system calls, waits, large copies) and takes
 // it back when the scope ends, also when it ends by an exception.
 class GilReleased {
  public:
   GilReleased() : state_(PyEval_SaveThread()) {}
-  ~GilReleased() { PyEval_RestoreThread(state_); }
+  ~GilReleased() {
+    // A daemon thread that takes the GIL back while the interpreter is
+    // finalizing is ended by CPython with pthread_exit(), whose forced unwind
+    // cannot cross this (noexcept) destructor: the process would abort. The
+    // thread is abandoned at exit anyway, and by now it holds no lock of
+    // ours (the pool lock and our mutexes are released inside the scope), so
+    // it parks here until the process ends.
+    while (is_finalizing()) ::pause();
+    PyEval_RestoreThread(state_);
+  }
   GilReleased(const GilReleased&) = delete;
   GilReleased& operator=(const GilReleased&) = delete;
 

@@ -20,7 +20,9 @@ void block_dealloc(PyObject* self) {
     pp.release(*b);
   } catch (...) {
     set_error_from_current_exception();
-    PyErr_WriteUnraisable(self);
+    // Not `self`: its refcount is 0, and a reference taken and dropped by
+    // the report would deallocate it again.
+    PyErr_WriteUnraisable(reinterpret_cast<PyObject*>(Py_TYPE(self)));
   }
   PyErr_Restore(type, value, tb);
   PyTypeObject* tp = Py_TYPE(self);

@@ -196,8 +196,8 @@ void ProcessPool::shutdown() {
       PyErr_Clear();  // nothing to leave
     }
   }
+  shut_down_ = true;  // whatever happens below, no hold is released after this
   if (pool_) without_gil([&] { pool_->leave(); });
-  shut_down_ = true;
   // Arrays that outlive this point keep their memory mapped (the mappings
   // are never unmapped) but no longer count as holds.
   blocks_.clear();

@@ -47,7 +47,7 @@ class ProcessPool {
   // The pool, attached (or created) on first use.
   pap::Pool& pool();
   // The pool if attached and not shut down, else nullptr.
-  pap::Pool* attached() { return shut_down_ ? nullptr : pool_.get(); }
+  pap::Pool* attached() { return shut_down_ || !pool_ || pool_->left() ? nullptr : pool_.get(); }
 
   // Settings for creating the pool; see module.cpp for the rules.
   void set_creation_config(const pap::PoolConfig& c) { creation_config_ = c; }

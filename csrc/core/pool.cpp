@@ -1,5 +1,6 @@
 #include "core/pool.hpp"
 
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -51,6 +52,8 @@ struct ControlHeader {
   std::atomic<uint32_t> segment_count;
   // Size of each data segment; 0 once retired (see retire_free_segments_locked).
   std::atomic<uint64_t> segment_sizes[BlockRef::kMaxSegments];
+  // The random part of each data segment's name (see data_name).
+  std::atomic<uint64_t> segment_nonces[BlockRef::kMaxSegments];
   // Bumped at each retirement, so processes notice they must unmap.
   std::atomic<uint64_t> retired_epoch;
   alignas(64) AllocState alloc;
@@ -95,10 +98,13 @@ class TableProbe : public OwnerProbe {
   const ProcessTable& t_;
 };
 
-void unlink_pool_files(const std::string& token, uint32_t segments) {
-  for (uint32_t i = 0; i <= segments && i < BlockRef::kMaxSegments; ++i)
-    unlink_segment(data_name(token, i));
-  unlink_segment(control_name(token));
+// Everything of the pool in /dev/shm: data segments, orphans of a process
+// killed while growing, the control segment last. Best effort: this runs at
+// exit and must not fail halfway over a file that is not ours.
+void unlink_pool_files(const std::string& token) {
+  unlink_all_quietly(std::string(kShmPrefix) + token + "-");
+  unlink_all_quietly(std::string(kShmPrefix) + token + ".init");
+  ::shm_unlink(control_name(token).c_str());
 }
 
 }  // namespace
@@ -186,9 +192,9 @@ void Pool::ensure_mapped() {
       continue;
     }
     Mapping m;
-    if (!open_segment(data_name(token_, i), size, size, &m)) {
+    if (!open_segment(segment_name(i), size, size, &m)) {
       if (hdr_->segment_sizes[i].load(std::memory_order_acquire) != 0)
-        throw CoreError(ErrorKind::kPool, "segment " + data_name(token_, i) + " is missing");
+        throw CoreError(ErrorKind::kPool, "segment " + segment_name(i) + " is missing");
       // Retired (and unlinked) while we were getting to it.
       spans_[i] = SegmentSpan{nullptr, 0};
       mapped_.store(i + 1, std::memory_order_release);
@@ -198,6 +204,10 @@ void Pool::ensure_mapped() {
     mappings_[i] = std::move(m);
     mapped_.store(i + 1, std::memory_order_release);
   }
+}
+
+std::string Pool::segment_name(uint32_t i) const {
+  return data_name(token_, i, hdr_->segment_nonces[i].load(std::memory_order_acquire));
 }
 
 bool Pool::retirements_seen() const {
@@ -240,7 +250,7 @@ uint64_t Pool::retire_free_segments_locked(uint64_t wanted) {
     hdr_->segment_sizes[i].store(0, std::memory_order_release);
     c.capacity_bytes -= size;
     released += size;
-    unlink_segment(data_name(token_, i));
+    unlink_segment(segment_name(i));
     std::lock_guard<std::mutex> local(local_mutex_);
     spans_[i] = SegmentSpan{nullptr, 0};
     mappings_[i] = Mapping();
@@ -419,16 +429,17 @@ void Pool::grow_locked(uint64_t block_size, uint64_t requested) {
   uint32_t index = hdr_->segment_count.load(std::memory_order_relaxed);
   if (index >= BlockRef::kMaxSegments)
     throw CoreError(ErrorKind::kPoolFull, "the pool has reached its limit of segments");
-  const std::string name = data_name(token_, index);
+  uint64_t nonce = 0;
   Mapping m;
-  for (;;) {
+  for (int collisions = 0;;) {
     try {
-      if (create_segment(name, size, &m) == CreateResult::kExists) {
-        // Left by a process killed while growing, before it published the
-        // segment: nobody maps it.
-        unlink_segment(name);
-        if (create_segment(name, size, &m) == CreateResult::kExists)
-          throw CoreError(ErrorKind::kPool, "segment " + name + " exists");
+      nonce = random_u64();
+      if (create_segment(data_name(token_, index, nonce), size, &m) == CreateResult::kExists) {
+        // 64 random bits collide with nothing by chance; someone made this
+        // name on purpose. Never touch it: draw again.
+        if (++collisions > 8)
+          throw CoreError(ErrorKind::kPool, "cannot create a data segment: names keep colliding");
+        continue;
       }
       break;
     } catch (const CoreError& e) {
@@ -450,6 +461,7 @@ void Pool::grow_locked(uint64_t block_size, uint64_t requested) {
   mappings_[index] = std::move(m);
   Allocator a = allocator();
   a.format_segment(index);
+  hdr_->segment_nonces[index].store(nonce, std::memory_order_release);
   hdr_->segment_sizes[index].store(size, std::memory_order_release);
   mapped_.store(index + 1, std::memory_order_release);
   hdr_->segment_count.store(index + 1, std::memory_order_release);
@@ -649,7 +661,6 @@ PoolStats Pool::stats() {
 void Pool::leave(bool unlink_if_last) {
   if (left_) return;
   bool last = false;
-  uint32_t nsegs = 0;
   {
     Guard g(*this, Mode::kSlow);
     HolderMask me{};
@@ -662,14 +673,13 @@ void Pool::leave(bool unlink_if_last) {
       hdr_->state.store(kStateDead, std::memory_order_seq_cst);
       last = live_processes_locked(monotonic_ns(), nullptr, /*count_me=*/false) == 0;
       if (!last) hdr_->state.store(kStateRunning, std::memory_order_seq_cst);
-      nsegs = hdr_->segment_count.load();
     }
   }
   // Our slot is freed only after the lock is released: killed while holding
   // the lock, we must still be found dead by the lock's waiters, never
   // replaced in our slot by a live newcomer that they would wait for.
   table().release_if(slot_, slot_id(::getpid(), SlotKind::kActive));
-  if (last) unlink_pool_files(token_, nsegs);
+  if (last) unlink_pool_files(token_);
 }
 
 void Pool::before_fork(const std::vector<std::pair<BlockRef, uint64_t>>& held) {
@@ -827,7 +837,7 @@ std::vector<std::string> Pool::clean_stale(bool dry_run, const std::string& keep
     for (const std::string& other : names)
       if (other.compare(0, n.size(), n) == 0) {
         removed.push_back(other);
-        if (!dry_run) unlink_segment("/" + other);
+        if (!dry_run) ::shm_unlink(("/" + other).c_str());  // best effort
       }
   }
   // Data segments whose control segment is gone.
@@ -842,7 +852,7 @@ std::vector<std::string> Pool::clean_stale(bool dry_run, const std::string& keep
     for (const auto& r : removed) listed |= r == n;
     if (listed || ::time(nullptr) - st.st_mtime <= 10) continue;
     removed.push_back(n);
-    if (!dry_run) unlink_segment("/" + n);
+    if (!dry_run) ::shm_unlink(("/" + n).c_str());  // best effort
   }
   return removed;
 }

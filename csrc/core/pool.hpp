@@ -147,6 +147,7 @@ class Pool {
   Pool(std::string token, Mapping control);
 
   void ensure_mapped();
+  std::string segment_name(uint32_t index) const;
   bool all_mapped() const;
   bool retirements_seen() const;
   void unmap_retired();

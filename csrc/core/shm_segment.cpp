@@ -81,8 +81,25 @@ bool valid_token(const std::string& token) {
 
 std::string control_name(const std::string& token) { return "/" + std::string(kShmPrefix) + token; }
 
-std::string data_name(const std::string& token, uint32_t index) {
-  return control_name(token) + "-" + std::to_string(index);
+std::string data_name(const std::string& token, uint32_t index, uint64_t nonce) {
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(nonce));
+  return control_name(token) + "-" + std::to_string(index) + "-" + hex;
+}
+
+uint64_t random_u64() {
+  uint64_t v = 0;
+  unsigned char* p = reinterpret_cast<unsigned char*>(&v);
+  size_t got = 0;
+  while (got < sizeof v) {
+    ssize_t n = ::getrandom(p + got, sizeof v - got, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw_os_error("getrandom", errno);
+    }
+    got += static_cast<size_t>(n);
+  }
+  return v;
 }
 
 CreateResult create_segment(const std::string& name, uint64_t size, Mapping* out) {
@@ -150,6 +167,14 @@ bool open_segment(const std::string& name, uint64_t expected_size, uint64_t min_
 void unlink_segment(const std::string& name) {
   if (::shm_unlink(name.c_str()) != 0 && errno != ENOENT)
     throw_os_error("shm_unlink " + name, errno);
+}
+
+void unlink_all_quietly(const std::string& prefix) {
+  for (const std::string& n : list_segments(prefix)) {
+    struct stat st;
+    if (::stat(("/dev/shm/" + n).c_str(), &st) == 0 && st.st_uid == ::geteuid())
+      ::shm_unlink(("/" + n).c_str());
+  }
 }
 
 std::vector<std::string> list_segments(const std::string& prefix) {

@@ -41,8 +41,13 @@ class Mapping {
 
 std::string random_token();  // 32 lowercase hex digits
 bool valid_token(const std::string& token);
-std::string control_name(const std::string& token);               // "/pyarraypool-<token>"
-std::string data_name(const std::string& token, uint32_t index);  // ".../-<index>"
+std::string control_name(const std::string& token);  // "/pyarraypool-<token>"
+// ".../-<index>-<16 hex digits of nonce>". The nonce is random and kept in
+// the (mode 0600) control segment: the control segment's name shows in
+// /dev/shm, but another user cannot predict a data segment's name, so cannot
+// create it first and block the pool's growth.
+std::string data_name(const std::string& token, uint32_t index, uint64_t nonce);
+uint64_t random_u64();
 
 enum class CreateResult { kCreated, kExists };
 
@@ -57,6 +62,9 @@ bool open_segment(const std::string& name, uint64_t expected_size, uint64_t min_
 
 // Unlinks a segment; a missing one is not an error.
 void unlink_segment(const std::string& name);
+// Unlinks every /dev/shm entry whose name starts with `prefix` and that
+// belongs to this user, ignoring failures (best effort: used at exit).
+void unlink_all_quietly(const std::string& prefix);
 
 // Names (without the leading '/') of the entries in /dev/shm that start with
 // `prefix`.

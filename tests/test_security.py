@@ -1,0 +1,455 @@
+"""Security: what a process of another user can do to a pool.
+
+Contract point 17 (see /work/shared/guide/contract.md). Covered elsewhere,
+not repeated here:
+
+- every segment is mode 0600 and owned by its user, whatever the umask;
+  names match ``pyarraypool-<32 hex>[-n]`` and two programs' tokens differ:
+  ``test_cleanup.py::test_segments_are_private_and_unguessable`` and
+  ``test_cleanup.py::test_my_own_pool_segments_are_private``;
+- a handle pointing past its segment, at another segment, inside another
+  block, or with a wrong generation is refused before any array is built:
+  ``test_handles.py`` (MALFORMED, STALE and the hypothesis damage test).
+
+Added here, with children run as other users (``setpriv``; needs root):
+another user cannot attach to the pool, load a handle of it, or open,
+unlink or list-and-clean its files, and finds the token in none of the
+victim's /proc files; a user's own pool works next to another user's; and
+a file that another user creates under one of the pool's names (they are
+visible in /dev/shm) neither crashes the program nor gets mapped by it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import numpy as np
+import pytest
+from helpers import REPO, my_pool_token, pool_files
+
+import pyarraypool
+from pyarraypool import _core
+
+SETPRIV = shutil.which("setpriv")
+
+
+def _account(name: str) -> tuple[int, int] | None:
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        return None
+    return pw.pw_uid, pw.pw_gid
+
+
+NOBODY = _account("nobody")
+# A second unprivileged account, for a victim that is not root (root may
+# unlink anything in /dev/shm, so it cannot show what a sticky /dev/shm does).
+OTHER = next((a for a in (_account(n) for n in ("daemon", "bin", "sys", "games", "lp"))
+              if a is not None and a[0] not in (0, (NOBODY or (-1,))[0])), None)
+
+
+def as_user(account: tuple[int, int]) -> list[str]:
+    uid, gid = account
+    return [SETPRIV, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+
+
+class OtherUserPython:
+    """A Python and a PYTHONPATH with which another user imports numpy and
+    pyarraypool (this one's build)."""
+
+    def __init__(self, python: str, path: list[str], tmpdir: str | None):
+        self.python, self.path, self.tmpdir = python, path, tmpdir
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/",
+               "PYTHONPATH": os.pathsep.join(self.path), "PYTHONDONTWRITEBYTECODE": "1",
+               "PYTHONNOUSERSITE": "1", "LANG": "C.UTF-8"}
+        env.update(extra)
+        return env
+
+    def run(self, account, code: str, *, input: str = "", timeout: float = 60,
+            **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(as_user(account) + [self.python, "-c", textwrap.dedent(code)],
+                              input=input, env=self.env(**env), capture_output=True, text=True,
+                              timeout=timeout, cwd="/")
+
+    def popen(self, account, code: str, **env: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(as_user(account) + [self.python, "-c", textwrap.dedent(code)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=self.env(**env), text=True, cwd="/")
+
+
+PROBE = """
+import os, sys, numpy, pyarraypool, pyarraypool._core
+# The interpreter must be one this user may run again (children run it).
+ok = os.access(sys.executable, os.X_OK) and os.access(sys.prefix, os.R_OK | os.X_OK)
+print(os.geteuid(), numpy.__version__, int(ok), pyarraypool.__file__)
+"""
+
+
+def _find_python(account) -> tuple[OtherUserPython | None, str]:
+    """This interpreter if the other user may run it, else a system Python of
+    the same version; the repository and numpy's site-packages in place if
+    the other user may read them, else copies in a directory it can read."""
+    site = os.path.dirname(os.path.dirname(np.__file__))
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    pythons = [os.path.realpath(sys.executable)]
+    for d in ("/usr/local/bin", "/usr/bin", "/bin"):
+        if os.path.exists(os.path.join(d, version)):
+            pythons.append(os.path.join(d, version))
+    tried = []
+    for layout in ("in place", "copied"):
+        tmpdir = None
+        if layout == "in place":
+            path = [REPO, site]
+        else:
+            tmpdir = tempfile.mkdtemp(prefix="pyarraypool-sec-")
+            os.chmod(tmpdir, 0o755)
+            shutil.copytree(os.path.join(REPO, "pyarraypool"),
+                            os.path.join(tmpdir, "pyarraypool"),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+            for name in os.listdir(site):
+                if name == "numpy" or name.startswith("numpy.libs") or name.startswith("numpy-"):
+                    src = os.path.join(site, name)
+                    (shutil.copytree if os.path.isdir(src) else shutil.copy2)(
+                        src, os.path.join(tmpdir, name))
+            for root, dirs, files in os.walk(tmpdir):
+                for d in dirs:
+                    os.chmod(os.path.join(root, d), 0o755)
+                for f in files:
+                    p = os.path.join(root, f)
+                    os.chmod(p, os.stat(p).st_mode | 0o444)
+            path = [tmpdir]
+        for python in pythons:
+            cand = OtherUserPython(python, path, tmpdir)
+            try:
+                r = cand.run(account, PROBE, timeout=60)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                tried.append(f"{python} ({layout}): {e}")
+                continue
+            if r.returncode == 0 and r.stdout.split()[:3] == [str(account[0]), np.__version__, "1"]:
+                return cand, ""
+            tried.append(f"{python} ({layout}): exit {r.returncode}: "
+                         f"{(r.stderr.strip().splitlines() or [''])[-1]}")
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    return None, "; ".join(tried)
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to run children as other users (setpriv --reuid)"
+    if SETPRIV is None:
+        return "needs setpriv (util-linux) to run children as other users"
+    if NOBODY is None or NOBODY[0] == 0:
+        return "needs an unprivileged 'nobody' account"
+    return None
+
+
+@pytest.fixture(scope="module")
+def other_python():
+    why = _why_not()
+    if why:
+        pytest.skip(why)
+    py, tried = _find_python(NOBODY)
+    if py is None:
+        pytest.skip(f"user nobody cannot run a Python that imports numpy and pyarraypool: {tried}")
+    yield py
+    if py.tmpdir:
+        shutil.rmtree(py.tmpdir, ignore_errors=True)
+
+
+def foreign_files() -> list[str]:
+    """Entries of /dev/shm named like pyarraypool's that root does not own."""
+    out = []
+    for n in os.listdir("/dev/shm"):
+        if n.startswith("pyarraypool-"):
+            try:
+                if os.lstat("/dev/shm/" + n).st_uid != 0:
+                    out.append(n)
+            except FileNotFoundError:
+                pass
+    return out
+
+
+ATTACK = r"""
+import errno, json, os, pickle, sys
+report = {"euid": os.geteuid(), "egid": os.getegid(), "groups": os.getgroups()}
+def attempt(name, fn):
+    try:
+        value = fn()
+    except BaseException as e:
+        report[name] = {"raised": type(e).__name__,
+                        "mro": [c.__name__ for c in type(e).__mro__],
+                        "errno": getattr(e, "errno", None), "message": str(e)}
+    else:
+        report[name] = {"returned": repr(value)[:200]}
+job = json.loads(sys.stdin.read())
+token, pid = job["token"], job["pid"]
+blob, handle = bytes.fromhex(job["blob"]), bytes.fromhex(job["handle"])
+import numpy as np
+import pyarraypool
+from pyarraypool import _core
+assert os.environ["PYARRAYPOOL_POOL"] == token
+attempt("pickle.loads", lambda: pickle.loads(blob))
+attempt("pickle.loads (transfer_required)", lambda: pickle.loads(bytes.fromhex(job["blob_tr"])))
+attempt("_rebuild", lambda: _core._rebuild(handle, np.dtype(job["dtype"])))
+attempt("stats", lambda: pyarraypool.stats())
+attempt("empty", lambda: pyarraypool.empty(10))
+attempt("collect", lambda: pyarraypool.collect())
+attempt("_inspect", lambda: _core._inspect(token))
+for suffix in ("", job["data_suffix"]):
+    path = f"/dev/shm/pyarraypool-{token}{suffix}"
+    attempt("open r " + suffix, lambda: open(path, "rb").read(64))
+    attempt("open w " + suffix, lambda: open(path, "r+b"))
+    attempt("unlink " + suffix, lambda: os.unlink(path))
+    attempt("chmod " + suffix, lambda: os.chmod(path, 0o666))
+for what in ("environ", "maps", "mem"):
+    attempt("/proc " + what, lambda: open(f"/proc/{pid}/{what}", "rb").read(1 << 16))
+attempt("_clean", lambda: _core._clean(False))
+print("REPORT " + json.dumps(report))
+"""
+
+
+def test_another_user_cannot_attach_load_or_open_the_pool(other_python):
+    """A child run as nobody gets a real pickle and the handle bytes of an
+    array of this process's pool, with PYARRAYPOOL_POOL set to this pool's
+    token: every way in raises PermissionError (EACCES) naming the segment —
+    no crash, no array, no bytes — and this pool is unharmed."""
+    token = my_pool_token()
+    secret = np.arange(4096, dtype="<u8") * np.uint64(0x9E3779B97F4A7C15)
+    x = pyarraypool.make_transferable(secret, transfer_required=False)
+    blob = pickle.dumps(x)
+    fn, (handle, dtype) = x.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+    assert fn is _core._rebuild
+    y = pyarraypool.make_transferable(secret)      # transfer_required: a pending pickle
+    blob_tr = pickle.dumps(y)
+    del y
+    try:
+        _attack_and_check(other_python, token, secret, x, blob, blob_tr, handle, dtype)
+    finally:
+        # Consume the pending pickle whatever happened (the pool-balance check).
+        z = pickle.loads(blob_tr)
+        np.testing.assert_array_equal(z, secret)
+
+
+def _attack_and_check(other_python, token, secret, x, blob, blob_tr, handle, dtype):
+    files = {n: os.stat("/dev/shm/" + n).st_ino for n in pool_files(token)}
+    before = pyarraypool.stats()
+    # The data segment's name is visible in /dev/shm once it exists: the
+    # attacker may know it, and still must not open it.
+    control = f"pyarraypool-{token}"
+    data_suffix = next(n for n in files if n != control)[len(control):]
+    job = dict(token=token, pid=os.getpid(), blob=blob.hex(), blob_tr=blob_tr.hex(),
+               handle=handle.hex(), dtype=np.dtype(dtype).str, data_suffix=data_suffix)
+    proc = other_python.run(NOBODY, ATTACK, input=json.dumps(job), PYARRAYPOOL_POOL=token)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT ")), None)
+    assert line, proc.stdout + proc.stderr
+    report = json.loads(line[len("REPORT "):])
+    assert report["euid"] == NOBODY[0] and report["egid"] == NOBODY[1] and report["groups"] == []
+    control = f"pyarraypool-{token}"
+
+    def refused(name, *, errnos=(errno.EACCES,), names=None, kinds=("PermissionError",)):
+        r = report[name]
+        assert "raised" in r, f"{name}: another user got {r}"
+        assert r["raised"] in kinds, (name, r)
+        assert r["errno"] in errnos, (name, r)
+        if names:
+            assert any(n in r["message"] for n in names), (name, r)
+        return r
+
+    # Attaching: the pool's own functions all fail on its control segment.
+    for name in ("pickle.loads", "pickle.loads (transfer_required)", "_rebuild", "stats",
+                 "empty", "collect"):
+        r = refused(name, names=[control])
+        assert "Permission denied" in r["message"], r
+        assert "OSError" in r["mro"], r
+    # _inspect is a look at a pool that may not exist: refused too, or None.
+    r = report["_inspect"]
+    assert r.get("returned") == "None" or (
+        r.get("raised") == "PermissionError" and r.get("errno") == errno.EACCES), r
+    # The files: no reading, writing, unlinking (sticky /dev/shm), chmod.
+    for suffix in ("", data_suffix):
+        for op in ("open r ", "open w "):
+            refused(op + suffix)
+        refused("unlink " + suffix, errnos=(errno.EACCES, errno.EPERM))
+        refused("chmod " + suffix, errnos=(errno.EPERM,))
+    # The token is in the victim's environment and its mappings: not readable.
+    for what in ("environ", "maps", "mem"):
+        refused("/proc " + what, errnos=(errno.EACCES, errno.EPERM))
+    # clean as nobody removes nothing of root's.
+    assert report["_clean"] == {"returned": "[]"}, report["_clean"]
+
+    # This pool is unharmed: same files, same data, the pending pickle intact.
+    assert {n: os.stat("/dev/shm/" + n).st_ino for n in pool_files(token)} == files
+    after = pyarraypool.stats()
+    assert (after.used_bytes, after.live_blocks, after.pending_transfers) == (
+        before.used_bytes, before.live_blocks, before.pending_transfers), (before, after)
+    np.testing.assert_array_equal(x, secret)
+    assert foreign_files() == [], foreign_files()
+
+
+def test_another_users_own_pool_works_and_refuses_our_handles(other_python):
+    """nobody, in a pool of its own, loads our handle: StaleHandleError (the
+    pool id differs), never our bytes. Its pool works next to ours; its
+    `python -m pyarraypool clean` and `stats` do not see or touch ours; it
+    leaves nothing in /dev/shm."""
+    token = my_pool_token()
+    x = pyarraypool.make_transferable(np.arange(100.0), transfer_required=False)
+    blob = pickle.dumps(x)
+    files = pool_files(token)
+    proc = other_python.run(NOBODY, """
+        import json, os, pickle, subprocess, sys
+        import numpy as np, pyarraypool
+        blob = bytes.fromhex(sys.stdin.read())
+        try:
+            pickle.loads(blob)
+        except pyarraypool.StaleHandleError as e:
+            print("STALE", e)
+        a = pyarraypool.make_transferable(np.arange(10.0))
+        assert (a == np.arange(10.0)).all()
+        s = pyarraypool.stats()
+        me = pyarraypool._core._pool_token()
+        names = sorted(n for n in os.listdir("/dev/shm") if n.startswith("pyarraypool-" + me))
+        for n in names:
+            st = os.stat("/dev/shm/" + n)
+            assert st.st_uid == os.geteuid() and st.st_mode & 0o777 == 0o600, (n, st)
+        for cmd in (["clean"], ["stats", "--json"]):
+            r = subprocess.run([sys.executable, "-m", "pyarraypool", *cmd],
+                               capture_output=True, text=True)
+            print("CLI", cmd[0], r.returncode, json.dumps(r.stdout))
+        print("TOKEN", me, len(names))
+    """, input=blob.hex())
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    out = proc.stdout
+    assert "STALE" in out, out
+    theirs = next(ln.split()[1] for ln in out.splitlines() if ln.startswith("TOKEN "))
+    assert theirs != token
+    assert int(next(ln.split()[2] for ln in out.splitlines() if ln.startswith("TOKEN "))) >= 2
+    cli = {ln.split()[1]: (int(ln.split()[2]), json.loads(ln.split(None, 3)[3]))
+           for ln in out.splitlines() if ln.startswith("CLI ")}
+    assert cli["clean"][0] == 0 and token not in cli["clean"][1], cli
+    assert cli["stats"][0] == 0, cli
+    listed = {d["pool"] for d in json.loads(cli["stats"][1])}
+    assert listed == {theirs}, listed          # its own pool only, not root's
+    assert pool_files(token) == files
+    assert pool_files(theirs) == [], pool_files(theirs)
+    assert foreign_files() == [], foreign_files()
+    np.testing.assert_array_equal(x, np.arange(100.0))
+
+
+# --- names are visible in /dev/shm: another user may take one first ------------------------
+
+VICTIM = """
+import os, sys, time
+import numpy as np, pyarraypool
+from pyarraypool import _core
+pyarraypool.configure(segment_bytes="1M", max_bytes="64M")
+small = pyarraypool.zeros(1000)
+big = pyarraypool.empty(900_000, dtype=np.uint8)   # too large for the local cache
+big[:] = 1
+token = _core._pool_token()
+print("TOKEN", token, flush=True)
+sys.stdin.readline()                                # the other user acts now
+GROW = {grow}
+if GROW:
+    try:
+        more = pyarraypool.zeros(700_000, dtype=np.uint8)   # needs segment 1
+    except Exception as e:
+        print("GROW-ERROR", type(e).__name__, e, flush=True)
+        raise
+    seg = _core._block_of(more).segment
+    name, = [n for n in os.listdir("/dev/shm") if n.startswith(f"pyarraypool-{{token}}-{{seg}}-")]
+    st = os.stat("/dev/shm/" + name)
+    print("GREW", seg, st.st_uid, oct(st.st_mode & 0o777), int(more.max()), flush=True)
+    assert seg >= 1 and st.st_uid == os.geteuid() and st.st_mode & 0o777 == 0o600
+    assert more.max() == 0, "the pool mapped bytes it did not write"
+print("EXITING", flush=True)
+# small, big (and more) are alive until the interpreter ends
+"""
+
+def _squat(other_python, token: str, index: int) -> str:
+    """nobody creates /dev/shm/pyarraypool-<token>-<index>, 1 MiB of 0xAB, mode 0666."""
+    name = f"pyarraypool-{token}-{index}"
+    proc = other_python.run(NOBODY, f"""
+        import os
+        fd = os.open("/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666)
+        os.fchmod(fd, 0o666)
+        os.write(fd, b"\\xab" * (1 << 20))
+        os.close(fd)
+        print("SQUATTED")
+    """)
+    assert "SQUATTED" in proc.stdout, proc.stdout + proc.stderr
+    return name
+
+
+@pytest.fixture
+def victim_python(other_python):
+    if OTHER is None:
+        pytest.skip("needs a second unprivileged account (daemon, bin, ...) as the victim")
+    py, tried = _find_python(OTHER)
+    if py is None:
+        pytest.skip(f"the account {OTHER} cannot run a Python with numpy and pyarraypool: {tried}")
+    yield py
+    if py.tmpdir:
+        shutil.rmtree(py.tmpdir, ignore_errors=True)
+
+
+def _run_squatted_victim(other_python, victim_python, grow: bool):
+    victim = victim_python.popen(OTHER, VICTIM.format(grow=grow))
+    token = None
+    squatted = []
+    try:
+        line = victim.stdout.readline()
+        assert line.startswith("TOKEN "), line + victim.stderr.read()
+        token = line.split()[1]
+        squatted.append(_squat(other_python, token, 1))
+        out, err = victim.communicate("go\n", timeout=60)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+        left = pool_files(token) if token else []
+        for name in left:                   # as root: leave /dev/shm as found
+            try:
+                os.unlink("/dev/shm/" + name)
+            except FileNotFoundError:
+                pass
+    return victim.returncode, line + out, err, [n for n in left if n not in squatted]
+
+
+def test_a_file_squatting_a_pool_name_does_not_crash_the_program_at_exit(
+        other_python, victim_python):
+    """Another user creates a file under the pool's next data segment name
+    (the control segment's name is visible in /dev/shm) that the pool never
+    uses. The program (not root, so it cannot unlink that file in the
+    sticky /dev/shm) must still exit normally and remove its own files."""
+    status, out, err, left = _run_squatted_victim(other_python, victim_python, grow=False)
+    assert "EXITING" in out, out + err
+    assert status == 0 and "Segmentation fault" not in err, (
+        f"exit {status} (SIGSEGV is -11)\nstdout:\n{out}\nstderr (first 3000 chars):\n{err[:3000]}")
+    assert err.count("Exception ignored") == 0, err[:3000]
+    assert left == [], f"the program left its own files behind: {left}"
+
+
+def test_a_file_squatting_the_next_segment_name_is_never_mapped(other_python, victim_python):
+    """The same squatted name, and the pool then needs that segment: it must
+    not map the other user's file (whose bytes are 0xAB) and must not fail:
+    the new segment is the program's own (its uid, mode 0600), zero-filled.
+    The program exits normally and removes its own files."""
+    status, out, err, left = _run_squatted_victim(other_python, victim_python, grow=True)
+    assert "GROW-ERROR" not in out, f"the pool could not grow:\n{out}\n{err[:3000]}"
+    assert "GREW" in out and "EXITING" in out, out + err[:3000]
+    assert status == 0 and "Segmentation fault" not in err, (
+        f"exit {status}\nstdout:\n{out}\nstderr (first 3000 chars):\n{err[:3000]}")
+    assert left == [], f"the program left its own files behind: {left}"

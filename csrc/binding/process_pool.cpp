@@ -42,27 +42,31 @@ ProcessPool& ProcessPool::get() {
 pap::Pool& ProcessPool::pool() {
   if (shut_down_)
     raise(exceptions().pool_error, "pyarraypool has been shut down in this process (exiting)");
-  if (!pool_) {
-    std::string token = token_from_env();
-    pap::PoolConfig cfg = creation_config_;
-    without_gil([&] {
-      std::lock_guard<std::mutex> once(attach_mutex_);
-      if (!pool_) pool_ = pap::Pool::attach(token, cfg);
-    });
-  }
-  return *pool_;
+  if (pap::Pool* p = pool_.load(std::memory_order_acquire)) return *p;
+  std::string token = token_from_env();
+  pap::PoolConfig cfg = creation_config_;
+  without_gil([&] {
+    std::lock_guard<std::mutex> once(attach_mutex_);
+    if (!pool_.load(std::memory_order_acquire)) publish(pap::Pool::attach(token, cfg));
+  });
+  return *pool_.load(std::memory_order_acquire);
+}
+
+void ProcessPool::publish(std::unique_ptr<pap::Pool> p) {
+  pool_owner_ = std::move(p);
+  pool_.store(pool_owner_.get(), std::memory_order_release);
 }
 
 pap::Pool* ProcessPool::attach_if_exists() {
   if (shut_down_) return nullptr;
-  if (!pool_) {
+  if (!pool_.load(std::memory_order_acquire)) {
     std::string token = token_from_env();
     without_gil([&] {
       std::lock_guard<std::mutex> once(attach_mutex_);
-      if (!pool_) pool_ = pap::Pool::attach_existing(token);
+      if (!pool_.load(std::memory_order_acquire)) publish(pap::Pool::attach_existing(token));
     });
   }
-  return pool_.get();
+  return pool_.load(std::memory_order_acquire);
 }
 
 PyObject* ProcessPool::block_object(const pap::Block& b, bool shared) {
@@ -189,7 +193,7 @@ void ProcessPool::shutdown() {
   // A process that never used the pool still leaves it: when only its
   // workers used it (and they ended with os._exit), this is the last
   // process of the program and must unlink the segments.
-  if (!pool_ && std::getenv("PYARRAYPOOL_POOL")) {
+  if (!pool_.load() && std::getenv("PYARRAYPOOL_POOL")) {
     try {
       attach_if_exists();
     } catch (...) {
@@ -197,7 +201,7 @@ void ProcessPool::shutdown() {
     }
   }
   shut_down_ = true;  // whatever happens below, no hold is released after this
-  if (pool_) without_gil([&] { pool_->leave(); });
+  if (pap::Pool* p = pool_.load()) without_gil([&] { p->leave(); });
   // Arrays that outlive this point keep their memory mapped (the mappings
   // are never unmapped) but no longer count as holds.
   blocks_.clear();

@@ -8,6 +8,7 @@
 // with the GIL released (see call()).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -47,7 +48,10 @@ class ProcessPool {
   // The pool, attached (or created) on first use.
   pap::Pool& pool();
   // The pool if attached and not shut down, else nullptr.
-  pap::Pool* attached() { return shut_down_ || !pool_ || pool_->left() ? nullptr : pool_.get(); }
+  pap::Pool* attached() {
+    pap::Pool* p = pool_.load(std::memory_order_acquire);
+    return shut_down_ || !p || p->left() ? nullptr : p;
+  }
 
   // Settings for creating the pool; see module.cpp for the rules.
   void set_creation_config(const pap::PoolConfig& c) { creation_config_ = c; }
@@ -75,8 +79,12 @@ class ProcessPool {
  private:
   ProcessPool();
   void record_hold(pap::BlockRef ref);
+  void publish(std::unique_ptr<pap::Pool> p);  // under attach_mutex_
 
-  std::unique_ptr<pap::Pool> pool_;
+  // Published with release once attached (a thread may attach with the GIL
+  // released while another reads it); owned by pool_owner_, never freed.
+  std::atomic<pap::Pool*> pool_{nullptr};
+  std::unique_ptr<pap::Pool> pool_owner_;
   std::mutex attach_mutex_;  // one attachment, however many threads start at once
   bool shut_down_ = false;
   bool fork_in_progress_ = false;  // between before_fork and after_fork_*

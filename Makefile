@@ -8,7 +8,7 @@ PYTHON     ?= python3
 VENV       := .venv
 VPY        := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.pyarraypool-venv-stamp
-PY_DEPS    := "numpy>=2.0" "setuptools>=64" wheel pytest hypothesis ruff mypy matplotlib
+PY_DEPS    := "numpy>=2.0" "setuptools>=64" wheel pytest hypothesis ruff mypy matplotlib atheris
 PIP        := $(VPY) -m pip --disable-pip-version-check
 
 CXX        ?= g++
@@ -21,12 +21,11 @@ BENCH_ARGS ?=
 BENCH_PY_ARGS ?=
 BENCH_E2E_ARGS ?=
 BENCH_SCALE_ARGS ?=
-ASAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 
 # Use sudo for apt-get only when not already root.
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv install core-tests test demo bench bench-tools core-bench lint lint-tools format asan clean
+.PHONY: venv install core-tests test soak demo bench bench-tools core-bench lint lint-tools format clean
 
 # venv: create .venv (if absent) and install the build/test/lint tools; a stamp
 # file makes it a no-op until this Makefile changes or `make clean` removes it.
@@ -69,6 +68,17 @@ test: install
 	  status=1; \
 	fi; \
 	exit $$status
+
+# soak: the chaos soak for longer than the test suite's 60 s version
+# (tests/test_soak.py): 8 workers pass checksummed arrays around while one is
+# SIGKILLed every 0.5 s, some inside the pool lock. Fails on any hang,
+# corruption or leak; writes build/soak_result.json. SOAK_SECONDS=600 by default.
+SOAK_SECONDS ?= 600
+soak: install
+	@mkdir -p build
+	env -u PYARRAYPOOL_POOL -u PYARRAYPOOL_MAX_BYTES -u PYARRAYPOOL_SEGMENT_BYTES \
+	  -u PYARRAYPOOL_TRANSFER_TIMEOUT $(VPY) tests/soak_program.py --seconds $(SOAK_SECONDS) \
+	  --workers 8 --kill-interval 0.5 --json build/soak_result.json
 
 # demo: run the example script against the in-place build.
 demo: install
@@ -142,14 +152,126 @@ lint: lint-tools venv
 format: lint-tools
 	clang-format -i $(CSRC_FILES)
 
-# asan: build the C++ core tests with AddressSanitizer + UBSan and run them.
-asan: build/core_tests_asan
-	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
-	  ./build/core_tests_asan
+# --- sanitizers and valgrind (docs/sanitizers.md) ---------------------------------
+#
+# make asan   ASan + UBSan (one build): the C++ core tests with leak detection on,
+#             then the whole pytest suite against an ASan+UBSan build of _core.
+# make ubsan  UBSan alone: the core tests, then the whole pytest suite.
+# make tsan   TSan: the core tests, then only the threaded Python tests (TSAN_PY_TESTS).
+#             Why not the whole suite: most Python tests fork (multiprocessing
+#             pools, os.fork, forkserver) from a process that already runs
+#             threads (pool handler threads, the pytest run's own), and TSan
+#             cannot follow a child that starts threads after a multithreaded
+#             fork (it aborts it, or hangs in its own locks), and it does not
+#             see the happens-before that the futex lock in /dev/shm gives
+#             between processes. The threads of one process are what it checks.
+# make asan-core / ubsan-core / tsan-core   only the core tests (CI: asan-core).
+# make asan-py / ubsan-py / tsan-py         only the Python part.
+# make valgrind  the core tests under memcheck (definite leaks are errors).
+#
+# The sanitized extension is built in a copy of the tree, build/<san>-tree
+# (setup.py, pyproject.toml, csrc, pyarraypool, tests, examples; re-copied every run, the
+# copy's _core*.so kept so rebuilds are incremental), with PYARRAYPOOL_DEBUG=1
+# and PYARRAYPOOL_CFLAGS="<sanitizer flags>". A copy rather than a separate
+# --build-lib: tests/helpers.py starts child programs with the repo root first
+# on PYTHONPATH, so in the copy they import the sanitized build too. The
+# in-place build of `make install`/`make test` is never touched.
+# The Python run: PYTHONMALLOC=malloc (every object through the sanitizer's
+# malloc), LD_PRELOAD of the runtime (python itself is not instrumented: the
+# runtime must come first), ASAN_OPTIONS=detect_leaks=0 (CPython does not free
+# everything at exit; the core tests keep leak detection on).
+# Extra pytest options: SAN_PYTEST_ARGS, e.g. SAN_PYTEST_ARGS="-x -k handles".
+SANITIZERS      := asan ubsan tsan
+SAN_COMMON      := -fno-omit-frame-pointer -g
+SAN_FLAGS_asan  := -fsanitize=address,undefined -fno-sanitize-recover=undefined $(SAN_COMMON)
+SAN_FLAGS_ubsan := -fsanitize=undefined -fno-sanitize-recover=undefined $(SAN_COMMON)
+SAN_FLAGS_tsan  := -fsanitize=thread $(SAN_COMMON)
+# Runtimes to LD_PRELOAD into python (names for `$(CXX) -print-file-name`).
+SAN_RT_asan     := libasan.so libubsan.so
+SAN_RT_ubsan    := libubsan.so
+SAN_RT_tsan     := libtsan.so
+# Runtime options: the core tests (leaks on) and the Python run (leaks off).
+UBSAN_ENV       := UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+SAN_CORE_ENV_asan  := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:detect_stack_use_after_return=1 $(UBSAN_ENV)
+SAN_CORE_ENV_ubsan := $(UBSAN_ENV)
+SAN_CORE_ENV_tsan  := TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1
+SAN_PY_ENV_asan    := ASAN_OPTIONS=detect_leaks=0 $(UBSAN_ENV)
+SAN_PY_ENV_ubsan   := $(UBSAN_ENV)
+SAN_PY_ENV_tsan    := TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1
+# The Python tests each sanitizer runs (paths in the tree copy).
+SAN_PY_TESTS_asan  := tests
+SAN_PY_TESTS_ubsan := tests
+TSAN_PY_TESTS      ?= tests/test_threads_and_cache.py tests/test_refleaks.py
+SAN_PY_TESTS_tsan  := $(TSAN_PY_TESTS)
+SAN_PYTEST_ARGS    ?=
+SAN_TREE_FILES     := setup.py pyproject.toml csrc pyarraypool tests examples
 
-build/core_tests_asan: csrc/tests/core_tests.cpp $(CORE_SRCS) $(CORE_HDRS)
+.PHONY: $(SANITIZERS) $(SANITIZERS:%=%-core) $(SANITIZERS:%=%-py) $(SANITIZERS:%=%-ext) valgrind valgrind-tool
+
+# asan / ubsan / tsan: the core tests, then the Python tests (not after a core failure).
+$(SANITIZERS): %: %-core %-py
+
+# <san>-core: the C++ core tests built with that sanitizer.
+# (The core tests check /dev/shm for leftovers of their own pools themselves.)
+$(SANITIZERS:%=%-core): %-core: build/core_tests_%
+	$(SAN_CORE_ENV_$*) ./build/core_tests_$*
+
+build/core_tests_%: csrc/tests/core_tests.cpp $(CORE_SRCS) $(CORE_HDRS)
 	@mkdir -p build
-	$(CXX) $(TEST_FLAGS) $(ASAN_FLAGS) -o $@ csrc/tests/core_tests.cpp $(CORE_SRCS)
+	$(CXX) $(TEST_FLAGS) $(SAN_FLAGS_$*) -o $@ csrc/tests/core_tests.cpp $(CORE_SRCS)
+
+# <san>-ext: copy the tree to build/<san>-tree and build _core there with the sanitizer.
+$(SANITIZERS:%=%-ext): %-ext: venv
+	@tree=build/$*-tree; mkdir -p $$tree/pyarraypool && \
+	  rm -rf $(patsubst %,$$tree/%,$(filter-out pyarraypool,$(SAN_TREE_FILES))) && \
+	  find $$tree/pyarraypool -mindepth 1 -maxdepth 1 ! -name '_core*.so' -exec rm -rf {} + && \
+	  tar -c --exclude='*.so' --exclude=__pycache__ --exclude=.hypothesis $(SAN_TREE_FILES) | tar -x -C $$tree
+	cd build/$*-tree && PYARRAYPOOL_DEBUG=1 PYARRAYPOOL_CFLAGS="$(SAN_FLAGS_$*)" \
+	  $(abspath $(VPY)) setup.py -q build_ext --inplace
+
+# <san>-py: the Python tests against build/<san>-tree, with the runtime preloaded.
+# Then the /dev/shm check of `make test`, made safe for a shared machine: a new
+# pyarraypool-* entry counts as left behind only if it is still there and
+# `python -m pyarraypool clean --dry-run` says its processes are all dead (the
+# pools of other programs running meanwhile are alive).
+$(SANITIZERS:%=%-py): %-py: %-ext
+	@cd build/$*-tree && \
+	preload=$$(for rt in $(SAN_RT_$*); do $(CXX) -print-file-name=$$rt; done | tr '\n' ' ') && \
+	run() { env LD_PRELOAD="$$preload" PYTHONMALLOC=malloc PYTHONPATH="$$PWD" $(SAN_PY_ENV_$*) \
+	          $(abspath $(VPY)) "$$@"; } && \
+	shm() { ls -1A /dev/shm | grep '^pyarraypool-' | sort; } && \
+	echo "build/$*-tree: LD_PRELOAD=\"$$preload\" PYTHONMALLOC=malloc $(SAN_PY_ENV_$*)" && \
+	echo "  pytest $(SAN_PY_TESTS_$*) $(SAN_PYTEST_ARGS)" && \
+	before=$$(shm); status=0; \
+	run -m pytest -q -p no:cacheprovider $(SAN_PY_TESTS_$*) $(SAN_PYTEST_ARGS) || status=$$?; \
+	new=$$(comm -13 <(printf '%s\n' "$$before" | sed '/^$$/d') <(shm)); \
+	if [ -n "$$new" ]; then \
+	  stale=$$(run -m pyarraypool clean --dry-run | sed -n 's|^would remove /dev/shm/||p' | sort); \
+	  leaked=$$(comm -12 <(printf '%s\n' $$new) <(printf '%s\n' "$$stale" | sed '/^$$/d')); \
+	  if [ -n "$$leaked" ]; then \
+	    echo "ERROR: the tests left these entries in /dev/shm:" >&2; \
+	    printf '  /dev/shm/%s\n' $$leaked >&2; \
+	    status=1; \
+	  fi; \
+	fi; \
+	exit $$status
+
+# valgrind-tool: apt-get install valgrind if missing (apt-get update only when needed).
+valgrind-tool:
+	@if ! command -v valgrind >/dev/null; then \
+	  echo "installing valgrind"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $(SUDO) apt-get install -y -q valgrind </dev/null || \
+	  { $(SUDO) apt-get update -q </dev/null && $(SUDO) apt-get install -y -q valgrind </dev/null; }; \
+	fi
+
+# valgrind: the core tests (the build of `make core-tests`) under memcheck. Any
+# memcheck error or a definite/indirect leak, in the parent or a forked child, fails.
+VALGRIND_ARGS ?=
+VALGRIND_CMD  := valgrind -q --error-exitcode=99 --leak-check=full \
+  --show-leak-kinds=definite,indirect --errors-for-leak-kinds=definite,indirect
+valgrind: valgrind-tool build/core_tests
+	$(VALGRIND_CMD) $(VALGRIND_ARGS) ./build/core_tests
 
 # clean: remove build outputs and the venv stamp (the venv itself is kept).
 clean:

@@ -40,6 +40,12 @@ def _after_fork_child() -> None:
     _leave_at_exit()
 
 
+def _after_multiprocessing_fork(_module: object) -> None:
+    # multiprocessing clears the finalizer registry in the processes it forks,
+    # after our os.register_at_fork hook ran; its after-fork hooks run later.
+    _leave_at_exit()
+
+
 def install_hooks() -> None:
     # fork(): the child must hold every block the parent holds at that
     # instant, before the parent can drop one (contract point 13).
@@ -48,4 +54,5 @@ def install_hooks() -> None:
         after_in_parent=_core._after_fork_parent,
         after_in_child=_after_fork_child,
     )
+    mp_util.register_after_fork(_core, _after_multiprocessing_fork)
     _leave_at_exit()

@@ -275,21 +275,27 @@ PyObject* ndarray_attr(const char* name) {
   return PyObject_GetAttrString(reinterpret_cast<PyObject*>(&PyArray_Type), name);
 }
 
+// Calls ndarray's own (unbound) attribute `name` with self prepended to
+// `args`, and hands back a plain ndarray when the result does not live in the
+// pool. `cache` keeps the looked-up attribute for the process.
+OwnedRef call_ndarray(PyObject*& cache, const char* name, PyObject* self, PyObject* args,
+                      PyObject* kwargs) {
+  if (!cache) {
+    cache = ndarray_attr(name);
+    if (!cache) throw PyErrSet{};
+  }
+  Py_ssize_t n = PyTuple_GET_SIZE(args);
+  OwnedRef full = check(PyTuple_New(n + 1));
+  PyTuple_SET_ITEM(full.get(), 0, Py_NewRef(self));
+  for (Py_ssize_t i = 0; i < n; ++i)
+    PyTuple_SET_ITEM(full.get(), i + 1, Py_NewRef(PyTuple_GET_ITEM(args, i)));
+  return plainify(check(PyObject_Call(cache, full.get(), kwargs)));
+}
+
 PyObject* array_function(PyObject* self, PyObject* args, PyObject* kwargs) {
   return boundary<PyObject*>(nullptr, [&] {
-    static PyObject* base_impl = ndarray_attr("__array_function__");
-    if (!base_impl) throw PyErrSet{};
-    // Call ndarray's own __array_function__ (unbound) with self first.
-    Py_ssize_t n = PyTuple_GET_SIZE(args);
-    OwnedRef full = check(PyTuple_New(n + 1));
-    Py_INCREF(self);
-    PyTuple_SET_ITEM(full.get(), 0, self);
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      PyObject* a = PyTuple_GET_ITEM(args, i);
-      Py_INCREF(a);
-      PyTuple_SET_ITEM(full.get(), i + 1, a);
-    }
-    return plainify(check(PyObject_Call(base_impl, full.get(), kwargs))).release();
+    static PyObject* base_impl = nullptr;
+    return call_ndarray(base_impl, "__array_function__", self, args, kwargs).release();
   });
 }
 
@@ -298,18 +304,8 @@ PyObject* array_function(PyObject* self, PyObject* args, PyObject* kwargs) {
 template <const char* Name>
 PyObject* plain_method(PyObject* self, PyObject* args, PyObject* kwargs) {
   return boundary<PyObject*>(nullptr, [&] {
-    static PyObject* method = ndarray_attr(Name);
-    if (!method) throw PyErrSet{};
-    Py_ssize_t n = PyTuple_GET_SIZE(args);
-    OwnedRef full = check(PyTuple_New(n + 1));
-    Py_INCREF(self);
-    PyTuple_SET_ITEM(full.get(), 0, self);
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      PyObject* a = PyTuple_GET_ITEM(args, i);
-      Py_INCREF(a);
-      PyTuple_SET_ITEM(full.get(), i + 1, a);
-    }
-    return plainify(check(PyObject_Call(method, full.get(), kwargs))).release();
+    static PyObject* method = nullptr;
+    return call_ndarray(method, Name, self, args, kwargs).release();
   });
 }
 

@@ -52,17 +52,26 @@ Mapping::~Mapping() {
   if (addr_) ::munmap(addr_, size_);
 }
 
-std::string random_token() {
-  unsigned char bytes[16];
-  size_t got = 0;
-  while (got < sizeof bytes) {
-    ssize_t n = ::getrandom(bytes + got, sizeof bytes - got, 0);
+namespace {
+
+// Fills `out` from the kernel's random source.
+void fill_random(void* out, size_t len) {
+  auto* p = static_cast<unsigned char*>(out);
+  for (size_t got = 0; got < len;) {
+    ssize_t n = ::getrandom(p + got, len - got, 0);
     if (n < 0) {
       if (errno == EINTR) continue;
       throw_os_error("getrandom", errno);
     }
     got += static_cast<size_t>(n);
   }
+}
+
+}  // namespace
+
+std::string random_token() {
+  unsigned char bytes[16];
+  fill_random(bytes, sizeof bytes);
   static const char* hex = "0123456789abcdef";
   std::string s;
   for (unsigned char b : bytes) {
@@ -88,17 +97,8 @@ std::string data_name(const std::string& token, uint32_t index, uint64_t nonce) 
 }
 
 uint64_t random_u64() {
-  uint64_t v = 0;
-  unsigned char* p = reinterpret_cast<unsigned char*>(&v);
-  size_t got = 0;
-  while (got < sizeof v) {
-    ssize_t n = ::getrandom(p + got, sizeof v - got, 0);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      throw_os_error("getrandom", errno);
-    }
-    got += static_cast<size_t>(n);
-  }
+  uint64_t v;
+  fill_random(&v, sizeof v);
   return v;
 }
 

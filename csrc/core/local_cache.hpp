@@ -66,7 +66,7 @@ class LocalCache {
 
   std::atomic_flag busy_ = ATOMIC_FLAG_INIT;
   uint8_t count_[kClasses] = {};
-  Block entries_[kClasses][kPerClass];
+  Block entries_[kClasses][kPerClass] = {};
   uint64_t bytes_ = 0;
 };
 

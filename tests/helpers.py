@@ -47,3 +47,19 @@ def my_pool_token() -> str:
     token = pyarraypool._core._pool_token()
     assert token is not None
     return token
+
+
+def group_alive(pgid: int) -> list[int]:
+    """Processes of group `pgid` that are still running (zombies are dead)."""
+    alive = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X", "x"):
+            alive.append(int(entry))
+    return alive

@@ -16,7 +16,7 @@ import textwrap
 import time
 
 import pytest
-from helpers import REPO, fresh_env, my_pool_token, pool_files, run_python
+from helpers import REPO, fresh_env, group_alive, my_pool_token, pool_files, run_python
 
 # Control segment, or data segment <index>-<64-bit random part>.
 NAME = re.compile(r"^pyarraypool-[0-9a-f]{32}(-\d+-[0-9a-f]{16})?$")
@@ -27,22 +27,6 @@ def token_of(stdout: str) -> str:
     m = TOKEN_LINE.search(stdout)
     assert m, f"the child did not print its token:\n{stdout}"
     return m.group(1)
-
-
-def group_alive(pgid: int) -> list[int]:
-    """Processes of group `pgid` that are still running (zombies are dead)."""
-    alive = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X", "x"):
-            alive.append(int(entry))
-    return alive
 
 
 def kill_group(pgid: int, timeout: float = 10) -> None:

@@ -13,7 +13,7 @@ import textwrap
 import time
 
 import pytest
-from helpers import REPO, fresh_env, my_pool_token, pool_files
+from helpers import REPO, fresh_env, group_alive, my_pool_token, pool_files
 
 TOKEN_LINE = re.compile(r"^TOKEN ([0-9a-f]{32})$", re.M)
 
@@ -21,20 +21,6 @@ TOKEN_LINE = re.compile(r"^TOKEN ([0-9a-f]{32})$", re.M)
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pyarraypool", *args], env=fresh_env(),
                           capture_output=True, text=True, timeout=60, cwd=REPO)
-
-
-def group_alive(pgid: int) -> list[int]:
-    alive = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] not in ("Z", "X", "x"):
-                alive.append(int(entry))
-    return alive
 
 
 class Program:

@@ -17,7 +17,7 @@ import textwrap
 import time
 
 import pytest
-from helpers import fresh_env, pool_files
+from helpers import fresh_env, group_alive, pool_files
 
 # Common prelude of the child programs: bounded waits and small helpers.
 PRELUDE = r'''
@@ -76,21 +76,6 @@ def settle():
 '''
 
 
-def _group_alive(pgid: int) -> list[int]:
-    """Processes of group `pgid` still running (zombies count as gone)."""
-    alive = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] not in ("Z", "X", "x"):
-                alive.append(int(entry))
-    return alive
-
-
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -121,7 +106,7 @@ class Programs:
                 # Give helper processes (resource tracker, forkserver, workers
                 # still leaving) a moment to end on their own.
                 deadline = time.monotonic() + 5
-                while _group_alive(proc.pid) and time.monotonic() < deadline:
+                while group_alive(proc.pid) and time.monotonic() < deadline:
                     time.sleep(0.01)
             except subprocess.TimeoutExpired:
                 timed_out = True

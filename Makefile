@@ -8,7 +8,8 @@ PYTHON     ?= python3
 VENV       := .venv
 VPY        := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.pyarraypool-venv-stamp
-PY_DEPS    := "numpy>=2.0" "setuptools>=64" wheel pytest hypothesis ruff mypy matplotlib atheris
+PY_DEPS    := "numpy>=2.0" "setuptools>=64" wheel build pytest hypothesis ruff mypy matplotlib atheris \
+              joblib "dask[distributed]" sphinx myst-parser
 PIP        := $(VPY) -m pip --disable-pip-version-check
 
 CXX        ?= g++
@@ -37,10 +38,17 @@ $(VENV_STAMP): Makefile
 	$(PIP) install --progress-bar off $(PY_DEPS)
 	touch $@
 
-# install: build pyarraypool._core in place (incremental) and put the repo root
-# on the venv's sys.path with a .pth file, so `import pyarraypool` works from anywhere.
+# install: build pyarraypool._core (incremental, in build/lib) and put it beside
+# the sources by rename, not by overwriting: a process that has the old .so
+# mapped (a test run in progress) keeps its file instead of reading a truncated
+# one. Then put the repo root on the venv's sys.path with a .pth file, so
+# `import pyarraypool` works from anywhere.
 install: venv
-	$(VPY) setup.py build_ext --inplace
+	$(VPY) setup.py -q build_ext --build-lib build/lib --build-temp build/temp
+	@so=$$(cd build/lib/pyarraypool && ls _core*.so) && \
+	  if ! cmp -s build/lib/pyarraypool/$$so pyarraypool/$$so; then \
+	    cp build/lib/pyarraypool/$$so pyarraypool/.$$so.tmp && mv -f pyarraypool/.$$so.tmp pyarraypool/$$so; \
+	  fi
 	@site=$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
 	  echo "$(CURDIR)" > "$$site/pyarraypool-src.pth"
 

@@ -31,6 +31,7 @@ from ._core import (  # noqa: E402
     collect,
     make_transferable,
 )
+from ._identity import PoolIdentity, pool_identity  # noqa: E402
 from ._settings import (  # noqa: E402
     DEFAULT_SEGMENT_BYTES,
     DEFAULT_TRANSFER_TIMEOUT,
@@ -50,6 +51,8 @@ __all__ = [
     "configure",
     "stats",
     "collect",
+    "pool_identity",
+    "PoolIdentity",
     "PoolStats",
     "PoolError",
     "PoolFullError",

@@ -136,6 +136,18 @@ PyObject* pool_token(PyObject*, PyObject*) {
   return PyUnicode_FromString(p->token().c_str());
 }
 
+// What tells this pool apart from every other: a scheduler compares two
+// processes' identities to know whether a handle from one can load in the
+// other (same host boot and same pool instance).
+PyObject* pool_identity(PyObject*, PyObject*) {
+  return boundary<PyObject*>(nullptr, [&] {
+    pap::Pool& p = ProcessPool::get().pool();
+    std::string boot = pap::boot_id();
+    return Py_BuildValue("{s:s,s:s,s:s}", "token", p.token().c_str(), "instance",
+                         p.instance_id().c_str(), "boot_id", boot.c_str());
+  });
+}
+
 PyObject* clean(PyObject*, PyObject* args) {
   return boundary<PyObject*>(nullptr, [&] {
     int dry_run = 0;
@@ -242,6 +254,8 @@ PyMethodDef module_methods[] = {
     {"_after_fork_parent", after_fork_parent, METH_NOARGS, nullptr},
     {"_after_fork_child", after_fork_child, METH_NOARGS, nullptr},
     {"_pool_token", pool_token, METH_NOARGS, "Token of the attached pool, or None."},
+    {"_pool_identity", pool_identity, METH_NOARGS,
+     "The attached pool's identity: {'token', 'instance', 'boot_id'} (attaches if needed)."},
     {"_clean", clean, METH_VARARGS, "Remove pools whose processes are all dead."},
     {"_inspect", inspect, METH_VARARGS, "Statistics of another pool by token, or None."},
     {"_verify", verify, METH_NOARGS, "Check every pool invariant (tests)."},

@@ -15,7 +15,7 @@
 namespace pap {
 
 constexpr uint64_t kMagic = 0x31304C4F4F505041ull;  // "APPOOL01"
-constexpr uint32_t kLayoutVersion = 1;
+constexpr uint32_t kLayoutVersion = 2;              // 2: instance_id
 constexpr uint32_t kStateRunning = 0;
 constexpr uint32_t kStateDead = 1;  // being removed by its last process or a cleaner
 
@@ -41,6 +41,10 @@ struct ControlHeader {
   uint32_t control_bytes;
   PoolId pool_id;
   uint64_t created_realtime_ns;
+  // Random, drawn by the creator: tells apart two pools that share a token
+  // (the same name in two /dev/shm mounts, or one recreated after its
+  // program ended), which the token alone cannot.
+  unsigned char instance_id[16];
   PoolConfig config;
   std::atomic<uint32_t> state;
   // Set by a waiter that took the lock from a dead owner, cleared once the
@@ -174,6 +178,9 @@ Pool::~Pool() = default;
 AllocState& Pool::alloc_state() { return hdr_->alloc; }
 ProcessTable& Pool::table() { return hdr_->table; }
 PoolConfig Pool::config() const { return hdr_->config; }
+std::string Pool::instance_id() const {
+  return to_hex(hdr_->instance_id, sizeof hdr_->instance_id);
+}
 
 bool Pool::all_mapped() const {
   return mapped_.load(std::memory_order_acquire) ==
@@ -315,6 +322,7 @@ std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& c
     h->control_bytes = static_cast<uint32_t>(kControlBytes);
     h->pool_id = PoolId::from_token(token);
     h->created_realtime_ns = realtime_ns();
+    fill_random(h->instance_id, sizeof h->instance_id);
     h->config = config;
     h->state.store(kStateRunning);
     h->segment_count.store(0);

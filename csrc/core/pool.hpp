@@ -83,6 +83,9 @@ class Pool {
   const std::string& token() const { return token_; }
   const PoolId& id() const { return id_; }
   PoolConfig config() const;
+  // 32 hex digits drawn when the pool was created; differs between two
+  // pools even if they have the same token.
+  std::string instance_id() const;
   uint32_t slot() const { return slot_; }
 
   // A new block of at least `bytes` payload, held by this process.

@@ -27,6 +27,20 @@ uint64_t boot_ticks() {
          static_cast<uint64_t>(ts.tv_nsec) * hz / 1'000'000'000ull;
 }
 
+std::string boot_id() {
+  int fd = ::open("/proc/sys/kernel/random/boot_id", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return std::string();
+  char buf[128];
+  ssize_t n;
+  do {
+    n = ::read(fd, buf, sizeof buf);
+  } while (n < 0 && errno == EINTR);
+  ::close(fd);
+  std::string s(buf, n > 0 ? static_cast<size_t>(n) : 0);
+  while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
+  return s;
+}
+
 namespace {
 
 // Parent pid of `pid` from /proc, or -1.

@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <string>
 
 #include "core/block_header.hpp"
 
@@ -85,5 +86,9 @@ uint64_t boot_ticks();
 // `since_ticks` that no slot of `table` names. Scans /proc.
 bool has_unregistered_child(const struct ProcessTable& table, pid_t parent, uint64_t since_ticks);
 uint64_t monotonic_ns();
+// /proc/sys/kernel/random/boot_id without its newline ("" if unreadable):
+// names this boot of this host (or container's kernel), so that two
+// processes can tell whether they can share /dev/shm at all.
+std::string boot_id();
 
 }  // namespace pap

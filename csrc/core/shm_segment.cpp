@@ -52,9 +52,6 @@ Mapping::~Mapping() {
   if (addr_) ::munmap(addr_, size_);
 }
 
-namespace {
-
-// Fills `out` from the kernel's random source.
 void fill_random(void* out, size_t len) {
   auto* p = static_cast<unsigned char*>(out);
   for (size_t got = 0; got < len;) {
@@ -67,18 +64,21 @@ void fill_random(void* out, size_t len) {
   }
 }
 
-}  // namespace
+std::string to_hex(const unsigned char* bytes, size_t len) {
+  static const char* hex = "0123456789abcdef";
+  std::string s;
+  s.reserve(2 * len);
+  for (size_t i = 0; i < len; ++i) {
+    s += hex[bytes[i] >> 4];
+    s += hex[bytes[i] & 15];
+  }
+  return s;
+}
 
 std::string random_token() {
   unsigned char bytes[16];
   fill_random(bytes, sizeof bytes);
-  static const char* hex = "0123456789abcdef";
-  std::string s;
-  for (unsigned char b : bytes) {
-    s += hex[b >> 4];
-    s += hex[b & 15];
-  }
-  return s;
+  return to_hex(bytes, sizeof bytes);
 }
 
 bool valid_token(const std::string& token) {

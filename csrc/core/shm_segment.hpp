@@ -40,6 +40,10 @@ class Mapping {
 };
 
 std::string random_token();  // 32 lowercase hex digits
+// Fills `out` with `len` bytes from getrandom(). Throws CoreError.
+void fill_random(void* out, size_t len);
+// Lowercase hex of `len` bytes.
+std::string to_hex(const unsigned char* bytes, size_t len);
 bool valid_token(const std::string& token);
 std::string control_name(const std::string& token);  // "/pyarraypool-<token>"
 // ".../-<index>-<16 hex digits of nonce>". The nonce is random and kept in

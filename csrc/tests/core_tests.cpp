@@ -1892,6 +1892,31 @@ TEST(pool_leave_not_last) {
   CHECK(shm_entries(tok).empty());
 }
 
+// The instance id is drawn once per pool creation: every attachment sees the
+// creator's, and a pool recreated under the same token gets a new one.
+TEST(pool_instance_id) {
+  const std::string tok = new_token();
+  const PoolConfig cfg = make_config(8u << 20, 2u << 20);
+  std::string first;
+  {
+    Attached p1(tok, cfg);
+    Attached p2(tok, cfg);
+    first = p1->instance_id();
+    CHECK_EQ(first.size(), size_t{32});
+    CHECK(valid_token(first));  // 32 lowercase hex digits, like a token
+    CHECK_EQ(p2->instance_id(), first);
+    CHECK(first != std::string(32, '0'));
+  }
+  CHECK(shm_entries(tok).empty());
+  Attached again(tok, cfg);
+  CHECK(again->instance_id() != first);
+  Attached other(new_token(), cfg);
+  CHECK(other->instance_id() != again->instance_id());
+  const std::string boot = boot_id();
+  CHECK_EQ(boot.size(), size_t{36});  // a UUID, without its newline
+  CHECK_EQ(boot_id(), boot);
+}
+
 TEST(pool_handle_from_dead_child) {
   const std::string tok = new_token();
   const PoolConfig cfg = make_config(64u << 20, 2u << 20);

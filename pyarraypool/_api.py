@@ -5,41 +5,161 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from typing import Any, SupportsIndex
+from typing import Any, Literal, Protocol, SupportsIndex, TypeVar, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from . import _core
+from ._core import TransferableArray
 from ._settings import parse_size
 
 __all__ = ["empty", "zeros", "empty_like", "zeros_like", "configure", "stats", "PoolStats"]
 
 _ShapeLike = SupportsIndex | Sequence[SupportsIndex]
+_OrderCF = Literal["C", "F"]
+_OrderKACF = Literal["K", "A", "C", "F"]
+_ShapeT = TypeVar("_ShapeT", bound=tuple[int, ...])
+_DTypeT = TypeVar("_DTypeT", bound="np.dtype[Any]")
+_ScalarT = TypeVar("_ScalarT", bound=np.generic)
+_AnyShape = tuple[Any, ...]
 
 
+# The types callers see, so that shapes and dtypes flow as through numpy's own
+# empty/zeros: `empty(3, np.float32)` is a TransferableArray[tuple[int],
+# dtype[float32]], `zeros((2, 3))` a TransferableArray[tuple[int, int],
+# dtype[float64]]. Written once as protocols, which `_typed` gives to the plain
+# functions below (the same function objects at run time), rather than as two
+# copies of the same overloads on each pair of functions.
+class _Allocator(Protocol):
+    @overload
+    def __call__(
+        self, shape: SupportsIndex, dtype: None = None, order: _OrderCF = "C", *,
+        like: None = None, transfer_required: bool = True,
+    ) -> TransferableArray[tuple[int], np.dtype[np.float64]]: ...
+    @overload
+    def __call__(
+        self, shape: SupportsIndex, dtype: type[_ScalarT], order: _OrderCF = "C", *,
+        like: None = None, transfer_required: bool = True,
+    ) -> TransferableArray[tuple[int], np.dtype[_ScalarT]]: ...
+    @overload
+    def __call__(
+        self, shape: SupportsIndex, dtype: _DTypeT, order: _OrderCF = "C", *,
+        like: None = None, transfer_required: bool = True,
+    ) -> TransferableArray[tuple[int], _DTypeT]: ...
+    @overload
+    def __call__(
+        self, shape: SupportsIndex, dtype: DTypeLike, order: _OrderCF = "C", *,
+        like: None = None, transfer_required: bool = True,
+    ) -> TransferableArray[tuple[int], np.dtype[Any]]: ...
+    @overload
+    def __call__(
+        self, shape: _ShapeT, dtype: None = None, order: _OrderCF = "C", *,
+        like: None = None, transfer_required: bool = True,
+    ) -> TransferableArray[_ShapeT, np.dtype[np.float64]]: ...
+    @overload
+    def __call__(
+        self, shape: _ShapeT, dtype: type[_ScalarT], order: _OrderCF = "C", *,
+        like: None = None, transfer_required: bool = True,
+    ) -> TransferableArray[_ShapeT, np.dtype[_ScalarT]]: ...
+    @overload
+    def __call__(
+        self, shape: _ShapeT, dtype: _DTypeT, order: _OrderCF = "C", *,
+        like: None = None, transfer_required: bool = True,
+    ) -> TransferableArray[_ShapeT, _DTypeT]: ...
+    @overload
+    def __call__(
+        self, shape: _ShapeT, dtype: DTypeLike, order: _OrderCF = "C", *,
+        like: None = None, transfer_required: bool = True,
+    ) -> TransferableArray[_ShapeT, np.dtype[Any]]: ...
+    @overload
+    def __call__(
+        self, shape: _ShapeLike, dtype: type[_ScalarT], order: _OrderCF = "C", *,
+        like: None = None, transfer_required: bool = True,
+    ) -> TransferableArray[_AnyShape, np.dtype[_ScalarT]]: ...
+    @overload
+    def __call__(
+        self, shape: _ShapeLike, dtype: _DTypeT, order: _OrderCF = "C", *,
+        like: None = None, transfer_required: bool = True,
+    ) -> TransferableArray[_AnyShape, _DTypeT]: ...
+    @overload
+    def __call__(
+        self, shape: _ShapeLike, dtype: DTypeLike | None = None, order: _OrderCF = "C", *,
+        like: None = None, transfer_required: bool = True,
+    ) -> TransferableArray[_AnyShape, np.dtype[Any]]: ...
+
+
+class _LikeAllocator(Protocol):
+    @overload
+    def __call__(
+        self, prototype: np.ndarray[_ShapeT, _DTypeT], dtype: None = None,
+        order: _OrderKACF = "K", subok: bool = True, shape: None = None, *,
+        transfer_required: bool = True,
+    ) -> TransferableArray[_ShapeT, _DTypeT]: ...
+    @overload
+    def __call__(
+        self, prototype: ArrayLike, dtype: type[_ScalarT], order: _OrderKACF = "K",
+        subok: bool = True, shape: _ShapeLike | None = None, *, transfer_required: bool = True,
+    ) -> TransferableArray[_AnyShape, np.dtype[_ScalarT]]: ...
+    @overload
+    def __call__(
+        self, prototype: ArrayLike, dtype: _DTypeT, order: _OrderKACF = "K",
+        subok: bool = True, shape: _ShapeLike | None = None, *, transfer_required: bool = True,
+    ) -> TransferableArray[_AnyShape, _DTypeT]: ...
+    @overload
+    def __call__(
+        self, prototype: ArrayLike, dtype: DTypeLike | None = None, order: _OrderKACF = "K",
+        subok: bool = True, shape: _ShapeLike | None = None, *, transfer_required: bool = True,
+    ) -> TransferableArray[_AnyShape, np.dtype[Any]]: ...
+
+
+class _AllocatorImpl(Protocol):
+    def __call__(
+        self, shape: _ShapeLike, dtype: DTypeLike | None = ..., order: _OrderCF = ..., *,
+        like: None = ..., transfer_required: bool = ...,
+    ) -> TransferableArray[Any, Any]: ...
+
+
+class _LikeAllocatorImpl(Protocol):
+    def __call__(
+        self, prototype: ArrayLike, dtype: DTypeLike | None = ..., order: _OrderKACF = ...,
+        subok: bool = ..., shape: _ShapeLike | None = ..., *, transfer_required: bool = ...,
+    ) -> TransferableArray[Any, Any]: ...
+
+
+@overload
+def _typed(impl: _AllocatorImpl) -> _Allocator: ...
+@overload
+def _typed(impl: _LikeAllocatorImpl) -> _LikeAllocator: ...
+def _typed(impl: Any) -> Any:
+    """Gives `impl` its overloaded type (above); returns it unchanged."""
+    return impl
+
+
+@_typed
 def empty(
     shape: _ShapeLike,
-    dtype: DTypeLike = float,
-    order: str = "C",
+    dtype: DTypeLike | None = float,
+    order: _OrderCF = "C",
     *,
     like: None = None,
     transfer_required: bool = True,
-) -> _core.TransferableArray:
+) -> TransferableArray[Any, Any]:
     """Like :func:`numpy.empty`, allocated in the pool (no copy, contents undefined)."""
     if like is not None:
         raise TypeError("pyarraypool.empty does not support like=")
     return _core._empty(shape, dtype, order, transfer_required)
 
 
+@_typed
 def zeros(
     shape: _ShapeLike,
-    dtype: DTypeLike = float,
-    order: str = "C",
+    dtype: DTypeLike | None = float,
+    order: _OrderCF = "C",
     *,
     like: None = None,
     transfer_required: bool = True,
-) -> _core.TransferableArray:
+) -> TransferableArray[Any, Any]:
     """Like :func:`numpy.zeros`, allocated in the pool."""
     if like is not None:
         raise TypeError("pyarraypool.zeros does not support like=")
@@ -57,37 +177,39 @@ def _like_args(
     return shp, (proto.dtype if dtype is None else dtype), order
 
 
+@_typed
 def empty_like(
     prototype: ArrayLike,
     dtype: DTypeLike | None = None,
-    order: str = "K",
+    order: _OrderKACF = "K",
     subok: bool = True,
     shape: _ShapeLike | None = None,
     *,
     transfer_required: bool = True,
-) -> _core.TransferableArray:
+) -> TransferableArray[Any, Any]:
     """Like :func:`numpy.empty_like`, allocated in the pool.
 
     The result is always a TransferableArray (``subok`` is accepted for
     compatibility). ``order='K'`` keeps Fortran order for Fortran-contiguous
     prototypes and uses C order otherwise.
     """
-    shp, dt, order = _like_args(prototype, dtype, order, shape)
-    return _core._empty(shp, dt, order, transfer_required)
+    shp, dt, cf = _like_args(prototype, dtype, order, shape)
+    return _core._empty(shp, dt, cf, transfer_required)
 
 
+@_typed
 def zeros_like(
     prototype: ArrayLike,
     dtype: DTypeLike | None = None,
-    order: str = "K",
+    order: _OrderKACF = "K",
     subok: bool = True,
     shape: _ShapeLike | None = None,
     *,
     transfer_required: bool = True,
-) -> _core.TransferableArray:
+) -> TransferableArray[Any, Any]:
     """Like :func:`numpy.zeros_like`, allocated in the pool."""
-    shp, dt, order = _like_args(prototype, dtype, order, shape)
-    return _core._empty(shp, dt, order, transfer_required, True)
+    shp, dt, cf = _like_args(prototype, dtype, order, shape)
+    return _core._empty(shp, dt, cf, transfer_required, True)
 
 
 def configure(

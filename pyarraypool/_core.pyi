@@ -1,13 +1,25 @@
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
+from numpy.typing import ArrayLike
+from typing_extensions import TypeVar  # a stub: only type checkers read it (TypeVar defaults)
+
+# The type parameters of numpy.ndarray, declared as numpy declares them: a shape
+# (a tuple of ints) and a dtype, covariant, defaulting to "any shape", "any dtype",
+# so a bare `TransferableArray` means what a bare `np.ndarray` means.
+_ShapeT_co = TypeVar("_ShapeT_co", bound=tuple[int, ...], default=tuple[Any, ...], covariant=True)
+_DTypeT_co = TypeVar("_DTypeT_co", bound=np.dtype[Any], default=np.dtype[Any], covariant=True)
+_ShapeT = TypeVar("_ShapeT", bound=tuple[int, ...])
+_DTypeT = TypeVar("_DTypeT", bound=np.dtype[Any])
+_ScalarT = TypeVar("_ScalarT", bound=np.generic)
 
 class PoolError(Exception): ...
 class PoolFullError(PoolError, MemoryError): ...
 class StaleHandleError(PoolError): ...
 class InvalidHandleError(PoolError, ValueError): ...
 
-class TransferableArray(np.ndarray[Any, Any]): ...
+class TransferableArray(np.ndarray[_ShapeT_co, _DTypeT_co]):
+    """An ndarray in the pool; generic in its shape and dtype as numpy.ndarray is."""
 
 class _Block:
     segment: int
@@ -17,7 +29,17 @@ class _Block:
     address: int
     transfer_required: bool
 
-def make_transferable(arr: Any, *, transfer_required: bool = ...) -> TransferableArray: ...
+# An array keeps its shape and dtype types; a numpy scalar becomes a 0-d array.
+@overload
+def make_transferable(
+    arr: np.ndarray[_ShapeT, _DTypeT], *, transfer_required: bool = ...
+) -> TransferableArray[_ShapeT, _DTypeT]: ...
+@overload
+def make_transferable(
+    arr: _ScalarT, *, transfer_required: bool = ...
+) -> TransferableArray[tuple[()], np.dtype[_ScalarT]]: ...
+@overload
+def make_transferable(arr: ArrayLike, *, transfer_required: bool = ...) -> TransferableArray: ...
 def collect() -> int: ...
 def _empty(
     shape: Any, dtype: Any = ..., order: Any = ..., transfer_required: bool = ..., zero: bool = ...

@@ -20,10 +20,15 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import secrets
+import subprocess
+import sys
+import textwrap
 from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 import pytest
+from helpers import fresh_env, pool_files
 
 import pyarraypool
 from pyarraypool import _core
@@ -292,6 +297,46 @@ def test_joblib_loky_backend(stats_back_to_start):
         # would hold the pool after the tests end.
         get_reusable_executor(reuse=True).shutdown(wait=True)
     check_round_trip(x, range(16), results)
+
+
+# A pickle in flight keeps the pool itself alive, not only its block: the
+# sender may be the only process that has used the pool when it exits, before
+# the receiver (here a parent that has only imported pyarraypool) loads what
+# it sent. Contract points 8 and 12. A separate program, so that the parent
+# really has not attached (the pytest process has).
+SENDER_EXITS_FIRST = """
+    import multiprocessing, sys
+    import numpy as np
+    import pyarraypool
+
+    def child(q):
+        a = pyarraypool.empty(1000, dtype=np.uint8)
+        a[...] = 7
+        q.put(a)
+
+    if __name__ == "__main__":
+        multiprocessing.set_start_method(sys.argv[1])
+        q = multiprocessing.Queue()
+        p = multiprocessing.Process(target=child, args=(q,))
+        p.start()
+        p.join()
+        a = q.get(timeout=30)
+        assert isinstance(a, pyarraypool.TransferableArray) and (a == 7).all()
+        del a
+        print("used", pyarraypool.stats().used_bytes)
+"""
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pickle_sent_by_the_only_attached_process_survives_its_exit(method, tmp_path):
+    token = secrets.token_hex(16)
+    script = tmp_path / "sender_exits_first.py"
+    script.write_text(textwrap.dedent(SENDER_EXITS_FIRST))
+    proc = subprocess.run([sys.executable, str(script), method], capture_output=True, text=True,
+                          timeout=120, env=fresh_env(PYARRAYPOOL_POOL=token))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "used 0"
+    assert pool_files(token) == []
 
 
 # --- copy.copy / copy.deepcopy --------------------------------------------------

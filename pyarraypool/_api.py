@@ -265,15 +265,29 @@ class PoolStats:
     max_bytes: int
     segment_bytes: int
     transfer_timeout: float
+    # Only with stats(detail=True), which walks every block; empty otherwise.
+    # See `python -m pyarraypool stats` and docs/design.md for the fields.
+    size_classes: tuple[dict[str, int], ...] = ()  #: used/free blocks and bytes per size class
+    holdings: tuple[dict[str, Any], ...] = ()  #: pid, blocks and bytes held, per process
+    pending: tuple[dict[str, Any], ...] = ()  #: per block with pickles pending: size, age, pid
+    pending_bytes: int = 0
+    oldest_pending_age: float = 0.0  #: seconds since the oldest pending pickle was made
 
 
 def stats_from_dict(d: dict[str, Any]) -> PoolStats:
     fields = {f.name for f in dataclasses.fields(PoolStats)}
     values = {k: v for k, v in d.items() if k in fields}
     values["pids"] = tuple(values["pids"])
+    for key in ("size_classes", "holdings", "pending"):
+        if key in values:
+            values[key] = tuple(values[key])
     return PoolStats(**values)
 
 
-def stats() -> PoolStats:
-    """Statistics of the program's pool. Reclaims what dead processes held first."""
-    return stats_from_dict(_core._stats())
+def stats(detail: bool = False) -> PoolStats:
+    """Statistics of the program's pool. Reclaims what dead processes held first.
+
+    With ``detail=True`` it also fills ``size_classes``, ``holdings`` and
+    ``pending``; that walks every block of the pool under its lock.
+    """
+    return stats_from_dict(_core._stats(detail))

@@ -4,6 +4,8 @@
 #include <new>
 #include <string>
 
+#include "binding/pool_logging.hpp"
+
 namespace pyb {
 
 PyTypeObject* block_type = nullptr;
@@ -18,12 +20,24 @@ const char* token_from_env() {
   return t;
 }
 
+// Logs what maintenance reclaimed when the scope ends (with the GIL held),
+// also when it ends by an exception: only kSlow runs maintenance, so only
+// the slow paths below need one.
+class EventReport {
+ public:
+  EventReport() = default;
+  ~EventReport() { report_pool_events(ProcessPool::get().attached()); }
+  EventReport(const EventReport&) = delete;
+  EventReport& operator=(const EventReport&) = delete;
+};
+
 // Calls `op(mode)` first in kFast with the GIL held (the common case: the
 // lock is free and no system call is needed), and only if that declines,
 // again in kSlow with the GIL released.
 template <class Op>
 auto call(Op&& op) {
   if (auto r = op(pap::Mode::kFast)) return r;
+  EventReport report;
   return without_gil([&] { return op(pap::Mode::kSlow); });
 }
 
@@ -45,6 +59,7 @@ pap::Pool& ProcessPool::pool() {
   if (pap::Pool* p = pool_.load(std::memory_order_acquire)) return *p;
   std::string token = token_from_env();
   pap::PoolConfig cfg = creation_config_;
+  EventReport report;  // attaching may take over a dead process's slot
   without_gil([&] {
     std::lock_guard<std::mutex> once(attach_mutex_);
     if (!pool_.load(std::memory_order_acquire)) publish(pap::Pool::attach(token, cfg));
@@ -149,6 +164,7 @@ void ProcessPool::release(const BlockObject& b) {
         holds_.emplace(key, 0);
     }
   }
+  EventReport report;
   without_gil([&] {
     std::lock_guard<std::mutex> g(hold_mutex_);
     auto it = holds_.find(key);
@@ -180,6 +196,7 @@ pap::Block ProcessPool::attach_block(const pap::Handle& h, uint64_t lo, uint64_t
       }
     }
   }
+  EventReport report;
   return without_gil([&] {
     std::lock_guard<std::mutex> g(hold_mutex_);
     pap::Block b = *p.attach_block(h, lo, hi, pap::Mode::kSlow);
@@ -201,7 +218,10 @@ void ProcessPool::shutdown() {
     }
   }
   shut_down_ = true;  // whatever happens below, no hold is released after this
-  if (pap::Pool* p = pool_.load()) without_gil([&] { p->leave(); });
+  if (pap::Pool* p = pool_.load()) {
+    without_gil([&] { p->leave(); });
+    report_pool_events(p);
+  }
   // Arrays that outlive this point keep their memory mapped (the mappings
   // are never unmapped) but no longer count as holds.
   blocks_.clear();

@@ -92,6 +92,22 @@ soak: install
 demo: install
 	$(VPY) examples/seed_example.py
 
+# docs: the documentation as HTML in build/docs (Sphinx + myst-parser; the pages
+# are docs/*.md). After `install`, because the API reference is generated from
+# the docstrings of the built extension. -W --keep-going: every warning (a page
+# missing from the toctree, a broken reference, a missing file) fails the build,
+# after listing them all. -E: read every page afresh (the API pages depend on the
+# built extension, which Sphinx does not track). The pictures are committed PNGs;
+# `make diagrams` redraws them.
+.PHONY: docs diagrams
+docs: install
+	$(VPY) -m sphinx -E -W --keep-going -b html docs build/docs
+
+# diagrams: redraw docs/images/*.png (lifetime sequence, segment layout, handle,
+# lock, refcount states) with matplotlib from docs/diagrams/make_diagrams.py.
+diagrams: venv
+	$(VPY) docs/diagrams/make_diagrams.py
+
 # bench: the whole benchmark suite, then docs/benchmarks.md (and its plots) from
 # the results in build/*.json: the C++ core benchmarks (core-bench; if they cannot
 # be built or run, the report goes without them rather than with stale numbers),

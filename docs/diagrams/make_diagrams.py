@@ -167,7 +167,7 @@ def lifetime_sequence(out: Path) -> None:
         y,
         "out = pyarraypool.empty(shape)",
         C_WORKER,
-        "allocate: new generation, set bit W",
+        "allocate: set bit W",
         "{W}",
         0,
     )

@@ -11,6 +11,13 @@ VENV_STAMP := $(VENV)/.pyarraypool-venv-stamp
 PY_DEPS    := "numpy>=2.0" "setuptools>=64" wheel build pytest hypothesis ruff mypy matplotlib atheris \
               joblib "dask[distributed]" sphinx myst-parser
 PIP        := $(VPY) -m pip --disable-pip-version-check
+# The NumPy 1 venv of `make test-numpy1`: the oldest NumPy the package supports.
+VENV_NP1   := .venv-np1
+NP1_PY     := $(VENV_NP1)/bin/python
+NP1_PIP    := $(NP1_PY) -m pip --disable-pip-version-check
+NP1_STAMP  := $(VENV_NP1)/.pyarraypool-venv-stamp
+# dask[array] states the NumPy range it supports, so pip picks a Dask that takes 1.26.
+NP1_DEPS   := "numpy==1.26.*" pytest hypothesis joblib "dask[array,distributed]"
 
 CXX        ?= g++
 CORE_SRCS  := $(sort $(wildcard csrc/core/*.cpp))
@@ -26,7 +33,7 @@ BENCH_SCALE_ARGS ?=
 # Use sudo for apt-get only when not already root.
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv install core-tests test soak demo bench bench-tools core-bench lint lint-tools format clean
+.PHONY: venv install core-tests test test-numpy1 dist dist-check soak demo bench bench-tools core-bench lint lint-tools typecheck format clean
 
 # venv: create .venv (if absent) and install the build/test/lint tools; a stamp
 # file makes it a no-op until this Makefile changes or `make clean` removes it.
@@ -60,21 +67,86 @@ build/core_tests: csrc/tests/core_tests.cpp $(CORE_SRCS) $(CORE_HDRS)
 	@mkdir -p build
 	$(CXX) $(TEST_FLAGS) -o $@ csrc/tests/core_tests.cpp $(CORE_SRCS)
 
-# test: the project's test command. Runs the C++ core tests and the pytest suite,
-# then fails if they left new /dev/shm/pyarraypool-* entries behind.
-test: install
-	@before=$$(ls -1A /dev/shm | grep '^pyarraypool-' | sort); \
-	status=0; \
-	$(MAKE) --no-print-directory core-tests || status=$$?; \
-	if [ $$status -eq 0 ]; then $(VPY) -m pytest -q tests || status=$$?; fi; \
-	after=$$(ls -1A /dev/shm | grep '^pyarraypool-' | sort); \
+# SHM_BEFORE / SHM_AFTER: shell fragments around a test run (which sets $$status):
+# SHM_AFTER sets status=1 if the run left new /dev/shm/pyarraypool-* entries behind.
+SHM_BEFORE := before=$$(ls -1A /dev/shm | grep '^pyarraypool-' | sort)
+SHM_AFTER  := after=$$(ls -1A /dev/shm | grep '^pyarraypool-' | sort); \
 	leaked=$$(comm -13 <(printf '%s\n' "$$before" | sed '/^$$/d') \
 	                   <(printf '%s\n' "$$after" | sed '/^$$/d')); \
 	if [ -n "$$leaked" ]; then \
 	  echo "ERROR: the tests left these entries in /dev/shm:" >&2; \
 	  printf '  /dev/shm/%s\n' $$leaked >&2; \
 	  status=1; \
-	fi; \
+	fi
+
+# test: the project's test command. Runs the C++ core tests and the pytest suite,
+# then fails if they left new /dev/shm/pyarraypool-* entries behind.
+test: install
+	@$(SHM_BEFORE); \
+	status=0; \
+	$(MAKE) --no-print-directory core-tests || status=$$?; \
+	if [ $$status -eq 0 ]; then $(VPY) -m pytest -q tests || status=$$?; fi; \
+	$(SHM_AFTER); \
+	exit $$status
+
+# test-numpy1: the whole pytest suite on NumPy 1.26, in its own venv (.venv-np1).
+# The extension is the one `make install` builds (NumPy 2 headers, NPY_TARGET_VERSION
+# 1.23: one binary for NumPy >= 1.23); the venv imports it from the tree through
+# a .pth file, like .venv. atheris is optional there (test_fuzz skips without it).
+test-numpy1: install $(NP1_STAMP)
+	@site=$$($(NP1_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	  echo "$(CURDIR)" > "$$site/pyarraypool-src.pth"
+	@$(NP1_PY) -c 'import numpy; print("numpy", numpy.__version__)'
+	@$(SHM_BEFORE); \
+	status=0; \
+	$(NP1_PY) -m pytest -q -p no:cacheprovider tests || status=$$?; \
+	$(SHM_AFTER); \
+	exit $$status
+
+$(NP1_STAMP): Makefile
+	test -x $(NP1_PY) || $(PYTHON) -m venv $(VENV_NP1)
+	$(NP1_PIP) install --progress-bar off --upgrade pip setuptools wheel
+	$(NP1_PIP) install --progress-bar off $(NP1_DEPS)
+	$(NP1_PIP) install --progress-bar off atheris || \
+	  echo "note: atheris did not install in $(VENV_NP1); test_fuzz.py skips there" >&2
+	touch $@
+
+# dist: the sdist and the wheel in dist/ (`python -m build`: the sdist first, then
+# the wheel built from it, in an isolated environment taken from PyPI).
+dist: venv
+	rm -rf dist
+	$(VPY) -m build --outdir dist .
+
+# dist-check: what a user gets. Checks the sdist's and the wheel's contents, then
+# installs into clean venvs under build/dist-venvs: the wheel; the sdist (pip builds
+# it); the wheel with NumPy 1.26, the oldest supported. In each it runs
+# tests/smoke_installed.py from a directory outside the tree: a pool array to a
+# spawn child and back, stats(), the import's origin. Then it checks that the
+# smoke test's pool (it prints `pool TOKEN`) left nothing in /dev/shm: its own
+# pool only, so that other programs running meanwhile do not count.
+DIST_VENVS := build/dist-venvs
+DIST_CASES := wheel:whl sdist:tar.gz wheel-numpy1:whl:numpy==1.26.*
+dist-check: dist
+	$(VPY) tests/smoke_installed.py --check-sdist dist/pyarraypool-*.tar.gz
+	$(VPY) tests/smoke_installed.py --check-wheel dist/pyarraypool-*.whl
+	@status=0; \
+	for case in $(DIST_CASES); do \
+	  IFS=: read -r name kind extra <<< "$$case"; \
+	  venv=$(CURDIR)/$(DIST_VENVS)/$$name; rm -rf $$venv; \
+	  away=$$(mktemp -d); cp tests/smoke_installed.py $$away/; \
+	  echo "== clean venv $$venv: pip install dist/pyarraypool-*.$$kind $$extra"; \
+	  if $(PYTHON) -m venv $$venv && \
+	     $$venv/bin/pip install --disable-pip-version-check --progress-bar off -q \
+	       dist/pyarraypool-*.$$kind $$extra && \
+	     (cd $$away && env -u PYTHONPATH $$venv/bin/python smoke_installed.py >smoke.log 2>&1); \
+	  then ok=1; else ok=0; fi; \
+	  cat $$away/smoke.log 2>/dev/null; \
+	  token=$$(sed -n 's/^pool //p' $$away/smoke.log 2>/dev/null); \
+	  left=$$(if [ -n "$$token" ]; then ls -1A /dev/shm | grep "^pyarraypool-$$token"; fi); \
+	  if [ -n "$$left" ]; then echo "ERROR: the smoke test left in /dev/shm:" $$left >&2; ok=0; fi; \
+	  if [ $$ok = 0 ]; then echo "== $$name: FAILED" >&2; status=1; fi; \
+	  rm -rf $$away; \
+	done; \
 	exit $$status
 
 # soak: the chaos soak for longer than the test suite's 60 s version
@@ -91,6 +163,22 @@ soak: install
 # demo: run the example script against the in-place build.
 demo: install
 	$(VPY) examples/seed_example.py
+
+# docs: the documentation as HTML in build/docs (Sphinx + myst-parser; the pages
+# are docs/*.md). After `install`, because the API reference is generated from
+# the docstrings of the built extension. -W --keep-going: every warning (a page
+# missing from the toctree, a broken reference, a missing file) fails the build,
+# after listing them all. -E: read every page afresh (the API pages depend on the
+# built extension, which Sphinx does not track). The pictures are committed PNGs;
+# `make diagrams` redraws them.
+.PHONY: docs diagrams
+docs: install
+	$(VPY) -m sphinx -E -W --keep-going -b html docs build/docs
+
+# diagrams: redraw docs/images/*.png (lifetime sequence, segment layout, handle,
+# lock, refcount states) with matplotlib from docs/diagrams/make_diagrams.py.
+diagrams: venv
+	$(VPY) docs/diagrams/make_diagrams.py
 
 # bench: the whole benchmark suite, then docs/benchmarks.md (and its plots) from
 # the results in build/*.json: the C++ core benchmarks (core-bench; if they cannot
@@ -155,6 +243,11 @@ lint: lint-tools venv
 	  --std=c++20 -Icsrc csrc/core csrc/binding --suppress=missingIncludeSystem
 	$(VENV)/bin/ruff check pyarraypool tests bench
 	$(VENV)/bin/mypy pyarraypool
+
+# typecheck: mypy --strict on examples/ and on tests/typing_cases.py (shapes and
+# dtypes flowing through pyarraypool's types, against the stub and py.typed).
+typecheck: venv
+	$(VENV)/bin/mypy --strict examples/ tests/typing_cases.py
 
 # format: reformat the C++ sources in place with clang-format.
 format: lint-tools

@@ -10,18 +10,19 @@ import sys
 import time
 
 import numpy as np
+import numpy.typing as npt
 
 import pyarraypool
 
 
-def task(x, i, value):
+def task(x: npt.NDArray[np.float64], i: int, value: int) -> None:
     # Define a dummy task than read and write to shared numpy array
     x[i, :, :] = value
 
 
-def main():
+def main() -> npt.NDArray[np.float64]:
     arr = np.random.random((100, 200, 500))
-    I, J, K = arr.shape
+    I, J, K = arr.shape  # noqa: E741 (the seed's names)
     with multiprocessing.Pool(processes=8) as pool:
         # Transfer the array to shared memory.
         #
@@ -34,12 +35,12 @@ def main():
     return shmarr
 
 
-def pickled_task(plane, i, value):
+def pickled_task(plane: npt.NDArray[np.float64], i: int, value: int) -> npt.NDArray[np.float64]:
     plane[:, :] = value
     return plane
 
 
-def main_with_pickle():
+def main_with_pickle() -> npt.NDArray[np.float64]:
     """The same work when the array travels by value: each plane goes to a
     worker and back, since the worker's writes would otherwise be lost."""
     arr = np.random.random((100, 200, 500))
@@ -50,7 +51,7 @@ def main_with_pickle():
     return arr
 
 
-def check(result):
+def check(result: npt.NDArray[np.float64]) -> None:
     expected = np.arange(result.shape[0], dtype=float)[:, None, None]
     if not np.array_equal(result, np.broadcast_to(expected, result.shape)):
         sys.exit("FAILED: the parent does not see every plane the workers wrote")
@@ -68,7 +69,7 @@ if __name__ == "__main__":
         t0 = time.perf_counter()
         check(main_with_pickle())
         t_pickle = time.perf_counter() - t0
-        print(f"{method:>10}: pyarraypool {t_pool * 1e3:7.1f} ms   plain pickle {t_pickle * 1e3:7.1f} ms"
-              f"   every plane checked")
+        print(f"{method:>10}: pyarraypool {t_pool * 1e3:7.1f} ms"
+              f"   plain pickle {t_pickle * 1e3:7.1f} ms   every plane checked")
     s = pyarraypool.stats()
     print(f"pool after the runs: {s.used_bytes} bytes used in {s.live_blocks} blocks")

@@ -145,7 +145,45 @@ def empty(
     like: None = None,
     transfer_required: bool = True,
 ) -> TransferableArray[Any, Any]:
-    """Like :func:`numpy.empty`, allocated in the pool (no copy, contents undefined)."""
+    """Like :func:`numpy.empty`, but allocated in the shared-memory pool.
+
+    No copy and no initialisation: the contents are undefined. A worker can
+    fill the array in place and return it; the receiver gets a handle to the
+    same memory.
+
+    Parameters
+    ----------
+    shape : int or sequence of ints
+        The shape of the new array.
+    dtype : data-type, optional
+        Any numpy dtype without Python objects (default ``float64``).
+    order : {'C', 'F'}, optional
+        Row-major (C) or column-major (Fortran) memory layout.
+    like : None
+        Accepted for numpy compatibility; anything but ``None`` is a
+        ``TypeError``.
+    transfer_required : bool, optional
+        If true (the default), every pickle of the array keeps its block alive
+        until some process loads it, so a worker can return the array and
+        exit. If false, the block is freed as soon as no process holds it, and
+        loading a late pickle raises :class:`StaleHandleError`.
+
+    Returns
+    -------
+    TransferableArray
+        A new array whose memory is a block of the shared-memory pool.
+
+    Raises
+    ------
+    PoolFullError
+        The pool cannot grow to hold the array under ``max_bytes``, or
+        ``/dev/shm`` is full.
+    TypeError
+        The dtype holds Python objects, or ``like`` is given.
+    ValueError
+        A negative dimension, an order other than 'C' or 'F', or an array too
+        large to describe.
+    """
     if like is not None:
         raise TypeError("pyarraypool.empty does not support like=")
     return _core._empty(shape, dtype, order, transfer_required)
@@ -160,7 +198,11 @@ def zeros(
     like: None = None,
     transfer_required: bool = True,
 ) -> TransferableArray[Any, Any]:
-    """Like :func:`numpy.zeros`, allocated in the pool."""
+    """Like :func:`numpy.zeros`, but allocated in the shared-memory pool.
+
+    The same as :func:`empty`, with every byte set to zero: the parameters,
+    the result and the exceptions are those of :func:`empty`.
+    """
     if like is not None:
         raise TypeError("pyarraypool.zeros does not support like=")
     return _core._empty(shape, dtype, order, transfer_required, True)
@@ -187,11 +229,41 @@ def empty_like(
     *,
     transfer_required: bool = True,
 ) -> TransferableArray[Any, Any]:
-    """Like :func:`numpy.empty_like`, allocated in the pool.
+    """Like :func:`numpy.empty_like`, but allocated in the shared-memory pool.
 
-    The result is always a TransferableArray (``subok`` is accepted for
-    compatibility). ``order='K'`` keeps Fortran order for Fortran-contiguous
-    prototypes and uses C order otherwise.
+    The contents are undefined.
+
+    Parameters
+    ----------
+    prototype : array_like
+        The array whose shape, dtype and memory layout the result takes.
+    dtype : data-type, optional
+        Overrides the prototype's dtype.
+    order : {'K', 'A', 'C', 'F'}, optional
+        'K' and 'A' keep Fortran order for a Fortran-contiguous prototype
+        and use C order otherwise.
+    subok : bool, optional
+        Accepted for numpy compatibility: the result is always a
+        TransferableArray.
+    shape : int or sequence of ints, optional
+        Overrides the prototype's shape.
+    transfer_required : bool, optional
+        As for :func:`empty`: whether pickles keep the block alive until
+        loaded (default true).
+
+    Returns
+    -------
+    TransferableArray
+        A new array in the pool.
+
+    Raises
+    ------
+    PoolFullError
+        The pool cannot grow to hold the array.
+    TypeError
+        The dtype holds Python objects.
+    ValueError
+        A negative dimension or an unknown order.
     """
     shp, dt, cf = _like_args(prototype, dtype, order, shape)
     return _core._empty(shp, dt, cf, transfer_required)
@@ -207,7 +279,11 @@ def zeros_like(
     *,
     transfer_required: bool = True,
 ) -> TransferableArray[Any, Any]:
-    """Like :func:`numpy.zeros_like`, allocated in the pool."""
+    """Like :func:`numpy.zeros_like`, but allocated in the shared-memory pool.
+
+    The same as :func:`empty_like`, with every byte set to zero: the
+    parameters, the result and the exceptions are those of :func:`empty_like`.
+    """
     shp, dt, cf = _like_args(prototype, dtype, order, shape)
     return _core._empty(shp, dt, cf, transfer_required, True)
 
@@ -220,15 +296,37 @@ def configure(
 ) -> None:
     """Set the pool's settings; call it before the program first uses the pool.
 
-    ``max_bytes``: the most shared memory the pool may take (default: the size
-    of /dev/shm). ``segment_bytes``: the size by which it grows (default 64 MiB;
-    a larger array gets a segment of its own). ``transfer_timeout``: seconds
-    after which a pickle that was never loaded stops keeping its block alive
-    (default 300). Sizes accept ints or strings such as ``"512M"``, ``"2G"``.
-    The same settings come from ``PYARRAYPOOL_MAX_BYTES``,
-    ``PYARRAYPOOL_SEGMENT_BYTES`` and ``PYARRAYPOOL_TRANSFER_TIMEOUT``.
+    The pool is created with these settings by the first process of the
+    program that uses it (allocates or loads a handle). Settings left out keep
+    their current values. The same settings come from the environment
+    variables ``PYARRAYPOOL_MAX_BYTES``, ``PYARRAYPOOL_SEGMENT_BYTES`` and
+    ``PYARRAYPOOL_TRANSFER_TIMEOUT``; ``configure`` sets them as well, so
+    processes started afterwards (which may be the first to use the pool)
+    agree.
 
-    Raises :class:`PoolError` if the pool is already running with other settings.
+    Parameters
+    ----------
+    max_bytes : int or str, optional
+        The most shared memory the pool may map (default: the size of
+        /dev/shm). An int, or a string such as ``"512M"`` or ``"2G"``
+        (binary units: K = 1024).
+    segment_bytes : int or str, optional
+        The size by which the pool grows (default 64 MiB). An array larger
+        than this gets a segment of its own; when /dev/shm has no room for a
+        whole segment, a smaller one is made.
+    transfer_timeout : float, optional
+        Seconds after which a pickle made with ``transfer_required=True`` that
+        was never loaded stops keeping its block alive (default 300).
+
+    Raises
+    ------
+    PoolError
+        The pool is already running with other settings.
+    ValueError
+        A size or timeout that is not positive, or a size string that cannot
+        be read.
+    TypeError
+        A size that is neither an int nor a string.
     """
     current = _core._config()
     new_max = parse_size(max_bytes) if max_bytes is not None else current["max_bytes"]
@@ -251,26 +349,26 @@ def configure(
 class PoolStats:
     """A snapshot of the pool, as returned by :func:`stats`."""
 
-    pool: str
-    used_bytes: int  #: bytes in live blocks, headers included
-    capacity_bytes: int  #: bytes of shared memory the pool has mapped
-    free_bytes: int
-    largest_free_block: int
-    live_blocks: int
-    pending_transfers: int  #: pickles made but not loaded yet
-    pending_blocks: int
+    pool: str  #: the pool's token (32 hex digits; its name in /dev/shm)
+    used_bytes: int  #: bytes in live blocks, their 64-byte headers included
+    capacity_bytes: int  #: bytes of shared memory in the pool's data segments
+    free_bytes: int  #: ``capacity_bytes - used_bytes``
+    largest_free_block: int  #: bytes of the largest free block (headers included)
+    live_blocks: int  #: blocks in use
+    pending_transfers: int  #: pickles made with ``transfer_required`` and not loaded yet
+    pending_blocks: int  #: blocks that have at least one such pickle
     processes: int  #: live processes attached to the pool
-    pids: tuple[int, ...]
-    segments: int
-    max_bytes: int
-    segment_bytes: int
-    transfer_timeout: float
+    pids: tuple[int, ...]  #: their process ids
+    segments: int  #: data segments created so far (including ones given back)
+    max_bytes: int  #: the most shared memory the pool may map (a setting)
+    segment_bytes: int  #: the size by which the pool grows (a setting)
+    transfer_timeout: float  #: seconds an unloaded pickle keeps its block (a setting)
     # Only with stats(detail=True), which walks every block; empty otherwise.
-    # See `python -m pyarraypool stats` and docs/design.md for the fields.
+    # `python -m pyarraypool stats --json` prints the same fields.
     size_classes: tuple[dict[str, int], ...] = ()  #: used/free blocks and bytes per size class
     holdings: tuple[dict[str, Any], ...] = ()  #: pid, blocks and bytes held, per process
     pending: tuple[dict[str, Any], ...] = ()  #: per block with pickles pending: size, age, pid
-    pending_bytes: int = 0
+    pending_bytes: int = 0  #: bytes of the blocks in ``pending``
     oldest_pending_age: float = 0.0  #: seconds since the oldest pending pickle was made
 
 
@@ -285,9 +383,28 @@ def stats_from_dict(d: dict[str, Any]) -> PoolStats:
 
 
 def stats(detail: bool = False) -> PoolStats:
-    """Statistics of the program's pool. Reclaims what dead processes held first.
+    """A snapshot of the program's pool.
 
-    With ``detail=True`` it also fills ``size_classes``, ``holdings`` and
-    ``pending``; that walks every block of the pool under its lock.
+    First empties this process's cache of freed blocks and reclaims what dead
+    processes held and pickles whose ``transfer_timeout`` has passed, so the
+    figures are exact for this process. Attaches the process to the pool if
+    it has not used it yet.
+
+    Parameters
+    ----------
+    detail
+        Also fill ``size_classes``, ``holdings`` (what each process holds) and
+        ``pending`` (pickles not loaded yet, with their age and sender). This
+        walks every block of the pool under its lock.
+
+    Returns
+    -------
+    PoolStats
+        Usage, counts, attached processes and settings.
+
+    Raises
+    ------
+    PoolError
+        The pool cannot be attached (for example, 128 processes already are).
     """
     return stats_from_dict(_core._stats(detail))

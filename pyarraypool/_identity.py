@@ -15,6 +15,13 @@ from . import _core
 
 
 class PoolIdentity(TypedDict):
+    """Which pool a process uses, as returned by :func:`pool_identity` (a dict).
+
+    Keys: ``token`` (32 hex digits: the pool's name, shared by a program's
+    processes), ``instance`` (32 hex digits drawn when the pool was created)
+    and ``boot_id`` (``/proc/sys/kernel/random/boot_id`` of this host boot).
+    """
+
     token: str  # 32 hex digits: the pool's name, shared by a program's processes
     instance: str  # 32 hex digits drawn when the pool was created
     boot_id: str  # /proc/sys/kernel/random/boot_id of this host boot
@@ -24,7 +31,19 @@ def pool_identity() -> PoolIdentity:
     """The identity of this process's pool, attaching to it if needed.
 
     Equal identities mean a handle pickled in one process can be loaded in
-    the other.
+    the other. The token alone is not enough: the same token can name two
+    different pools in two /dev/shm mounts (containers), or a pool recreated
+    after its program ended.
+
+    Returns
+    -------
+    PoolIdentity
+        A dict with the keys ``token``, ``instance`` and ``boot_id``.
+
+    Raises
+    ------
+    PoolError
+        The pool cannot be attached.
     """
     ident = _core._pool_identity()
     return PoolIdentity(token=ident["token"], instance=ident["instance"],

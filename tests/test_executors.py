@@ -8,7 +8,8 @@ its own row of it in place; every task returns a new pool array made by
 `empty`, `zeros` or `make_transferable`. The parent then checks the block
 the worker saw, every row written, every value returned, and, once the
 workers are gone and the arrays dropped, that `stats()` is back where it
-started. Last, `copy.copy`/`copy.deepcopy`: independent plain ndarrays.
+started. Then a sender that exits before its receiver first uses the pool,
+and `copy.copy`/`copy.deepcopy`: independent plain ndarrays.
 """
 
 from __future__ import annotations

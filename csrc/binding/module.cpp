@@ -295,8 +295,30 @@ PyMethodDef module_methods[] = {
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(make_transferable)),
      METH_VARARGS | METH_KEYWORDS,
      "make_transferable(arr, *, transfer_required=True)\n--\n\n"
-     "Copy `arr` once into the shared-memory pool and return it as a TransferableArray.\n"
-     "An array already in the pool is returned as it is, without a copy."},
+     "Copy an array once into the shared-memory pool.\n\n"
+     "Pickling the result (as multiprocessing does with arguments and results) carries a\n"
+     "small handle instead of the data, and every process that loads the handle sees the\n"
+     "same memory. An array already in the pool is returned as it is, without a copy.\n\n"
+     "Parameters\n"
+     "----------\n"
+     "arr : array_like\n"
+     "    The data: an array, or anything numpy.asarray accepts, of a dtype without\n"
+     "    Python objects. C, Fortran and non-contiguous arrays all work.\n"
+     "transfer_required : bool, optional\n"
+     "    If true (the default), every pickle of the array keeps its block alive until\n"
+     "    some process loads it, so a worker can return the array and exit. If false,\n"
+     "    the block is freed as soon as no process holds it, and loading a late pickle\n"
+     "    raises StaleHandleError.\n\n"
+     "Returns\n"
+     "-------\n"
+     "TransferableArray\n"
+     "    The copy in the pool, or `arr` itself if it already lives there.\n\n"
+     "Raises\n"
+     "------\n"
+     "TypeError\n"
+     "    The dtype holds Python objects (object dtype, numpy's StringDType).\n"
+     "PoolFullError\n"
+     "    The pool cannot grow to hold the array under max_bytes, or /dev/shm is full.\n"},
     {"_empty", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(empty_impl)),
      METH_VARARGS | METH_KEYWORDS, "Allocate an array in the pool (see pyarraypool.empty)."},
     {"_rebuild", rebuild, METH_VARARGS, "Load a pickled handle (used by pickle)."},
@@ -307,8 +329,19 @@ PyMethodDef module_methods[] = {
      "_stats(detail=False): pool statistics as a dict; with detail, also size classes, "
      "holdings per process and pending transfers (walks every block)."},
     {"collect", collect, METH_NOARGS,
-     "collect() -> int\n--\n\nReclaim what dead processes held and expired pending transfers; "
-     "return the bytes freed."},
+     "collect() -> int\n--\n\n"
+     "Reclaim what dead processes held and pickles whose transfer_timeout has passed.\n\n"
+     "Both also happen on their own (when the pool is out of room, in stats(), and when\n"
+     "a waiter takes the lock over from a dead process); collect() does it now. It\n"
+     "also empties this process's cache of its own freed small blocks.\n\n"
+     "Returns\n"
+     "-------\n"
+     "int\n"
+     "    The bytes given back to the pool.\n\n"
+     "Raises\n"
+     "------\n"
+     "PoolError\n"
+     "    The pool cannot be attached.\n"},
     {"_shutdown", shutdown, METH_NOARGS, "Detach this process from the pool (at exit)."},
     {"_before_fork", before_fork, METH_NOARGS, nullptr},
     {"_after_fork_parent", after_fork_parent, METH_NOARGS, nullptr},
@@ -334,20 +367,30 @@ int add_exceptions(PyObject* m) {
   Exceptions& ex = exceptions();
   if (!ex.pool_error) {
     ex.pool_error = PyErr_NewExceptionWithDoc(
-        "pyarraypool.PoolError", "Base class of pyarraypool errors.", nullptr, nullptr);
+        "pyarraypool.PoolError",
+        "Base class of pyarraypool's errors. Raised itself when the pool cannot be attached\n"
+        "(128 processes already are, the pool is damaged) or when configure() conflicts\n"
+        "with the settings of the running pool.",
+        nullptr, nullptr);
     if (!ex.pool_error) return -1;
     OwnedRef full_bases = OwnedRef::steal(PyTuple_Pack(2, ex.pool_error, PyExc_MemoryError));
     OwnedRef invalid_bases = OwnedRef::steal(PyTuple_Pack(2, ex.pool_error, PyExc_ValueError));
     if (!full_bases || !invalid_bases) return -1;
     ex.pool_full = PyErr_NewExceptionWithDoc(
         "pyarraypool.PoolFullError",
-        "The pool cannot hold the request under max_bytes, or /dev/shm is full.", full_bases.get(),
-        nullptr);
+        "The pool cannot hold the request: it would grow past max_bytes, or /dev/shm has\n"
+        "no room. Also a MemoryError. The message names the sizes, and the setting to\n"
+        "raise (max_bytes, or the container's --shm-size).",
+        full_bases.get(), nullptr);
     ex.stale_handle = PyErr_NewExceptionWithDoc(
         "pyarraypool.StaleHandleError",
-        "A handle names a block that is gone, or a block of another pool.", ex.pool_error, nullptr);
+        "A handle names a block that has been freed (or freed and reused for another\n"
+        "array), or a block of another pool: another program's, or one that has ended.",
+        ex.pool_error, nullptr);
     ex.invalid_handle = PyErr_NewExceptionWithDoc(
-        "pyarraypool.InvalidHandleError", "A handle is malformed.", invalid_bases.get(), nullptr);
+        "pyarraypool.InvalidHandleError",
+        "A handle is malformed, or describes bytes outside its block. Also a ValueError.",
+        invalid_bases.get(), nullptr);
     if (!ex.pool_full || !ex.stale_handle || !ex.invalid_handle) return -1;
   }
   if (PyModule_AddObjectRef(m, "PoolError", ex.pool_error) < 0 ||

@@ -383,10 +383,17 @@ PyObject* array_new(PyTypeObject*, PyObject*, PyObject*) {
 
 const char* kArrayDoc =
     "A numpy.ndarray whose memory is a block of the pyarraypool shared-memory pool.\n\n"
-    "Pickling it (to another process) carries a small handle instead of the data;\n"
-    "the receiver sees the same memory. Views of it are TransferableArrays too and\n"
-    "travel as views. Results that do not live in the pool (copies, ufunc results,\n"
-    "reductions) are plain numpy.ndarray.";
+    "Pickling it (to another process) carries a small handle instead of the data:\n"
+    "64 bytes plus 16 per dimension, whatever the array's size. The receiver sees\n"
+    "the same memory, so writes in any process are visible in all. Views of it\n"
+    "(slices, transposes, basic indexing) are TransferableArrays too and travel as\n"
+    "views. Results that do not live in the pool (copies, copy.copy and\n"
+    "copy.deepcopy, ufunc results, reductions, fancy indexing) are plain\n"
+    "numpy.ndarray and pickle by value.\n\n"
+    "It cannot be instantiated directly: make one with make_transferable, empty,\n"
+    "zeros, empty_like or zeros_like. The block lives while any process holds an\n"
+    "array on it, or a pickle of it made with transfer_required=True has not been\n"
+    "loaded yet.";
 
 PyType_Slot array_slots[] = {
     {Py_tp_methods, array_methods},

@@ -140,7 +140,7 @@ def unavailable_reason() -> str | None:
         return "needs root (ip netns, mount of a tmpfs on /dev/shm)"
     for tool in ("ip", "unshare", "nsenter"):
         if shutil.which(tool) is None:
-            return f"`{tool}` not found (`make netns-tools` installs iproute2)"
+            return f"`{tool}` not found (Debian: iproute2 has ip, util-linux unshare and nsenter)"
     try:
         with second_host() as host:
             host.run(["true"])

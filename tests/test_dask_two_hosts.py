@@ -1,10 +1,10 @@
 """Dask across two hosts in one machine.
 
-A scheduler and two workers run on this host; a third worker runs on a
-"second host" (tests/second_host.py): its own network namespace, reached over
-a veth pair, and its own /dev/shm, so it cannot see this host's pools. The
-scheduler listens on the veth's address on this side, where every process can
-reach it; the second host's worker joins it (one cluster over two hosts).
+Two workers run on this host; a third worker runs on a "second host"
+(tests/second_host.py): its own network namespace, reached over a veth pair,
+and its own /dev/shm, so it cannot see this host's pools. One scheduler, on
+this host or on the second one, listens on its side of the veth, where every
+process can reach it: one cluster over two hosts, its client in this process.
 
 With pyarraypool.dask installed, a pool array between the two workers of this
 host goes by handle, and one sent to or from the second host goes by value
@@ -111,8 +111,11 @@ def _worker_env(mode: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def two_hosts(log_dir: Path, mode: str = "inherited") -> Iterator[Cluster]:
-    """A scheduler and workers local-0, local-1 here, worker remote on a second host.
+def two_hosts(
+    log_dir: Path, mode: str = "inherited", scheduler_on: str = "here"
+) -> Iterator[Cluster]:
+    """Workers local-0, local-1 here, worker remote on a second host, and a
+    scheduler here or (scheduler_on="second host") there with that worker.
 
     On exit every process is stopped and the second host deleted; the
     Cluster's pgids/pids say which processes ran, for checks afterwards.
@@ -125,15 +128,18 @@ def two_hosts(log_dir: Path, mode: str = "inherited") -> Iterator[Cluster]:
     with second_host() as host:
         try:
             sched_file = log_dir / "scheduler.json"
-            scheduler_args = ["scheduler", "--host", host.host_address, "--port", "0"]
+            there = scheduler_on == "second host"
+            scheduler_host = host.address if there else host.host_address
+            scheduler_args = ["scheduler", "--host", scheduler_host, "--port", "0"]
             # --idle-timeout: if this test process is killed, the scheduler
             # leaves after a while, and the workers (--death-timeout) after it.
             scheduler_args += ["--no-dashboard", "--scheduler-file", str(sched_file)]
             scheduler_args += ["--idle-timeout", "120s"]
             with open(log_dir / "scheduler.log", "wb") as out:
-                scheduler_proc.start(
-                    _dask(*scheduler_args), env=env, stdout=out, stderr=out, cwd=log_dir
-                )
+                argv = _dask(*scheduler_args)
+                if there:
+                    argv = host.command(argv, str(log_dir))
+                scheduler_proc.start(argv, env=env, stdout=out, stderr=out, cwd=log_dir)
             deadline = time.monotonic() + START_TIMEOUT
             while not sched_file.exists() or not sched_file.read_text().strip():
                 assert time.monotonic() < deadline, "no scheduler:\n" + _log_tails(log_dir)
@@ -260,16 +266,21 @@ def _delta(
     return after[addr][name] - before[addr][name]
 
 
-@pytest.mark.parametrize("mode", ["inherited", "preload"])
+@pytest.mark.parametrize(
+    ("mode", "scheduler_on"),
+    [("inherited", "here"), ("preload", "here"), ("inherited", "second host")],
+)
 def test_pool_arrays_cross_hosts_by_value_and_stay_by_handle_on_one_host(
-    namespaces_available: None, tmp_path: Path, mode: str
+    namespaces_available: None, tmp_path: Path, mode: str, scheduler_on: str
 ) -> None:
     my_token = my_pool_token()
     shm_before = set(os.listdir("/dev/shm"))
-    with two_hosts(tmp_path, mode) as ch:
+    with two_hosts(tmp_path, mode, scheduler_on) as ch:
         c, remote = ch.client, ch.remote
         local0, local1 = ch.local
         pyarraypool.dask.install(c)
+        there = scheduler_on == "second host"
+        assert (c.run_on_scheduler(_namespaces)[0] == _namespaces()[0]) != there
 
         # One pool for the two workers here; the second host has another pool.
         ids = c.run(pyarraypool.pool_identity)

@@ -21,6 +21,7 @@ for that (``remote_as_pool``).
 
 from __future__ import annotations
 
+import copyreg
 import hashlib
 import logging
 import os
@@ -34,6 +35,7 @@ from distributed.comm.addressing import get_address_host_port
 from distributed.comm.core import Comm
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol import numpy as _dask_numpy  # noqa: F401  (registers ndarray)
+from distributed.protocol import pickle as _dask_pickle
 from distributed.protocol.serialize import (
     dask_deserialize,
     families,
@@ -51,6 +53,8 @@ logger = logging.getLogger("pyarraypool.dask")
 HANDSHAKE_KEY = "pyarraypool"
 #: "1" makes this process turn pool arrays that arrive by value into pool arrays.
 ENV_REMOTE_AS_POOL = "PYARRAYPOOL_DASK_REMOTE_AS_POOL"
+#: Set to the pool name when `import pyarraypool` drew it at random (not given).
+ENV_RANDOM_POOL = "PYARRAYPOOL_DASK_RANDOM_POOL"
 _IDENTITY_FIELDS = ("token", "instance", "boot_id")
 #: What a serialization family's dumps returns: a header and frames.
 Serialized = tuple[dict[str, Any], list[Any]]
@@ -61,6 +65,9 @@ _remote_as_pool = False
 _original_dask_dumps: Any = None
 _original_ndarray_loads: Any = None
 _original_handshake_info: Any = None
+_original_dask_pickle_dumps: Any = None
+# Set (to the pickle protocol) while Dask's own pickler runs in this thread.
+_dask_pickling = threading.local()
 _counters = {
     "sent_by_handle": 0,
     "sent_by_value": 0,
@@ -215,6 +222,36 @@ def _loads_ndarray(header: dict[str, Any], frames: list[Any]) -> np.ndarray:
     return arr
 
 
+def _reduce_transferable(x: TransferableArray) -> Any:
+    """How pickle reduces a pool array in a process that installed this module.
+
+    Everywhere but inside Dask's own pickler this is the array's handle,
+    exactly as without this module. Dask pickles task graphs, task arguments
+    and wrapped objects (``client.submit(f, x)``) with no idea of where the
+    bytes will be loaded: the scheduler unpickles them and a worker on any
+    host may run the task, and Dask may pickle an object once more than it
+    loads it (it retries with cloudpickle). There a handle is not data, so
+    the array goes by value, as Dask pickles an ndarray.
+    """
+    protocol = getattr(_dask_pickling, "protocol", None)
+    if protocol is None:
+        return x.__reduce__()
+    _count("sent_by_value")
+    return np.asarray(x).__reduce_ex__(protocol)
+
+
+def _dask_pickle_dumps(x: object, *, buffer_callback: Any = None, protocol: Any = None) -> bytes:
+    previous = getattr(_dask_pickling, "protocol", None)
+    _dask_pickling.protocol = protocol or pickle.HIGHEST_PROTOCOL
+    try:
+        result: bytes = _original_dask_pickle_dumps(
+            x, buffer_callback=buffer_callback, protocol=protocol or pickle.HIGHEST_PROTOCOL
+        )
+        return result
+    finally:
+        _dask_pickling.protocol = previous
+
+
 def _env_remote_as_pool() -> bool:
     return os.environ.get(ENV_REMOTE_AS_POOL, "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -222,7 +259,7 @@ def _env_remote_as_pool() -> bool:
 def _install_here(remote_as_pool: bool | None) -> None:
     """Registers the serializers and the handshake in this process (idempotent)."""
     global _installed, _remote_as_pool, _original_dask_dumps, _original_ndarray_loads
-    global _original_handshake_info
+    global _original_handshake_info, _original_dask_pickle_dumps
     with _lock:
         _remote_as_pool = _env_remote_as_pool() if remote_as_pool is None else bool(remote_as_pool)
         if _installed:
@@ -235,6 +272,9 @@ def _install_here(remote_as_pool: bool | None) -> None:
         dumps, loads, _ = families["dask"]
         _original_dask_dumps = dumps
         register_serialization_family("dask", _dumps, loads)
+        _original_dask_pickle_dumps = _dask_pickle.dumps
+        _dask_pickle.dumps = _dask_pickle_dumps
+        copyreg.pickle(TransferableArray, _reduce_transferable)
         _original_handshake_info = Comm.handshake_info
         Comm.handshake_info = _handshake_info  # type: ignore[method-assign]
         _installed = True
@@ -245,17 +285,36 @@ def _install_here(remote_as_pool: bool | None) -> None:
 # -- the pool of a cluster's host ---------------------------------------------
 
 
-def _inherited_pool_is_live() -> bool:
-    """Whether the pool this process's environment names already exists.
+def _in_initial_environment(name: str, value: str) -> bool:
+    """Whether `name=value` was in this process's environment when it started."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            initial = f.read().split(b"\0")
+    except OSError:
+        return True  # cannot tell: take the name as given
+    return f"{name}={value}".encode() in initial
 
-    A worker of a LocalCluster made in the client program inherits that
-    program's pool name, and the client's ``install`` has created the pool:
-    the worker must join it. A worker started by ``dask worker`` has a name
-    nobody uses (picked at import, here or in its nanny, which imports the
-    preload module to check it): no such pool exists.
-    """
+
+def _note_random_pool_name() -> None:
+    # `import pyarraypool` picks a random pool name when none was given; mark
+    # it as such for this process's children. A worker must keep a name given
+    # on purpose (exported by the user, or by the program that started it and
+    # uses that pool) but not one its nanny drew only because it imported
+    # this module to check the preload.
     name = os.environ.get(_lifecycle.ENV_POOL, "")
-    return bool(name) and _core._inspect(name) is not None
+    if name and not _in_initial_environment(_lifecycle.ENV_POOL, name):
+        os.environ[ENV_RANDOM_POOL] = name
+
+
+def _keeps_its_pool_name() -> bool:
+    name = os.environ.get(_lifecycle.ENV_POOL, "")
+    if not name:
+        return False
+    if os.environ.get(ENV_RANDOM_POOL) != name:
+        return True  # given on purpose
+    # Drawn at random by an ancestor: keep it only if that pool is in use
+    # (a LocalCluster in a client program that installed this module).
+    return _core._inspect(name) is not None
 
 
 def cluster_pool_name(scheduler_address: str) -> str:
@@ -271,7 +330,7 @@ def cluster_pool_name(scheduler_address: str) -> str:
 def _join_cluster_pool(scheduler_address: str) -> None:
     if _core._pool_token() is not None:
         return  # already uses a pool: it cannot change now
-    if _inherited_pool_is_live():
+    if _keeps_its_pool_name():
         return
     os.environ[_lifecycle.ENV_POOL] = cluster_pool_name(scheduler_address)
 
@@ -345,3 +404,6 @@ def dask_setup(server: Any) -> None:
         # A scheduler or nanny only relays data; installing there would make a
         # scheduler forward handles to clients that may be on other hosts.
         logger.info("pyarraypool.dask: nothing to do in a %s", type(server).__name__)
+
+
+_note_random_pool_name()

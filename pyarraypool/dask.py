@@ -179,7 +179,12 @@ def _dumps(x: object, context: dict[str, Any] | None = None) -> Serialized:
     if _recipient_shares_pool(context):
         # Pickling counts a pending transfer that keeps the block alive until
         # the recipient loads it (or the pool's transfer timeout passes).
-        frame = pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL)
+        outer = getattr(_dask_pickling, "protocol", None)
+        _dask_pickling.protocol = None  # a handle, even inside one of Dask's pickles
+        try:
+            frame = pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL)
+        finally:
+            _dask_pickling.protocol = outer
         _count("sent_by_handle")
         header = {
             "sub-header": {HANDSHAKE_KEY: "handle", "pool": _own_identity()},

@@ -281,6 +281,51 @@ def test_release_gives_memory_back(client, workers):
     assert pyarraypool.stats().pending_transfers == 0
 
 
+def test_what_the_scheduler_relays_goes_by_value(client, workers):
+    """The scheduler forwards frames it does not open: it must never be sent a handle.
+
+    It runs in this process, which installed pyarraypool.dask, yet its comms
+    claim no pool, so what reaches the client through it comes by value.
+    """
+    (w0, _w1), before = workers
+    base = pyarraypool.stats().used_bytes
+    r = client.run(make_pool_array, 1 * MiB, 2, workers=[w0])[w0]
+    assert type(r) is np.ndarray and r[0] == 2
+    f = client.submit(make_pool_array, 1 * MiB, 3, workers=[w0], pure=False)
+    g = client.gather(f, direct=False)
+    assert type(g) is np.ndarray and g[0] == 3
+    delta = _delta(client, before)[w0]
+    assert delta["sent_by_value"] == 2 and delta["sent_by_handle"] == 0
+    del r, g
+    _release(base, f)
+
+
+def test_install_with_an_asynchronous_client():
+    import asyncio
+
+    base = pyarraypool.stats().used_bytes
+
+    async def main() -> tuple[str, int]:
+        async with (
+            LocalCluster(
+                processes=True,
+                n_workers=1,
+                threads_per_worker=1,
+                dashboard_address=":0",
+                asynchronous=True,
+            ) as cluster,
+            Client(cluster, asynchronous=True) as c,
+        ):
+            await pdask.install(c)
+            r = await c.submit(make_pool_array, 1 * MiB, 4, pure=False)
+            return type(r).__name__, int(r[-1])
+
+    assert asyncio.run(main()) == ("TransferableArray", 4)
+    gc.collect()
+    pyarraypool.collect()
+    assert pyarraypool.stats().used_bytes == base
+
+
 # -- no known recipient, or another pool: by value ------------------------------
 
 

@@ -201,6 +201,14 @@ bench: install
 	$(VPY) bench/bench_scale.py --json build/bench_scale.json $(BENCH_SCALE_ARGS)
 	$(VPY) bench/report.py
 
+# bench-dask: a Dask LocalCluster map whose inputs live on the other worker, with
+# and without pyarraypool.dask (docs/dask.md); BENCH_DASK_ARGS=--quick for a short run.
+BENCH_DASK_ARGS ?=
+.PHONY: bench-dask
+bench-dask: install
+	@mkdir -p build
+	$(VPY) bench/dask_bench.py --json build/dask_bench.json $(BENCH_DASK_ARGS)
+
 # bench-tools: apt-get install libbenchmark-dev (Google Benchmark) if its header
 # is missing (apt-get update only when the package lists cannot provide it).
 bench-tools:

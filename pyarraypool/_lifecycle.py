@@ -16,13 +16,30 @@ import secrets
 from . import _core
 
 ENV_POOL = "PYARRAYPOOL_POOL"
+ENV_ROOT = "PYARRAYPOOL_ROOT"
+
+
+def _start_time(pid: int) -> int:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    # The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
 
 
 def ensure_pool_name() -> str:
     name = os.environ.get(ENV_POOL, "")
-    if len(name) != 32 or any(c not in "0123456789abcdef" for c in name):
+    fresh = len(name) != 32 or any(c not in "0123456789abcdef" for c in name)
+    if fresh:
         name = secrets.token_hex(16)
         os.environ[ENV_POOL] = name
+    if fresh or ENV_ROOT not in os.environ:
+        # This process started the program (or is the first to import us
+        # under a name the user set): whichever process creates the pool
+        # records it, so that a worker leaving last while its pickles are
+        # still in flight keeps the pool for this one (pool.hpp, ProgramRoot).
+        pid = os.getpid()
+        os.environ[ENV_ROOT] = f"{pid}:{_start_time(pid)}"
     return name
 
 

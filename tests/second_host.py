@@ -59,14 +59,13 @@ def _netns_pids(name: str) -> list[int]:
     return [int(p) for p in proc.stdout.split()] if proc.returncode == 0 else []
 
 
-def _pid_alive(pid: int) -> bool:
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X", "x")
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _kill_and_wait(pids: Sequence[int], timeout: float = 10.0) -> list[int]:
@@ -77,18 +76,10 @@ def _kill_and_wait(pids: Sequence[int], timeout: float = 10.0) -> list[int]:
     deadline = time.monotonic() + timeout
     left = list(pids)
     while left and time.monotonic() < deadline:
-        left = [p for p in left if _pid_alive(p) and not _is_zombie(p)]
+        left = [p for p in left if running(p)]
         if left:
             time.sleep(0.05)
     return left
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X", "x")
-    except OSError:
-        return True
 
 
 def _delete_netns(name: str, host_if: str | None) -> None:
@@ -111,7 +102,7 @@ def remove_stale() -> list[str]:
         if not name.startswith(NAME_PREFIX) or "-" not in rest:
             continue
         pid = rest.split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not running(int(pid)):
             _delete_netns(name, None)
             removed.append(name)
     return removed
@@ -149,7 +140,7 @@ def unavailable_reason() -> str | None:
         return "needs root (ip netns, mount of a tmpfs on /dev/shm)"
     for tool in ("ip", "unshare", "nsenter"):
         if shutil.which(tool) is None:
-            return f"`{tool}` not found (`make netns-tools` installs iproute2)"
+            return f"`{tool}` not found (Debian: iproute2 has ip, util-linux unshare and nsenter)"
     try:
         with second_host() as host:
             host.run(["true"])
@@ -176,8 +167,12 @@ class Processes:
     def pgids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
-    def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM to every group (programs leave their pools on it), SIGKILL after `grace` s."""
+    def stop(self, grace: float = 5.0) -> list[list[str]]:
+        """SIGTERM to every group (programs leave their pools on it), SIGKILL after `grace` s.
+
+        Returns the command lines of the leaders that had to be SIGKILLed.
+        """
+        killed = []
         for proc in self._procs:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -189,11 +184,14 @@ class Processes:
         # The leader may be gone while others of its group are not (an empty
         # group's id could be reused: signal only a group that has members).
         for proc in self._procs:
+            if proc.poll() is None:
+                killed.append([str(a) for a in proc.args])  # type: ignore[union-attr]
             if group_alive(proc.pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
+        return killed
 
 
 class SecondHost:

@@ -175,6 +175,24 @@ NORMAL_EXITS = {
             y = pyarraypool.zeros(100)
             sys.exit(0)
     """,
+    # The only process on the pool sends a pickle and exits; the program's
+    # root never attached and never loads it: its exit removes the pool.
+    "worker-pickle-never-loaded": """
+        import multiprocessing as mp, os, pickle, pyarraypool
+
+        def work(q):
+            q.put(pickle.dumps(pyarraypool.zeros(1000)))
+
+        if __name__ == "__main__":
+            print("TOKEN", os.environ["PYARRAYPOOL_POOL"], flush=True)
+            ctx = mp.get_context("spawn")
+            q = ctx.Queue()
+            p = ctx.Process(target=work, args=(q,))
+            p.start()
+            blob = q.get(timeout=60)
+            p.join(60)
+            assert p.exitcode == 0 and len(blob) < 1000
+    """,
 }
 
 # Programs whose parent imports pyarraypool but only pool workers use it.
@@ -312,6 +330,68 @@ def test_clean_keeps_pools_of_live_programs(programs):
     r = run_cli("clean")
     assert f"pyarraypool-{orphan_token}" in r.stdout, r.stdout
     assert pool_files(orphan_token) == []
+
+
+# --- point 8: a pickle outlives its sender, even the last process attached ----
+
+# The root imports pyarraypool and waits; a spawned worker, the only process
+# ever attached to the pool, sends a pool array and exits. The pickle is in
+# flight with nobody attached.
+ROOT_LOADS_LATER = """
+    import multiprocessing as mp, os, sys, pyarraypool
+
+    def work(q):
+        a = pyarraypool.zeros(1000)
+        a[:] = 5
+        q.put(a)
+
+    if __name__ == "__main__":
+        print("TOKEN", os.environ["PYARRAYPOOL_POOL"], flush=True)
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        p = ctx.Process(target=work, args=(q,))
+        p.start()
+        p.join(60)
+        assert p.exitcode == 0
+        print("SENT", flush=True)
+        sys.stdin.read()
+        a = q.get(timeout=60)
+        assert isinstance(a, pyarraypool.TransferableArray) and (a == 5).all()
+        print("LOADED", flush=True)
+"""
+
+
+def sent_by_a_worker_that_left(programs) -> tuple[Live, str]:
+    p = programs(ROOT_LOADS_LATER)
+    p.wait_for("^SENT$")
+    token = token_of(p.out_path.read_text())
+    programs.tokens.add(token)
+    assert f"pyarraypool-{token}" in pool_files(token), p.output()
+    return p, token
+
+
+def test_pool_with_a_pickle_in_flight_waits_for_the_programs_root(programs):
+    p, token = sent_by_a_worker_that_left(programs)
+    # Nobody is attached, but the root lives: neither a cleaner nor another
+    # program's start may remove the pool.
+    dry = run_cli("clean", "--dry-run")
+    assert token not in dry.stdout, dry.stdout
+    run_python("import pyarraypool; pyarraypool.empty(1)")
+    assert f"pyarraypool-{token}" in pool_files(token)
+    assert p.finish() == 0, p.output()
+    assert "LOADED" in p.out_path.read_text()
+    assert pool_files(token) == [], pool_files(token)
+
+
+def test_pool_kept_for_a_root_that_was_killed_is_cleaned(programs):
+    p, token = sent_by_a_worker_that_left(programs)
+    p.kill()
+    files = pool_files(token)
+    assert f"pyarraypool-{token}" in files
+    done = run_cli("clean")
+    assert done.returncode == 0, done.stderr
+    assert f"pyarraypool-{token}" in done.stdout, done.stdout
+    assert pool_files(token) == []
 
 
 # --- point 17: permissions and names ---------------------------------------------

@@ -31,6 +31,24 @@ class EventReport {
   EventReport& operator=(const EventReport&) = delete;
 };
 
+// PYARRAYPOOL_ROOT = "<pid>:<start time in clock ticks>", set by the import
+// that picked the pool's token (pyarraypool/_lifecycle.py); anything else
+// means no root is known.
+pap::ProgramRoot root_from_env() {
+  pap::ProgramRoot root;
+  const char* v = std::getenv("PYARRAYPOOL_ROOT");
+  if (!v) return root;
+  char* end = nullptr;
+  long pid = std::strtol(v, &end, 10);
+  if (end == v || *end != ':' || pid <= 0) return root;
+  const char* rest = end + 1;
+  unsigned long long start = std::strtoull(rest, &end, 10);
+  if (end == rest || *end != '\0') return root;
+  root.pid = static_cast<int>(pid);
+  root.start_time = start;
+  return root;
+}
+
 // Calls `op(mode)` first in kFast with the GIL held (the common case: the
 // lock is free and no system call is needed), and only if that declines,
 // again in kSlow with the GIL released.
@@ -60,9 +78,10 @@ pap::Pool& ProcessPool::pool() {
   std::string token = token_from_env();
   pap::PoolConfig cfg = creation_config_;
   EventReport report;  // attaching may take over a dead process's slot
+  pap::ProgramRoot root = root_from_env();
   without_gil([&] {
     std::lock_guard<std::mutex> once(attach_mutex_);
-    if (!pool_.load(std::memory_order_acquire)) publish(pap::Pool::attach(token, cfg));
+    if (!pool_.load(std::memory_order_acquire)) publish(pap::Pool::attach(token, cfg, root));
   });
   return *pool_.load(std::memory_order_acquire);
 }

@@ -18,7 +18,7 @@
 namespace pap {
 
 constexpr uint64_t kMagic = 0x31304C4F4F505041ull;  // "APPOOL01"
-constexpr uint32_t kLayoutVersion = 2;              // 2: instance_id
+constexpr uint32_t kLayoutVersion = 3;              // 2: instance_id, 3: root
 constexpr uint32_t kStateRunning = 0;
 constexpr uint32_t kStateDead = 1;  // being removed by its last process or a cleaner
 
@@ -48,6 +48,7 @@ struct ControlHeader {
   // (the same name in two /dev/shm mounts, or one recreated after its
   // program ended), which the token alone cannot.
   unsigned char instance_id[16];
+  ProgramRoot root;
   PoolConfig config;
   std::atomic<uint32_t> state;
   // Set by a waiter that took the lock from a dead owner, cleared once the
@@ -76,6 +77,15 @@ constexpr uint64_t kControlBytes = (sizeof(ControlHeader) + kPage - 1) & ~(kPage
 constexpr uint64_t kLargeRound = 2u << 20;
 
 uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
+
+// The program's root process (see ProgramRoot) is still running: same pid,
+// same start time, not a zombie.
+bool root_alive(const ProgramRoot& root) {
+  if (root.pid <= 0) return false;
+  bool zombie = false;
+  uint64_t started = process_start_time(static_cast<pid_t>(root.pid), &zombie);
+  return started != 0 && !zombie && started == root.start_time;
+}
 
 uint64_t realtime_ns() {
   timespec ts;
@@ -313,7 +323,8 @@ void Pool::claim_slot_or_throw() {
   maintain_locked(true, inherited, dead_owner);  // clears the dead owner's bits, now ours
 }
 
-std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& config) {
+std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& config,
+                                   ProgramRoot root) {
   if (!valid_token(token)) throw CoreError(ErrorKind::kPool, "invalid pool token '" + token + "'");
   if (config.segment_bytes == 0 || config.max_bytes == 0)
     throw CoreError(ErrorKind::kPool, "max_bytes and segment_bytes must be positive");
@@ -341,6 +352,7 @@ std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& c
     h->pool_id = PoolId::from_token(token);
     h->created_realtime_ns = realtime_ns();
     fill_random(h->instance_id, sizeof h->instance_id);
+    if (root.pid > 0 && root.start_time != 0) h->root = root;
     h->config = config;
     h->state.store(kStateRunning);
     h->segment_count.store(0);
@@ -839,6 +851,12 @@ void Pool::leave(bool unlink_if_last) {
       // See attach_existing() for the other half of this handshake.
       hdr_->state.store(kStateDead, std::memory_order_seq_cst);
       last = live_processes_locked(monotonic_ns(), nullptr, /*count_me=*/false) == 0;
+      // Pickles in flight with nobody attached: their receiver may be the
+      // program's root, which attaches on first use. Keep the pool for it;
+      // its own exit (or a cleaner, once it is gone) removes the pool.
+      if (last && hdr_->counters.pending_transfers > 0 && hdr_->root.pid != ::getpid() &&
+          root_alive(hdr_->root))
+        last = false;
       if (!last) hdr_->state.store(kStateRunning, std::memory_order_seq_cst);
     }
   }
@@ -983,7 +1001,9 @@ std::vector<std::string> Pool::clean_stale(bool dry_run, const std::string& keep
       if (h->magic.load(std::memory_order_acquire) != kMagic) {
         dead = ::time(nullptr) - st.st_mtime > 10;
       } else {
-        dead = true;
+        // A pool whose program's root still runs is that program's to
+        // remove (leave() may have kept it for the root).
+        dead = !root_alive(h->root);
         for (uint32_t i = 0; i < kMaxSlots && dead; ++i)
           if (h->table.slots[i].id.load() != 0 && h->table.alive(i, now)) dead = false;
       }

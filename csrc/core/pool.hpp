@@ -68,6 +68,16 @@ struct PoolStats {
 // processes.
 enum class Mode { kFast, kSlow };
 
+// The process that started the program: the one whose first import picked
+// the pool's token (PYARRAYPOOL_ROOT). It may not be attached yet, since a
+// process attaches on first use, and still be about to load pickles its
+// workers sent before they exited; while it lives, the last process to
+// leave keeps a pool that has pickles in flight, and no cleaner removes it.
+struct ProgramRoot {
+  int pid = 0;              // 0: unknown, no such protection
+  uint64_t start_time = 0;  // process_start_time(pid), against pid reuse
+};
+
 struct ControlHeader;
 struct PoolSnapshot;
 
@@ -75,7 +85,9 @@ class Pool {
  public:
   // Attaches this process to the pool `token`, creating it with `config` if
   // it does not exist yet. Throws CoreError.
-  static std::unique_ptr<Pool> attach(const std::string& token, const PoolConfig& config);
+  // `root` is recorded by the process that creates the pool.
+  static std::unique_ptr<Pool> attach(const std::string& token, const PoolConfig& config,
+                                      ProgramRoot root = {});
   // Attaches only if the pool exists; nullptr otherwise.
   static std::unique_ptr<Pool> attach_existing(const std::string& token);
   ~Pool();

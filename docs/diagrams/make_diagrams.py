@@ -276,7 +276,7 @@ def segment_layout(out: Path) -> None:
     # (label, byte offset, drawn width, color)
     parts = [
         (
-            "header\nmagic, layout version,\npool id, instance id,\nsettings, state,\nneeds_repair",
+            "header\nmagic, layout version,\npool id, instance id,\nprogram root (pid,\nstart time), settings,\nstate, needs_repair",
             "0",
             2.1,
             C_PARENT,

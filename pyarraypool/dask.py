@@ -1,0 +1,414 @@
+"""Dask distributed: pool arrays go by handle within a pool, by value elsewhere.
+
+Turn it on with one line in the client program::
+
+    pyarraypool.dask.install(client)
+
+or, for workers started with the ``dask worker`` command line,
+``--preload pyarraypool.dask``. See docs/dask.md.
+
+How it decides. Every process that installed this module adds the identity of
+its pool (token, instance, boot id) to the handshake Dask's comms exchange
+when they connect. When Dask serializes a :class:`~pyarraypool.TransferableArray`
+for a message, the serializer's ``context`` names the recipient's handshake:
+if it carries the sender's own pool identity, the array goes as its handle
+(the pickle of the array, a few hundred bytes whatever its size); otherwise
+(another host, a peer without pyarraypool, or no context at all: spilling to
+disk, ``serialize`` called by hand) it goes exactly as Dask sends a numpy
+array, and the recipient gets a plain ndarray, or a pool array when it asked
+for that (``remote_as_pool``).
+"""
+
+from __future__ import annotations
+
+import copyreg
+import hashlib
+import logging
+import os
+import pickle
+import sys
+import threading
+from typing import Any, cast
+
+import numpy as np
+from distributed.comm.addressing import get_address_host_port
+from distributed.comm.core import Comm
+from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.protocol import numpy as _dask_numpy  # noqa: F401  (registers ndarray)
+from distributed.protocol import pickle as _dask_pickle
+from distributed.protocol.serialize import (
+    dask_deserialize,
+    families,
+    register_serialization_family,
+)
+
+from . import _core, _lifecycle
+from ._core import StaleHandleError, TransferableArray, make_transferable
+
+__all__ = ["install", "PyArrayPoolPlugin", "dask_setup", "counters", "cluster_pool_name"]
+
+logger = logging.getLogger("pyarraypool.dask")
+
+#: Key of the pool identity in a comm's handshake and in a handle's header.
+HANDSHAKE_KEY = "pyarraypool"
+#: "1" makes this process turn pool arrays that arrive by value into pool arrays.
+ENV_REMOTE_AS_POOL = "PYARRAYPOOL_DASK_REMOTE_AS_POOL"
+#: Set to the pool name when `import pyarraypool` drew it at random (not given).
+ENV_RANDOM_POOL = "PYARRAYPOOL_DASK_RANDOM_POOL"
+_IDENTITY_FIELDS = ("token", "instance", "boot_id")
+#: What a serialization family's dumps returns: a header and frames.
+Serialized = tuple[dict[str, Any], list[Any]]
+
+_lock = threading.Lock()
+_installed = False
+_remote_as_pool = False
+_original_dask_dumps: Any = None
+_original_ndarray_loads: Any = None
+_original_handshake_info: Any = None
+_original_dask_pickle_dumps: Any = None
+# Set (to the pickle protocol) while Dask's own pickler runs in this thread.
+_dask_pickling = threading.local()
+_counters = {
+    "sent_by_handle": 0,
+    "sent_by_value": 0,
+    "received_by_handle": 0,
+    "received_as_pool": 0,
+}
+
+
+def counters() -> dict[str, int]:
+    """How many pool arrays this process sent and received, by which path.
+
+    ``sent_by_handle`` / ``sent_by_value``: pool arrays serialized for a
+    message; ``received_by_handle``: handles loaded; ``received_as_pool``:
+    arrays that arrived by value and were copied into this process's pool
+    (``remote_as_pool``). Use ``client.run(pyarraypool.dask.counters)`` to see
+    every worker's.
+    """
+    with _lock:
+        return dict(_counters)
+
+
+def _count(name: str) -> None:
+    with _lock:
+        _counters[name] += 1
+
+
+# -- identities ---------------------------------------------------------------
+
+
+def _own_identity() -> dict[str, str] | None:
+    """This process's pool identity (attaching to the pool), or None if it cannot."""
+    try:
+        ident = _core._pool_identity()
+    except _core.PoolError:  # shut down (exiting), or the pool cannot be attached
+        return None
+    return {k: str(ident[k]) for k in _IDENTITY_FIELDS}
+
+
+def _same_pool(peer: object, own: dict[str, str] | None) -> bool:
+    if own is None or not isinstance(peer, dict):
+        return False
+    return all(peer.get(k) == own[k] for k in _IDENTITY_FIELDS)
+
+
+def _recipient_shares_pool(context: dict[str, Any] | None) -> bool:
+    # No context (spilling, a serialize() call by hand) means no recipient we
+    # know of: the bytes may be read anywhere, later, so they must be data.
+    if not context:
+        return False
+    recipient = context.get("recipient")
+    if not isinstance(recipient, dict):
+        return False
+    peer = recipient.get(HANDSHAKE_KEY)
+    return peer is not None and _same_pool(peer, _own_identity())
+
+
+def _port(address_of: Any) -> int | None:
+    try:
+        return get_address_host_port(address_of())[1]
+    except (ValueError, TypeError):
+        return None  # inproc:// and other addresses without a port; a closed listener
+
+
+def _is_scheduler_comm(comm: Comm) -> bool:
+    """Whether `comm` belongs to a scheduler running in this process.
+
+    A scheduler relays data it does not open (gather, scatter, run results
+    pass through it as serialized frames), so it must never claim a pool: a
+    worker would send it a handle that it then forwards to a process on
+    another host. Its accepted comms are found by their local port; its
+    outgoing comms get the identity erased through the scheduler's own
+    handshake overrides, applied after this method returns.
+    """
+    scheduler_module = sys.modules.get("distributed.scheduler")
+    if scheduler_module is None:
+        return False
+    port = None
+    for scheduler in list(scheduler_module.Scheduler._instances):
+        args = scheduler.rpc.connection_args
+        overrides = args.get("handshake_overrides")
+        if overrides is None:
+            overrides = args["handshake_overrides"] = {}
+        overrides[HANDSHAKE_KEY] = None
+        if port is None:
+            port = _port(lambda: comm.local_address)
+        listening = {_port(lambda ln=ln: ln.listen_address) for ln in scheduler.listeners}
+        if port is not None and port in listening:
+            return True
+    return False
+
+
+def _handshake_info(self: Comm) -> dict[str, Any]:
+    info: dict[str, Any] = _original_handshake_info(self)
+    if _is_scheduler_comm(self):
+        return info
+    ident = _own_identity()
+    if ident is not None:
+        info[HANDSHAKE_KEY] = ident
+    return info
+
+
+# -- serialization ------------------------------------------------------------
+
+
+def _dumps(x: object, context: dict[str, Any] | None = None) -> Serialized:
+    """Dask's "dask" family, with pool arrays sent by handle when the recipient shares the pool."""
+    if not isinstance(x, TransferableArray):
+        return cast(Serialized, _original_dask_dumps(x, context=context))
+    if _recipient_shares_pool(context):
+        # Pickling counts a pending transfer that keeps the block alive until
+        # the recipient loads it (or the pool's transfer timeout passes).
+        outer = getattr(_dask_pickling, "protocol", None)
+        _dask_pickling.protocol = None  # a handle, even inside one of Dask's pickles
+        try:
+            frame = pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL)
+        finally:
+            _dask_pickling.protocol = outer
+        _count("sent_by_handle")
+        header = {
+            "sub-header": {HANDSHAKE_KEY: "handle", "pool": _own_identity()},
+            "type": "pyarraypool.TransferableArray",
+            "type-serialized": pickle.dumps(TransferableArray),
+        }
+        return header, [frame]
+    # By value, byte for byte as Dask sends an ndarray (np.asarray is a view:
+    # no copy), so a recipient without pyarraypool reads it too. The mark
+    # lets a recipient that asked for it put the array back into a pool.
+    header, frames = _original_dask_dumps(np.asarray(x), context=context)
+    header["sub-header"][HANDSHAKE_KEY] = "value"
+    _count("sent_by_value")
+    return header, frames
+
+
+def _loads_handle(header: dict[str, Any], frames: list[Any]) -> TransferableArray:
+    if header.get(HANDSHAKE_KEY) != "handle" or len(frames) != 1:
+        raise _core.InvalidHandleError("a pyarraypool Dask message without a handle")
+    own = _own_identity()
+    if not _same_pool(header.get("pool"), own):
+        # Reachable only if something relays a message it did not open to a
+        # process outside the sender's pool (schedulers never claim a pool
+        # for this reason: see _is_scheduler_comm).
+        raise StaleHandleError(
+            f"a pool array arrived by handle from pool {header.get('pool')!r}, but this "
+            f"process uses pool {own!r}: handles work only within one pool on one host "
+            "(see docs/dask.md, 'Limits')"
+        )
+    arr: TransferableArray = pickle.loads(frames[0])
+    _count("received_by_handle")
+    return arr
+
+
+def _loads_ndarray(header: dict[str, Any], frames: list[Any]) -> np.ndarray:
+    arr: np.ndarray = _original_ndarray_loads(header, frames)
+    if _remote_as_pool and header.get(HANDSHAKE_KEY) == "value":
+        arr = make_transferable(arr)
+        _count("received_as_pool")
+    return arr
+
+
+def _reduce_transferable(x: TransferableArray) -> Any:
+    """How pickle reduces a pool array in a process that installed this module.
+
+    Everywhere but inside Dask's own pickler this is the array's handle,
+    exactly as without this module. Dask pickles task graphs, task arguments
+    and wrapped objects (``client.submit(f, x)``) with no idea of where the
+    bytes will be loaded: the scheduler unpickles them and a worker on any
+    host may run the task, and Dask may pickle an object once more than it
+    loads it (it retries with cloudpickle). There a handle is not data, so
+    the array goes by value, as Dask pickles an ndarray.
+    """
+    protocol = getattr(_dask_pickling, "protocol", None)
+    if protocol is None:
+        return x.__reduce__()
+    _count("sent_by_value")
+    return np.asarray(x).__reduce_ex__(protocol)
+
+
+def _dask_pickle_dumps(x: object, *, buffer_callback: Any = None, protocol: Any = None) -> bytes:
+    previous = getattr(_dask_pickling, "protocol", None)
+    _dask_pickling.protocol = protocol or pickle.HIGHEST_PROTOCOL
+    try:
+        result: bytes = _original_dask_pickle_dumps(
+            x, buffer_callback=buffer_callback, protocol=protocol or pickle.HIGHEST_PROTOCOL
+        )
+        return result
+    finally:
+        _dask_pickling.protocol = previous
+
+
+def _env_remote_as_pool() -> bool:
+    return os.environ.get(ENV_REMOTE_AS_POOL, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _install_here(remote_as_pool: bool | None) -> None:
+    """Registers the serializers and the handshake in this process (idempotent)."""
+    global _installed, _remote_as_pool, _original_dask_dumps, _original_ndarray_loads
+    global _original_handshake_info, _original_dask_pickle_dumps
+    with _lock:
+        _remote_as_pool = _env_remote_as_pool() if remote_as_pool is None else bool(remote_as_pool)
+        if _installed:
+            return
+        # Deserializer first, then the serializer, then the handshake: a peer
+        # learns our identity only once we can load what it will send us.
+        _original_ndarray_loads = dask_deserialize.dispatch(np.ndarray)
+        dask_deserialize.register(np.ndarray)(_loads_ndarray)
+        dask_deserialize.register(TransferableArray)(_loads_handle)
+        dumps, loads, _ = families["dask"]
+        _original_dask_dumps = dumps
+        register_serialization_family("dask", _dumps, loads)
+        _original_dask_pickle_dumps = _dask_pickle.dumps
+        _dask_pickle.dumps = _dask_pickle_dumps
+        copyreg.pickle(TransferableArray, _reduce_transferable)
+        _original_handshake_info = Comm.handshake_info
+        Comm.handshake_info = _handshake_info  # type: ignore[method-assign]
+        _installed = True
+    # Attach now: workers started by this program look for this pool to join.
+    _own_identity()
+
+
+# -- the pool of a cluster's host ---------------------------------------------
+
+
+def _in_initial_environment(name: str, value: str) -> bool:
+    """Whether `name=value` was in this process's environment when it started."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            initial = f.read().split(b"\0")
+    except OSError:
+        return True  # cannot tell: take the name as given
+    return f"{name}={value}".encode() in initial
+
+
+def _note_random_pool_name() -> None:
+    # `import pyarraypool` picks a random pool name when none was given; mark
+    # it as such for this process's children. A worker must keep a name given
+    # on purpose (exported by the user, or by the program that started it and
+    # uses that pool) but not one its nanny drew only because it imported
+    # this module to check the preload.
+    name = os.environ.get(_lifecycle.ENV_POOL, "")
+    if name and not _in_initial_environment(_lifecycle.ENV_POOL, name):
+        os.environ[ENV_RANDOM_POOL] = name
+
+
+def _keeps_its_pool_name() -> bool:
+    name = os.environ.get(_lifecycle.ENV_POOL, "")
+    if not name:
+        return False
+    if os.environ.get(ENV_RANDOM_POOL) != name:
+        return True  # given on purpose
+    # Drawn at random by an ancestor: keep it only if that pool is in use
+    # (a LocalCluster in a client program that installed this module).
+    return _core._inspect(name) is not None
+
+
+def cluster_pool_name(scheduler_address: str) -> str:
+    """The pool name the workers of one scheduler share on each host.
+
+    Derived from the scheduler's address as the worker names it and the user
+    id, so that every worker of a host joins one pool without being told.
+    """
+    seed = f"pyarraypool-dask\0{scheduler_address}\0{os.getuid()}".encode()
+    return hashlib.sha256(seed).hexdigest()[:32]
+
+
+def _join_cluster_pool(scheduler_address: str) -> None:
+    if _core._pool_token() is not None:
+        return  # already uses a pool: it cannot change now
+    if _keeps_its_pool_name():
+        return
+    os.environ[_lifecycle.ENV_POOL] = cluster_pool_name(scheduler_address)
+
+
+class PyArrayPoolPlugin(WorkerPlugin):
+    """Installs pyarraypool.dask in every worker, now and after restarts.
+
+    ``install(client)`` registers it; ``client.register_plugin(PyArrayPoolPlugin())``
+    does the same for the workers only. A worker whose pool name was not
+    inherited, and that has not used the pool yet, joins its host's cluster
+    pool (:func:`cluster_pool_name`). ``remote_as_pool`` (default: the
+    ``PYARRAYPOOL_DASK_REMOTE_AS_POOL`` variable) copies pool arrays that
+    arrive by value into the worker's pool.
+    """
+
+    name = "pyarraypool"
+    idempotent = True
+
+    def __init__(self, remote_as_pool: bool | None = None) -> None:
+        self.remote_as_pool = remote_as_pool
+
+    def setup(self, worker: Any) -> None:
+        _join_cluster_pool(worker.scheduler.address)
+        _install_here(self.remote_as_pool)
+
+
+def install(client: Any = None, *, remote_as_pool: bool | None = None) -> Any:
+    """Sends pool arrays by handle between processes that share a pool.
+
+    Installs in this process and, given a ``distributed.Client``, in every
+    worker of its cluster (a :class:`PyArrayPoolPlugin`, kept for workers
+    that join or restart later). Returns what ``client.register_plugin``
+    returns (an awaitable for an asynchronous client), or None.
+
+    ``remote_as_pool``: arrays that arrive by value (from another host) become
+    pool arrays in the receiving process instead of plain ndarrays; None
+    reads ``PYARRAYPOOL_DASK_REMOTE_AS_POOL``. Given with a client, it applies
+    to the workers too.
+    """
+    _install_here(remote_as_pool)
+    if client is None:
+        return None
+    if client.asynchronous:
+        return _install_on_cluster_async(client, remote_as_pool)
+    client.register_plugin(PyArrayPoolPlugin(remote_as_pool), name="pyarraypool")
+    _gather_directly_if_shared(client, client.run(_own_identity))
+    return None
+
+
+async def _install_on_cluster_async(client: Any, remote_as_pool: bool | None) -> None:
+    await client.register_plugin(PyArrayPoolPlugin(remote_as_pool), name="pyarraypool")
+    _gather_directly_if_shared(client, await client.run(_own_identity))
+
+
+def _gather_directly_if_shared(client: Any, worker_pools: dict[str, Any]) -> None:
+    # The scheduler relays by value (see _is_scheduler_comm): results reach
+    # the client by handle only straight from a worker. Workers that share
+    # the client's pool run on its host, so they are reachable directly.
+    own = _own_identity()
+    if client.direct_to_workers is None and any(_same_pool(p, own) for p in worker_pools.values()):
+        client.direct_to_workers = True
+
+
+def dask_setup(server: Any) -> None:
+    """Entry point of ``dask worker --preload pyarraypool.dask``."""
+    from distributed import Worker
+
+    if isinstance(server, Worker):
+        PyArrayPoolPlugin().setup(server)
+    else:
+        # A scheduler or nanny only relays data; installing there would make a
+        # scheduler forward handles to clients that may be on other hosts.
+        logger.info("pyarraypool.dask: nothing to do in a %s", type(server).__name__)
+
+
+_note_random_pool_name()

@@ -6,12 +6,14 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from helpers import fresh_env, run_python
 from test_config import needs_private_shm, run_with_shm
@@ -347,3 +349,27 @@ def test_pool_full_error_on_a_full_dev_shm_says_so():
     assert "/dev/shm is the limit" in msg and "--shm-size" in msg, msg
     assert "/dev/shm has" in msg and "free of 8.0 MiB" in msg, msg
     assert f"pid {res['pid']}: " in msg and f"in {res['n']} blocks" in msg, msg
+
+
+# ------------------------------------------------------------------ stats(detail=True)
+
+def test_stats_detail_shows_this_process_holdings_and_pending():
+    before = pyarraypool.stats(detail=True)
+    plain = pyarraypool.stats()
+    assert (plain.size_classes, plain.holdings, plain.pending) == ((), (), ())
+    a = pyarraypool.zeros(300_000, dtype=np.uint8)
+    size = pyarraypool._core._test_block_info(a)["size"]
+    blob = pickle.dumps(a)
+    s = pyarraypool.stats(detail=True)
+    (me,) = [h for h in s.holdings if h["pid"] == os.getpid()]
+    (was,) = [h for h in before.holdings if h["pid"] == os.getpid()] or [
+        {"blocks": 0, "bytes": 0}]
+    assert (me["blocks"], me["bytes"]) == (was["blocks"] + 1, was["bytes"] + size)
+    mine = [t for t in s.pending if t["block_size"] == size and t["pid"] == os.getpid()]
+    assert len(mine) == 1 and mine[0]["pickles"] == 1, s.pending
+    assert s.pending_bytes == before.pending_bytes + size
+    assert sum(c["used_bytes"] for c in s.size_classes) == s.used_bytes
+    assert sum(c["free_bytes"] for c in s.size_classes) == s.free_bytes
+    del a
+    pickle.loads(blob)  # consumes the pickle; the loaded array is dropped at once
+    assert pyarraypool.stats(detail=True).pending_bytes == before.pending_bytes

@@ -363,22 +363,39 @@ class PoolStats:
     max_bytes: int  #: the most shared memory the pool may map (a setting)
     segment_bytes: int  #: the size by which the pool grows (a setting)
     transfer_timeout: float  #: seconds an unloaded pickle keeps its block (a setting)
+    # Only with stats(detail=True), which walks every block; empty otherwise.
+    # `python -m pyarraypool stats --json` prints the same fields.
+    size_classes: tuple[dict[str, int], ...] = ()  #: used/free blocks and bytes per size class
+    holdings: tuple[dict[str, Any], ...] = ()  #: pid, blocks and bytes held, per process
+    pending: tuple[dict[str, Any], ...] = ()  #: per block with pickles pending: size, age, pid
+    pending_bytes: int = 0  #: bytes of the blocks in ``pending``
+    oldest_pending_age: float = 0.0  #: seconds since the oldest pending pickle was made
 
 
 def stats_from_dict(d: dict[str, Any]) -> PoolStats:
     fields = {f.name for f in dataclasses.fields(PoolStats)}
     values = {k: v for k, v in d.items() if k in fields}
     values["pids"] = tuple(values["pids"])
+    for key in ("size_classes", "holdings", "pending"):
+        if key in values:
+            values[key] = tuple(values[key])
     return PoolStats(**values)
 
 
-def stats() -> PoolStats:
+def stats(detail: bool = False) -> PoolStats:
     """A snapshot of the program's pool.
 
     First empties this process's cache of freed blocks and reclaims what dead
     processes held and pickles whose ``transfer_timeout`` has passed, so the
     figures are exact for this process. Attaches the process to the pool if
     it has not used it yet.
+
+    Parameters
+    ----------
+    detail
+        Also fill ``size_classes``, ``holdings`` (what each process holds) and
+        ``pending`` (pickles not loaded yet, with their age and sender). This
+        walks every block of the pool under its lock.
 
     Returns
     -------
@@ -390,4 +407,4 @@ def stats() -> PoolStats:
     PoolError
         The pool cannot be attached (for example, 128 processes already are).
     """
-    return stats_from_dict(_core._stats())
+    return stats_from_dict(_core._stats(detail))

@@ -1,11 +1,12 @@
-"""The command line: `python -m pyarraypool stats [--pool TOKEN] [--json]` and
-`python -m pyarraypool clean [--dry-run]`."""
+"""The command line: `python -m pyarraypool stats [--pool TOKEN] [--json] [--watch [S]]`
+and `python -m pyarraypool clean [--dry-run]`."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -249,3 +250,145 @@ def test_cli_keeps_live_pools_and_makes_none_of_its_own(program):
     assert own_stats(p)["pool"] == token
     p.finish()
     assert pool_files(token) == []
+
+
+# A program whose main process holds three arrays of known sizes, one of them
+# pickled and never loaded, and a forked child that holds nothing of its own.
+HOLDER = """
+    import json, os, pickle, sys
+    import numpy as np, pyarraypool
+    from pyarraypool import _core
+    arrs = [pyarraypool.zeros(n, dtype=np.uint8) for n in (10_000, 200_000, 3_000_000)]
+    blob = pickle.dumps(arrs[1])
+    sizes = [_core._test_block_info(a)["size"] for a in arrs]
+    print("TOKEN", _core._pool_token(), flush=True)
+    print("HOLDER", json.dumps({"pid": os.getpid(), "sizes": sizes}), flush=True)
+    sys.stdin.read()
+"""
+
+
+def holder_info(p: Program) -> dict:
+    return json.loads(p.wait_for(r"^HOLDER (.*)$").group(1))
+
+
+def test_stats_json_has_the_full_snapshot(program):
+    p = program(HOLDER)
+    token, info = p.token, holder_info(p)
+    pid, sizes = info["pid"], info["sizes"]
+    r = cli("stats", "--pool", token, "--json")
+    assert r.returncode == 0, r.stderr
+    (d,) = json.loads(r.stdout)
+    assert d["used_bytes"] == sum(sizes) and d["live_blocks"] == 3, d
+    assert d["pids"] == [pid] and d["processes"] == 1, d
+    assert d["instance"] != d["pool"] and len(d["instance"]) == 32, d
+    assert abs(d["created"] - time.time()) < 600, d
+    # What each process holds (the inspecting command is not listed).
+    assert [(h["pid"], h["blocks"], h["bytes"], h["reserved"]) for h in d["holdings"]] == [
+        (pid, 3, sum(sizes), False)], d["holdings"]
+    # The pending pickle: its block, its sender, its age.
+    (t,) = d["pending"]
+    assert (t["block_size"], t["pickles"], t["pid"]) == (sizes[1], 1, pid), t
+    assert 0 <= t["age"] < 120 and 0 < t["expires_in"] <= d["transfer_timeout"], t
+    assert t["age"] + t["expires_in"] == pytest.approx(d["transfer_timeout"], abs=1e-3), t
+    assert d["pending_bytes"] == sizes[1] and d["oldest_pending_age"] == t["age"], d
+    # Size classes: power-of-two ranges that add up to the pool.
+    classes = d["size_classes"]
+    assert sum(c["used_bytes"] for c in classes) == d["used_bytes"], classes
+    assert sum(c["free_bytes"] for c in classes) == d["free_bytes"], classes
+    assert sum(c["used_blocks"] for c in classes) == 3, classes
+    for c in classes:
+        assert c["max_size"] == 2 * c["min_size"] - 1 and c["min_size"] & (c["min_size"] - 1) == 0
+    for size in sizes:
+        (c,) = [c for c in classes if c["min_size"] <= size <= c["max_size"]]
+        assert c["used_blocks"] == sum(c["min_size"] <= s <= c["max_size"] for s in sizes), c
+    p.finish()
+
+
+def test_stats_table_has_every_section(program):
+    p = program(HOLDER)
+    token, info = p.token, holder_info(p)
+    r = cli("stats", "--pool", token)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    summary, _, detail = out.partition("\n\n")
+    assert summary.splitlines()[0].split()[:5] == ["POOL", "PROCS", "USED", "FREE", "CAPACITY"]
+    assert detail.startswith(f"Pool {token}\n"), out
+    for section in ("Blocks by size class", "Processes", "Pending transfers: 1 pickle made"):
+        assert f"\n  {section}" in detail, out
+    lines = detail.splitlines()
+    # The process row: pid, 3 blocks, the bytes it holds.
+    proc_header = next(i for i, ln in enumerate(lines)
+                       if ln.split()[:3] == ["PID", "BLOCKS", "HELD"])
+    cells = lines[proc_header + 1].split()
+    assert cells[:2] == [str(info["pid"]), "3"], lines[proc_header + 1]
+    # The pending row: 195.4 KiB block, 1 pickle, an age, from our pid.
+    pend_header = next(i for i, ln in enumerate(lines) if ln.split()[:2] == ["BLOCK", "SIZE"])
+    row = re.split(r"\s{2,}", lines[pend_header + 1].strip())
+    assert row[1] == "1" and row[-1] == str(info["pid"]), row
+    assert re.fullmatch(r"\d+\.\d s", row[2]), row
+    # One size-class row per class holding a block, with its range.
+    class_rows = [ln for ln in lines if re.match(r"^    \d+(\.\d)? (B|KiB|MiB|GiB) - ", ln)]
+    assert len(class_rows) >= 3, out
+    p.finish()
+
+
+def read_until(proc: subprocess.Popen[bytes], pattern: bytes, count: int, timeout: float) -> bytes:
+    """Reads proc's stdout until `pattern` has been seen `count` times."""
+    assert proc.stdout is not None
+    data = b""
+    deadline = time.monotonic() + timeout
+    while data.count(pattern) < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"only {data.count(pattern)} of {count} {pattern!r}:\n{data.decode()}"
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            assert chunk, f"the command exited ({proc.poll()}):\n{data.decode()}"
+            data += chunk
+    return data
+
+
+def test_stats_watch_redraws_until_ctrl_c(program):
+    p = program(HOLDER)
+    token = p.token
+    watch = subprocess.Popen([sys.executable, "-m", "pyarraypool", "stats", "--pool", token,
+                              "--watch", "0.2"], env=fresh_env(), cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        data = read_until(watch, b"\x1b[2J", 3, timeout=60)
+        frames = data.split(b"\x1b[H\x1b[2J")[1:]
+        for frame in frames[:2]:
+            text = frame.decode()
+            assert text.startswith("pyarraypool stats at "), text
+            assert f"Pool {token}" in text and "Pending transfers" in text, text
+        watch.send_signal(signal.SIGINT)
+        _, err = watch.communicate(timeout=30)
+        assert watch.returncode == 0, err.decode()
+        assert b"Traceback" not in err, err.decode()
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    # --watch with --json: one JSON document per line and refresh.
+    watch = subprocess.Popen([sys.executable, "-m", "pyarraypool", "stats", "--pool", token,
+                              "--json", "--watch", "0.2"], env=fresh_env(), cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        data = read_until(watch, b"\n", 2, timeout=60)
+        watch.send_signal(signal.SIGINT)
+        watch.communicate(timeout=30)
+        assert watch.returncode == 0
+        for line in data.splitlines()[:2]:
+            (d,) = json.loads(line)
+            assert d["pool"] == token and d["live_blocks"] == 3, d
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    p.finish()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_stats_watch_refuses_a_bad_interval(value):
+    r = cli("stats", "--watch", value)
+    assert r.returncode == 2 and "--watch" in r.stderr, (r.stdout, r.stderr)

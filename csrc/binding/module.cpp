@@ -10,9 +10,11 @@
 #include <string>
 
 #include "binding/module_types.hpp"
+#include "binding/pool_logging.hpp"
 #include "binding/process_pool.hpp"
 #include "core/handle.hpp"
 #include "core/pool.hpp"
+#include "core/pool_snapshot.hpp"
 
 namespace pyb {
 namespace {
@@ -39,6 +41,45 @@ OwnedRef stats_dict(const pap::PoolStats& s) {
       static_cast<unsigned long long>(s.config.segment_bytes), "transfer_timeout_ns",
       static_cast<unsigned long long>(s.config.transfer_timeout_ns), "transfer_timeout",
       static_cast<double>(s.config.transfer_timeout_ns) / kNs));
+}
+
+// Appends `item` to `list`.
+void append(PyObject* list, OwnedRef item) { check_status(PyList_Append(list, item.get())); }
+
+// stats_dict plus the walk's detail (see pap::PoolSnapshot for the fields).
+OwnedRef snapshot_dict(const pap::PoolSnapshot& s) {
+  OwnedRef d = stats_dict(s.stats);
+  OwnedRef classes = check(PyList_New(0));
+  for (const pap::SizeClassStats& c : s.size_classes)
+    append(classes.get(),
+           check(Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "min_size",
+                               static_cast<unsigned long long>(c.min_size), "max_size",
+                               static_cast<unsigned long long>(2 * c.min_size - 1), "used_blocks",
+                               static_cast<unsigned long long>(c.used_blocks), "used_bytes",
+                               static_cast<unsigned long long>(c.used_bytes), "free_blocks",
+                               static_cast<unsigned long long>(c.free_blocks), "free_bytes",
+                               static_cast<unsigned long long>(c.free_bytes))));
+  OwnedRef holdings = check(PyList_New(0));
+  for (const pap::ProcessUsage& u : s.processes)
+    append(holdings.get(), check(Py_BuildValue("{s:i,s:I,s:O,s:K,s:K}", "pid", u.pid, "slot",
+                                               u.slot, "reserved", u.reserved ? Py_True : Py_False,
+                                               "blocks", static_cast<unsigned long long>(u.blocks),
+                                               "bytes", static_cast<unsigned long long>(u.bytes))));
+  OwnedRef pending = check(PyList_New(0));
+  for (const pap::PendingTransfer& t : s.pending)
+    append(pending.get(),
+           check(Py_BuildValue("{s:K,s:I,s:d,s:d,s:i}", "block_size",
+                               static_cast<unsigned long long>(t.block_size), "pickles", t.pickles,
+                               "age", static_cast<double>(t.age_ns) / kNs, "expires_in",
+                               static_cast<double>(t.expires_in_ns) / kNs, "pid", t.sender_pid)));
+  const double oldest = s.pending.empty() ? 0.0 : static_cast<double>(s.pending[0].age_ns) / kNs;
+  OwnedRef extra = check(Py_BuildValue(
+      "{s:s,s:d,s:O,s:O,s:O,s:K,s:d}", "instance", s.instance.c_str(), "created",
+      static_cast<double>(s.created_realtime_ns) / kNs, "size_classes", classes.get(), "holdings",
+      holdings.get(), "pending", pending.get(), "pending_bytes",
+      static_cast<unsigned long long>(s.pending_bytes), "oldest_pending_age", oldest));
+  check_status(PyDict_Update(d.get(), extra.get()));
+  return d;
 }
 
 std::string describe(const pap::PoolConfig& c) {
@@ -86,10 +127,18 @@ PyObject* current_config(PyObject*, PyObject*) {
   });
 }
 
-PyObject* stats(PyObject*, PyObject*) {
+PyObject* stats(PyObject*, PyObject* args) {
   return boundary<PyObject*>(nullptr, [&] {
+    int detail = 0;
+    if (!PyArg_ParseTuple(args, "|p:_stats", &detail)) throw PyErrSet{};
     pap::Pool& p = ProcessPool::get().pool();
+    if (detail) {
+      pap::PoolSnapshot s = without_gil([&] { return p.snapshot(); });
+      report_pool_events(&p);
+      return snapshot_dict(s).release();
+    }
     pap::PoolStats s = without_gil([&] { return p.stats(); });
+    report_pool_events(&p);
     return stats_dict(s).release();
   });
 }
@@ -98,6 +147,7 @@ PyObject* collect(PyObject*, PyObject*) {
   return boundary<PyObject*>(nullptr, [&] {
     pap::Pool& p = ProcessPool::get().pool();
     uint64_t freed = without_gil([&] { return p.collect(); });
+    report_pool_events(&p);
     return PyLong_FromUnsignedLongLong(freed);
   });
 }
@@ -167,17 +217,25 @@ PyObject* clean(PyObject*, PyObject* args) {
 PyObject* inspect(PyObject*, PyObject* args) {
   return boundary<PyObject*>(nullptr, [&]() -> PyObject* {
     const char* token;
-    if (!PyArg_ParseTuple(args, "s:_inspect", &token)) throw PyErrSet{};
+    int detail = 0;
+    if (!PyArg_ParseTuple(args, "s|p:_inspect", &token, &detail)) throw PyErrSet{};
     std::string t = token;
-    auto s = without_gil([&]() -> std::optional<pap::PoolStats> {
-      auto p = pap::Pool::attach_existing(t);
-      if (!p) return std::nullopt;
-      pap::PoolStats st = p->stats();
-      p->leave(false);
-      return st;
-    });
-    if (!s) Py_RETURN_NONE;
-    return stats_dict(*s).release();
+    // Joins the pool for a moment: its maintenance may reclaim for the
+    // pool's dead processes, which is logged here like anywhere else.
+    std::unique_ptr<pap::Pool> p = without_gil([&] { return pap::Pool::attach_existing(t); });
+    if (!p) Py_RETURN_NONE;
+    struct Leave {  // also when the snapshot fails
+      std::unique_ptr<pap::Pool>& p;
+      ~Leave() {
+        try {
+          without_gil([&] { p->leave(false); });
+        } catch (...) {
+        }
+        log_pool_events(*p);
+      }
+    } leave{p};
+    if (detail) return snapshot_dict(without_gil([&] { return p->snapshot(); })).release();
+    return stats_dict(without_gil([&] { return p->stats(); })).release();
   });
 }
 
@@ -267,7 +325,9 @@ PyMethodDef module_methods[] = {
     {"_block_of", block_of, METH_O, "The _Block an array lives in, or None."},
     {"_configure", configure, METH_VARARGS, "Set the pool settings (see pyarraypool.configure)."},
     {"_config", current_config, METH_NOARGS, "The settings in force."},
-    {"_stats", stats, METH_NOARGS, "Pool statistics as a dict."},
+    {"_stats", stats, METH_VARARGS,
+     "_stats(detail=False): pool statistics as a dict; with detail, also size classes, "
+     "holdings per process and pending transfers (walks every block)."},
     {"collect", collect, METH_NOARGS,
      "collect() -> int\n--\n\n"
      "Reclaim what dead processes held and pickles whose transfer_timeout has passed.\n\n"
@@ -290,7 +350,8 @@ PyMethodDef module_methods[] = {
     {"_pool_identity", pool_identity, METH_NOARGS,
      "The attached pool's identity: {'token', 'instance', 'boot_id'} (attaches if needed)."},
     {"_clean", clean, METH_VARARGS, "Remove pools whose processes are all dead."},
-    {"_inspect", inspect, METH_VARARGS, "Statistics of another pool by token, or None."},
+    {"_inspect", inspect, METH_VARARGS,
+     "_inspect(token, detail=False): statistics of a pool by token, or None; see _stats."},
     {"_verify", verify, METH_NOARGS, "Check every pool invariant (tests)."},
     {"_test_lock_forever", lock_forever, METH_NOARGS,
      "Test hook: take the pool lock and never release it (crash tests)."},

@@ -4,6 +4,8 @@
 #include <new>
 #include <string>
 
+#include "binding/pool_logging.hpp"
+
 namespace pyb {
 
 PyTypeObject* block_type = nullptr;
@@ -17,6 +19,17 @@ const char* token_from_env() {
           "PYARRAYPOOL_POOL is not set: import pyarraypool (not pyarraypool._core) first");
   return t;
 }
+
+// Logs what maintenance reclaimed when the scope ends (with the GIL held),
+// also when it ends by an exception: only kSlow runs maintenance, so only
+// the slow paths below need one.
+class EventReport {
+ public:
+  EventReport() = default;
+  ~EventReport() { report_pool_events(ProcessPool::get().attached()); }
+  EventReport(const EventReport&) = delete;
+  EventReport& operator=(const EventReport&) = delete;
+};
 
 // PYARRAYPOOL_ROOT = "<pid>:<start time in clock ticks>", set by the import
 // that picked the pool's token (pyarraypool/_lifecycle.py); anything else
@@ -42,6 +55,7 @@ pap::ProgramRoot root_from_env() {
 template <class Op>
 auto call(Op&& op) {
   if (auto r = op(pap::Mode::kFast)) return r;
+  EventReport report;
   return without_gil([&] { return op(pap::Mode::kSlow); });
 }
 
@@ -63,6 +77,7 @@ pap::Pool& ProcessPool::pool() {
   if (pap::Pool* p = pool_.load(std::memory_order_acquire)) return *p;
   std::string token = token_from_env();
   pap::PoolConfig cfg = creation_config_;
+  EventReport report;  // attaching may take over a dead process's slot
   pap::ProgramRoot root = root_from_env();
   without_gil([&] {
     std::lock_guard<std::mutex> once(attach_mutex_);
@@ -168,6 +183,7 @@ void ProcessPool::release(const BlockObject& b) {
         holds_.emplace(key, 0);
     }
   }
+  EventReport report;
   without_gil([&] {
     std::lock_guard<std::mutex> g(hold_mutex_);
     auto it = holds_.find(key);
@@ -199,6 +215,7 @@ pap::Block ProcessPool::attach_block(const pap::Handle& h, uint64_t lo, uint64_t
       }
     }
   }
+  EventReport report;
   return without_gil([&] {
     std::lock_guard<std::mutex> g(hold_mutex_);
     pap::Block b = *p.attach_block(h, lo, hi, pap::Mode::kSlow);
@@ -220,7 +237,10 @@ void ProcessPool::shutdown() {
     }
   }
   shut_down_ = true;  // whatever happens below, no hold is released after this
-  if (pap::Pool* p = pool_.load()) without_gil([&] { p->leave(); });
+  if (pap::Pool* p = pool_.load()) {
+    without_gil([&] { p->leave(); });
+    report_pool_events(p);
+  }
   // Arrays that outlive this point keep their memory mapped (the mappings
   // are never unmapped) but no longer count as holds.
   blocks_.clear();

@@ -75,8 +75,18 @@ struct HolderMask {
   }
 };
 
-// Block flags (BlockHeader::flags).
+// Block flags (BlockHeader::flags): the low 8 bits are flags; the high 24
+// bits hold the pid of the process that made the block's newest pending
+// pickle (0 if none or unknown), for diagnostics only. Pids fit: Linux caps
+// pid_max at 2^22. It lives here because the 64-byte header has no room
+// left.
 constexpr uint32_t kFlagTransferRequired = 1;
+constexpr uint32_t kFlagBits = 0xff;
+constexpr uint32_t kSenderShift = 8;
+inline uint32_t with_sender(uint32_t flags, int pid) {
+  return (flags & kFlagBits) | (static_cast<uint32_t>(pid) << kSenderShift);
+}
+inline int sender_of(uint32_t flags) { return static_cast<int>(flags >> kSenderShift); }
 
 // Bits of BlockHeader::size_flags. The size is a multiple of 64, so the low
 // six bits are free for flags.
@@ -101,7 +111,7 @@ struct alignas(64) BlockHeader {
     HolderMask holders;  // processes holding the block (while used)
   };
   uint32_t pending;              // pickles sent but not loaded yet
-  uint32_t flags;                // kFlag*
+  uint32_t flags;                // kFlag* | sender pid (see kSenderShift)
   uint64_t pending_deadline_ns;  // CLOCK_MONOTONIC time after which `pending` expires
   uint64_t check;                // header_check(offset, generation) while used
 

@@ -2,15 +2,18 @@
 
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <thread>
 
 #include "core/errors.hpp"
+#include "core/pool_snapshot.hpp"
 
 namespace pap {
 
@@ -88,6 +91,16 @@ uint64_t realtime_ns() {
   timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);
   return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+// "/dev/shm has 12.0 MiB (12582912 bytes) free of 64.0 MiB"
+std::string shm_space() {
+  struct statvfs v;
+  if (::statvfs("/dev/shm", &v) != 0) return "/dev/shm free space unknown";
+  const uint64_t free_bytes = static_cast<uint64_t>(v.f_bavail) * v.f_frsize;
+  const uint64_t total = static_cast<uint64_t>(v.f_blocks) * v.f_frsize;
+  return "/dev/shm has " + human_bytes(free_bytes) + " (" + std::to_string(free_bytes) +
+         " bytes) free of " + human_bytes(total);
 }
 
 void sleep_ms(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
@@ -181,6 +194,7 @@ Pool::Pool(std::string token, Mapping control)
       id_(PoolId::from_token(token_)),
       control_(std::move(control)),
       hdr_(reinterpret_cast<ControlHeader*>(control_.data())),
+      pid_(::getpid()),
       mappings_(new Mapping[BlockRef::kMaxSegments]) {}
 
 Pool::~Pool() = default;
@@ -290,10 +304,14 @@ void Pool::claim_slot_or_throw() {
   // still see that owner as dead to repair after it.
   uint32_t owner = futex_lock::owner_of(hdr_->lock.load(std::memory_order_relaxed));
   uint64_t now = monotonic_ns();
+  uint64_t dead_owner = 0;
   for (uint32_t i = 0; i < kMaxSlots && s < 0; ++i) {
     uint64_t old = table().slots[i].id.load(std::memory_order_acquire);
     if (old == 0 || old == kReleasingId || i + 1 == owner || table().alive(i, now)) continue;
-    if (table().take(i, old, id, mine)) s = static_cast<int>(i);
+    if (table().take(i, old, id, mine)) {
+      s = static_cast<int>(i);
+      dead_owner = old;
+    }
   }
   if (s < 0)
     throw CoreError(ErrorKind::kPool, "too many processes attached to the pool (limit " +
@@ -302,7 +320,7 @@ void Pool::claim_slot_or_throw() {
   HolderMask inherited{};
   inherited.set(slot_);
   Guard g(*this, Mode::kSlow);
-  maintain_locked(true, inherited);  // clears the dead owner's bits, now ours
+  maintain_locked(true, inherited, dead_owner);  // clears the dead owner's bits, now ours
 }
 
 std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& config,
@@ -397,7 +415,9 @@ std::unique_ptr<Pool> Pool::attach_existing(const std::string& token) {
 
 std::optional<Block> Pool::allocate(uint64_t bytes, bool transfer_required, Mode mode) {
   uint64_t block_size = Allocator::block_size_for(bytes);
-  if (block_size == 0) throw_full(bytes);
+  if (block_size == 0)
+    throw CoreError(ErrorKind::kPoolFull, "pyarraypool cannot allocate " + std::to_string(bytes) +
+                                              " bytes: larger than any block can be");
   // No cache while a fork is under way: the child must hold every block.
   if (mode == Mode::kFast && cache_.bytes() != 0 && child_slot_.load(std::memory_order_relaxed) < 0)
     if (auto b = cache_.take(bytes, transfer_required ? kFlagTransferRequired : 0u)) return b;
@@ -469,8 +489,13 @@ void Pool::grow_locked(uint64_t block_size, uint64_t requested) {
         if (e.kind() == ErrorKind::kPoolFull)
           throw CoreError(ErrorKind::kPoolFull,
                           "pyarraypool cannot allocate " + std::to_string(requested) +
-                              " bytes: /dev/shm has no room for them (" + e.what() +
-                              "); free space there, or give the container a larger --shm-size",
+                              " bytes: /dev/shm has no room for them (" + e.what() + "; " +
+                              shm_space() + "). The pool has " + std::to_string(c.capacity_bytes) +
+                              " bytes in " + std::to_string(index) + " segments, " +
+                              usage_locked() +
+                              ". /dev/shm is the limit, not max_bytes: free space there, or "
+                              "make it larger (docker run --shm-size=2g, or mount -o "
+                              "remount,size=... /dev/shm)",
                           e.error_number());
         throw;
       }
@@ -489,16 +514,30 @@ void Pool::grow_locked(uint64_t block_size, uint64_t requested) {
   c.capacity_bytes += size;
 }
 
+std::string Pool::usage_locked() {
+  try {
+    PoolSnapshot s;
+    snapshot_locked(&s);
+    return "in use: " + describe_usage(s);
+  } catch (const std::exception&) {
+    return "in use: unknown (could not walk the pool)";
+  }
+}
+
 void Pool::throw_full(uint64_t bytes) {
   const Counters& c = hdr_->counters;
   const PoolConfig cfg = hdr_->config;
   throw CoreError(
       ErrorKind::kPoolFull,
       "pyarraypool cannot allocate " + std::to_string(bytes) + " bytes: the pool uses " +
-          std::to_string(c.used_bytes) + " of max_bytes=" + std::to_string(cfg.max_bytes) + " in " +
-          std::to_string(c.live_blocks) + " live blocks (" + std::to_string(c.pending_transfers) +
-          " pickles pending); raise max_bytes with pyarraypool.configure(max_bytes=...)"
-          " or PYARRAYPOOL_MAX_BYTES");
+          std::to_string(c.used_bytes) + " (" + human_bytes(c.used_bytes) +
+          ") of max_bytes=" + std::to_string(cfg.max_bytes) + " (" + human_bytes(cfg.max_bytes) +
+          ") in " + std::to_string(c.live_blocks) + " live blocks; capacity " +
+          std::to_string(c.capacity_bytes) + " bytes, largest free block " +
+          std::to_string(allocator().largest_free()) + " bytes; " + usage_locked() + "; " +
+          shm_space() +
+          ". Raise max_bytes with pyarraypool.configure(max_bytes=...) or PYARRAYPOOL_MAX_BYTES"
+          " (before the program first uses the pool), or drop arrays and load pending pickles");
 }
 
 BlockHeader* Pool::checked_header(BlockRef ref, uint64_t generation) {
@@ -558,6 +597,7 @@ bool Pool::add_pending(BlockRef ref, uint64_t generation, Mode mode) {
   if (h->pending == 0) ++c.pending_blocks;
   ++h->pending;
   ++c.pending_transfers;
+  h->flags = with_sender(h->flags, pid_);
   // One deadline per block: the newest pickle's. Older pickles of the same
   // block live at least as long as the newest one.
   h->pending_deadline_ns = monotonic_ns() + hdr_->config.transfer_timeout_ns;
@@ -588,7 +628,7 @@ std::optional<Block> Pool::attach_block(const Handle& hd, uint64_t lo, uint64_t 
     --c.pending_transfers;
     if (h->pending == 0) --c.pending_blocks;
   }
-  return Block{hd.ref, hd.generation, h->payload(), h->capacity(), h->flags};
+  return Block{hd.ref, hd.generation, h->payload(), h->capacity(), h->flags & kFlagBits};
 }
 
 uint32_t Pool::live_processes_locked(uint64_t now, std::vector<int>* pids, bool count_me) {
@@ -604,7 +644,74 @@ uint32_t Pool::live_processes_locked(uint64_t now, std::vector<int>* pids, bool 
   return n;
 }
 
-uint64_t Pool::maintain_locked(bool force_rebuild, const HolderMask& also_dead) {
+namespace {
+
+// What one maintenance walk takes back, gathered for its PoolEvents: per
+// dead slot, and per sender of expired pickles. Fixed-size: the walk runs
+// inside the allocator's rebuild, where nothing may throw.
+struct ReclaimTally {
+  static constexpr int kSenders = 8;
+  uint64_t timeout_ns;
+  HolderMask reported{};             // dead slots whose reclaim is reported
+  uint64_t ids[kMaxSlots] = {};      // their owners' ids
+  PoolEvent held[kMaxSlots] = {};    // per dead slot
+  PoolEvent expired[kSenders] = {};  // per sender; the last one merges the rest
+  int senders = 0;
+
+  // Counts block `h` (before its dead holders are cleared); returns the
+  // event its freeing would be credited to.
+  PoolEvent* reclaim(const BlockHeader& h, uint64_t size) {
+    PoolEvent* first = nullptr;
+    for (uint32_t w = 0; w < kMaxSlots / 64; ++w)
+      for (uint64_t bits = h.holders.words[w] & reported.words[w]; bits; bits &= bits - 1) {
+        PoolEvent& e = held[w * 64 + static_cast<uint32_t>(__builtin_ctzll(bits))];
+        ++e.blocks;
+        e.bytes += size;
+        if (!first) first = &e;
+      }
+    return first;
+  }
+  PoolEvent* expire(const BlockHeader& h, uint64_t size, uint64_t now) {
+    const int pid = sender_of(h.flags);
+    PoolEvent* e = nullptr;
+    for (int i = 0; i < senders && !e; ++i)
+      if (expired[i].pid == pid) e = &expired[i];
+    if (!e && senders < kSenders) {
+      e = &expired[senders++];
+      e->pid = pid;
+    }
+    if (!e) {
+      e = &expired[kSenders - 1];
+      e->pid = 0;  // merged: several senders
+    }
+    ++e->blocks;
+    e->bytes += size;
+    e->pickles += h.pending;
+    const uint64_t made =
+        h.pending_deadline_ns > timeout_ns ? h.pending_deadline_ns - timeout_ns : 0;
+    e->age_ns = std::max(e->age_ns, now > made ? now - made : 0);
+    return e;
+  }
+  void report(EventLog& log) {
+    for (uint32_t i = 0; i < kMaxSlots; ++i) {
+      if (!reported.test(i) || held[i].blocks == 0) continue;
+      held[i].kind = PoolEvent::Kind::kReclaim;
+      held[i].pid = slot_pid(ids[i]);
+      held[i].reserved = slot_kind(ids[i]) == SlotKind::kReserved;
+      log.push(held[i]);
+    }
+    for (int i = 0; i < senders; ++i) {
+      expired[i].kind = PoolEvent::Kind::kExpiry;
+      expired[i].timeout_ns = timeout_ns;
+      log.push(expired[i]);
+    }
+  }
+};
+
+}  // namespace
+
+uint64_t Pool::maintain_locked(bool force_rebuild, const HolderMask& also_dead,
+                               uint64_t also_dead_id) {
   const uint64_t now = monotonic_ns();
   HolderMask dead = also_dead;
   uint64_t dead_ids[kMaxSlots] = {};  // the id each slot had when judged dead
@@ -619,14 +726,31 @@ uint64_t Pool::maintain_locked(bool force_rebuild, const HolderMask& also_dead) 
   Counters& c = hdr_->counters;
   if (!force_rebuild && !dead.any() && (c.pending_blocks == 0 || now < c.next_expiry_ns)) return 0;
 
+  // Heap, not stack: it is a few KiB and maintenance is rare.
+  auto tally = std::make_unique<ReclaimTally>();
+  tally->timeout_ns = hdr_->config.transfer_timeout_ns;
+  for (uint32_t i = 0; i < kMaxSlots; ++i) {
+    const uint64_t id = dead_ids[i] ? dead_ids[i] : also_dead.test(i) ? also_dead_id : 0;
+    if (id == 0 || id == kReleasingId) continue;
+    tally->reported.set(i);
+    tally->ids[i] = id;
+  }
   const uint64_t used_before = c.used_bytes;
   Counters fresh{};
   fresh.next_generation = c.next_generation;
   fresh.next_expiry_ns = ~uint64_t{0};
   auto keep = [&](BlockRef, BlockHeader& h) {
+    const uint64_t size = h.size();
+    PoolEvent* credit = tally->reclaim(h, size);
     h.holders.clear_all(dead);
-    if (h.pending > 0 && now >= h.pending_deadline_ns) h.pending = 0;
-    if (!h.holders.any() && h.pending == 0) return false;
+    if (h.pending > 0 && now >= h.pending_deadline_ns) {
+      credit = tally->expire(h, size, now);
+      h.pending = 0;
+    }
+    if (!h.holders.any() && h.pending == 0) {
+      if (credit) credit->freed_bytes += size;
+      return false;
+    }
     fresh.used_bytes += h.size();
     ++fresh.live_blocks;
     fresh.pending_transfers += h.pending;
@@ -647,6 +771,7 @@ uint64_t Pool::maintain_locked(bool force_rebuild, const HolderMask& also_dead) 
   c = fresh;
   for (uint32_t i = 0; i < kMaxSlots; ++i)
     if (dead_ids[i] != 0) table().release_if(i, dead_ids[i]);
+  tally->report(events_);
   return used_before > c.used_bytes ? used_before - c.used_bytes : 0;
 }
 
@@ -663,6 +788,41 @@ PoolStats Pool::stats() {
   drain_cache_locked();  // this process's accounting is exact
   maintain_locked(false, HolderMask{});
   PoolStats s;
+  stats_locked(&s);
+  return s;
+}
+
+PoolSnapshot Pool::snapshot() {
+  Guard g(*this, Mode::kSlow);
+  drain_cache_locked();
+  maintain_locked(false, HolderMask{});
+  PoolSnapshot s;
+  snapshot_locked(&s);
+  return s;
+}
+
+void Pool::snapshot_locked(PoolSnapshot* s) {
+  stats_locked(&s->stats);
+  s->instance = instance_id();
+  s->created_realtime_ns = hdr_->created_realtime_ns;
+  SnapshotBuilder b(monotonic_ns(), hdr_->config.transfer_timeout_ns);
+  Allocator a = allocator();
+  const uint32_t nsegs = hdr_->segment_count.load(std::memory_order_acquire);
+  for (uint32_t seg = 0; seg < nsegs && seg < mapped_.load(std::memory_order_acquire); ++seg)
+    if (spans_[seg].size != 0)
+      a.for_each_block(seg, [&](BlockRef, const BlockHeader& h) { b.add_block(h); });
+  // Live slots only: maintenance has just freed the dead ones' (stats_locked
+  // has the same view in `pids`).
+  const uint64_t now = monotonic_ns();
+  for (uint32_t i = 0; i < kMaxSlots; ++i) {
+    const uint64_t id = table().slots[i].id.load(std::memory_order_acquire);
+    if (id != 0 && (i == slot_ || table().alive(i, now))) b.add_slot(i, id);
+  }
+  b.finish(s);
+}
+
+void Pool::stats_locked(PoolStats* out) {
+  PoolStats& s = *out;
   s.token = token_;
   const Counters& c = hdr_->counters;
   s.capacity_bytes = c.capacity_bytes;
@@ -675,7 +835,6 @@ PoolStats Pool::stats() {
   s.processes = live_processes_locked(monotonic_ns(), &s.pids);
   s.free_bytes = c.capacity_bytes - c.used_bytes;
   s.largest_free_block = allocator().largest_free();
-  return s;
 }
 
 void Pool::leave(bool unlink_if_last) {
@@ -738,6 +897,7 @@ void Pool::after_fork_parent() {
 }
 
 void Pool::after_fork_child() {
+  pid_ = ::getpid();
   cache_.forget();  // the parent's blocks, held by the parent
   const int reserved = child_slot_.exchange(-1);
   const bool prepared = fork_prepared_;
@@ -805,7 +965,7 @@ Pool::BlockInfo Pool::inspect_block(BlockRef ref) {
                    h->generation,
                    h->holders,
                    h->pending,
-                   h->flags,
+                   h->flags & kFlagBits,
                    h->check == header_check(ref.off(), h->generation)};
 }
 

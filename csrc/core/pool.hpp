@@ -30,6 +30,7 @@
 #include "core/futex_lock.hpp"
 #include "core/handle.hpp"
 #include "core/local_cache.hpp"
+#include "core/pool_events.hpp"
 #include "core/process_table.hpp"
 #include "core/shm_segment.hpp"
 
@@ -78,6 +79,7 @@ struct ProgramRoot {
 };
 
 struct ControlHeader;
+struct PoolSnapshot;
 
 class Pool {
  public:
@@ -121,6 +123,14 @@ class Pool {
   // the bytes freed.
   uint64_t collect();
   PoolStats stats();
+  // stats() and, walking every block, memory by size class, what each
+  // process holds and the pending pickles (pool_snapshot.hpp). Runs
+  // maintenance first, as stats() does.
+  PoolSnapshot snapshot();
+  // Reclaims and expiries this process's maintenance has done since the
+  // last call (see pool_events.hpp). `dropped`: events that did not fit.
+  bool has_events() const { return !events_.empty(); }
+  std::vector<PoolEvent> take_events(uint64_t* dropped) { return events_.drain(dropped); }
   // Detaches this process: drops all its holds and its slot; the last
   // process of the pool unlinks every segment when `unlink_if_last`.
   void leave(bool unlink_if_last = true);
@@ -175,15 +185,24 @@ class Pool {
   void grow_locked(uint64_t block_size, uint64_t requested);
   void free_if_unused(BlockRef ref, BlockHeader& h);
   BlockHeader* checked_header(BlockRef ref, uint64_t generation);
-  uint64_t maintain_locked(bool force_rebuild, const HolderMask& also_dead);
+  // `also_dead` slots are treated as dead owners'; `also_dead_id`, if not 0,
+  // is the id their dead owner had (for the reclaim event; 0: no event, as
+  // when a process leaves).
+  uint64_t maintain_locked(bool force_rebuild, const HolderMask& also_dead,
+                           uint64_t also_dead_id = 0);
+  void stats_locked(PoolStats* s);
+  void snapshot_locked(PoolSnapshot* s);
   uint32_t live_processes_locked(uint64_t now, std::vector<int>* pids, bool count_me = true);
   [[noreturn]] void throw_full(uint64_t bytes);
+  // What uses the pool, for error messages (walks every block).
+  std::string usage_locked();
 
   std::string token_;
   PoolId id_;
   Mapping control_;
   ControlHeader* hdr_;
   uint32_t slot_ = 0;
+  int pid_ = 0;  // getpid() is a system call: kept for add_pending's sender
   // The slot reserved for a child between before_fork and after_fork_*;
   // blocks allocated or attached meanwhile are marked for it too.
   std::atomic<int> child_slot_{-1};
@@ -200,6 +219,7 @@ class Pool {
   std::atomic<uint32_t> mapped_{0};
   uint64_t seen_retired_epoch_ = 0;
   LocalCache cache_;
+  EventLog events_;
   void drain_cache_locked();  // retired_epoch when this process last unmapped
 };
 

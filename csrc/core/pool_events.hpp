@@ -1,0 +1,56 @@
+// Things a process's maintenance did to the pool that the user should hear
+// about: it reclaimed what a dead process held, or it dropped pickles that
+// were never loaded. The core records them in the Pool object (this
+// process's memory, not the shared segment); the binding drains them and
+// logs one warning per event.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace pap {
+
+struct PoolEvent {
+  enum class Kind { kReclaim, kExpiry };
+  Kind kind = Kind::kReclaim;
+  // kReclaim: the dead process (or, if `reserved`, the parent of a fork
+  // child that died before attaching). kExpiry: the process that made the
+  // newest pickle of the blocks; 0 if unknown.
+  int pid = 0;
+  bool reserved = false;
+  uint64_t blocks = 0;      // kReclaim: blocks it held; kExpiry: blocks whose pickles expired
+  uint64_t bytes = 0;       // their size, headers included
+  uint64_t pickles = 0;     // kExpiry: pending counts dropped
+  uint64_t age_ns = 0;      // kExpiry: age of the oldest of them
+  uint64_t timeout_ns = 0;  // kExpiry: the pool's transfer_timeout
+  // Of `bytes`, what went back to the pool because of this event. A block
+  // freed for two reasons at once counts for its expiry if it expired,
+  // else for the first of its dead holders.
+  uint64_t freed_bytes = 0;
+};
+
+// The message logged for an event.
+std::string describe(const PoolEvent& e);
+
+// A bounded, thread-safe queue of events. Recording never throws (it runs
+// under the pool lock, in maintenance); past kMax queued events, further
+// ones are counted and reported as one summary line.
+class EventLog {
+ public:
+  static constexpr size_t kMax = 256;
+  void push(const PoolEvent& e) noexcept;
+  // Takes every queued event; `dropped` gets how many did not fit.
+  std::vector<PoolEvent> drain(uint64_t* dropped);
+  bool empty() const { return queued_.load(std::memory_order_relaxed) == 0; }
+
+ private:
+  std::mutex mutex_;
+  std::vector<PoolEvent> events_;
+  uint64_t dropped_ = 0;
+  std::atomic<size_t> queued_{0};
+};
+
+}  // namespace pap

@@ -17,11 +17,13 @@ This file is a helper, not a test module (pytest collects only test_*.py).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 
@@ -33,6 +35,10 @@ NAME_PREFIX = "pap-"
 # /30 subnets are taken from this /16, starting at a place chosen by the pid.
 SUBNET_POOL = ipaddress.ip_network("10.213.0.0/16")
 SHM_SIZE = "1g"
+LOCK_FILE = os.path.join(
+    "/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir(),
+    "pyarraypool-second-host.lock",
+)
 
 _counter = 0
 
@@ -319,11 +325,19 @@ class SecondHost:
 def second_host() -> Iterator[SecondHost]:
     """A fresh second host; everything in it is killed and deleted on exit."""
     global _counter
-    remove_stale()
     _counter += 1
-    host = SecondHost(f"{NAME_PREFIX}{os.getpid()}-{_counter}", _free_subnet())
+    # One test process at a time picks a subnet and puts addresses on it, so
+    # that two concurrent runs cannot pick the same one.
+    with open(LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        remove_stale()
+        host = SecondHost(f"{NAME_PREFIX}{os.getpid()}-{_counter}", _free_subnet())
+        try:
+            host._create()
+        except BaseException:
+            host._destroy()
+            raise
     try:
-        host._create()
         yield host
     finally:
         host._destroy()

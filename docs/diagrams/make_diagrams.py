@@ -375,12 +375,12 @@ def segment_layout(out: Path) -> None:
         va="center",
     )
     fields = [
-        ("0–7\nsize | used bit\n(commit word)", 2.0),
-        ("8–15\nsize of the\nprevious block", 1.45),
-        ("16–23\ngeneration\n(unique per allocation)", 1.85),
-        ("24–39\nholders: 1 bit per process slot\n(free block: free-list links)", 2.75),
-        ("40–43\npending\npickles", 1.05),
-        ("44–47\nflags", 0.8),
+        ("0–7\nsize | used bit\n(commit word)", 1.8),
+        ("8–15\nsize of the\nprevious block", 1.35),
+        ("16–23\ngeneration\n(unique per\nallocation)", 1.45),
+        ("24–39\nholders: 1 bit per process slot\n(free block: free-list links)", 2.65),
+        ("40–43\npending\npickles", 1.0),
+        ("44–47\nflags (low 8 bits);\nnewest pending\npickle's sender\npid (high 24)", 1.65),
         ("48–55\npending\ndeadline (ns)", 1.3),
         ("56–63\ncheck =\nhash(offset, gen)", 1.4),
     ]

@@ -392,7 +392,7 @@ def stats(detail: bool = False) -> PoolStats:
 
     Parameters
     ----------
-    detail
+    detail : bool, optional
         Also fill ``size_classes``, ``holdings`` (what each process holds) and
         ``pending`` (pickles not loaded yet, with their age and sender). This
         walks every block of the pool under its lock.

@@ -33,7 +33,7 @@ BENCH_SCALE_ARGS ?=
 # Use sudo for apt-get only when not already root.
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv install core-tests test test-numpy1 dist dist-check soak demo bench bench-tools core-bench lint lint-tools typecheck format clean
+.PHONY: venv install netns-tools core-tests test test-numpy1 dist dist-check soak demo bench bench-tools core-bench lint lint-tools typecheck format clean
 
 # venv: create .venv (if absent) and install the build/test/lint tools; a stamp
 # file makes it a no-op until this Makefile changes or `make clean` removes it.
@@ -79,9 +79,20 @@ SHM_AFTER  := after=$$(ls -1A /dev/shm | grep '^pyarraypool-' | sort); \
 	  status=1; \
 	fi
 
+# netns-tools: as root, apt-get install iproute2 if `ip` is missing: the
+# two-hosts Dask test (tests/test_dask_two_hosts.py) builds its second host with
+# `ip netns` and veth. Not root: nothing to do, that test skips with its reason.
+netns-tools:
+	@if [ "$$(id -u)" = 0 ] && ! command -v ip >/dev/null; then \
+	  echo "installing iproute2"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q iproute2 </dev/null || \
+	  { apt-get update -q </dev/null && apt-get install -y -q iproute2 </dev/null; }; \
+	fi
+
 # test: the project's test command. Runs the C++ core tests and the pytest suite,
 # then fails if they left new /dev/shm/pyarraypool-* entries behind.
-test: install
+test: install netns-tools
 	@$(SHM_BEFORE); \
 	status=0; \
 	$(MAKE) --no-print-directory core-tests || status=$$?; \
@@ -93,7 +104,7 @@ test: install
 # The extension is the one `make install` builds (NumPy 2 headers, NPY_TARGET_VERSION
 # 1.23: one binary for NumPy >= 1.23); the venv imports it from the tree through
 # a .pth file, like .venv. atheris is optional there (test_fuzz skips without it).
-test-numpy1: install $(NP1_STAMP)
+test-numpy1: install netns-tools $(NP1_STAMP)
 	@site=$$($(NP1_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
 	  echo "$(CURDIR)" > "$$site/pyarraypool-src.pth"
 	@$(NP1_PY) -c 'import numpy; print("numpy", numpy.__version__)'

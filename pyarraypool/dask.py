@@ -344,9 +344,10 @@ class PyArrayPoolPlugin(WorkerPlugin):
     """Installs pyarraypool.dask in every worker, now and after restarts.
 
     ``install(client)`` registers it; ``client.register_plugin(PyArrayPoolPlugin())``
-    does the same for the workers only. A worker whose pool name was not
-    inherited, and that has not used the pool yet, joins its host's cluster
-    pool (:func:`cluster_pool_name`). ``remote_as_pool`` (default: the
+    does the same for the workers only. A worker that has not used a pool
+    yet, and whose pool name was drawn at random rather than given (by the
+    user, or by a client program that started it and uses that pool), joins
+    its host's cluster pool (:func:`cluster_pool_name`). ``remote_as_pool`` (default: the
     ``PYARRAYPOOL_DASK_REMOTE_AS_POOL`` variable) copies pool arrays that
     arrive by value into the worker's pool.
     """

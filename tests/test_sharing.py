@@ -129,6 +129,18 @@ VIEWS = {
     "x[None, 1:3]": lambda x: x[None, 1:3],
     "x.transpose(1, 0, 2)[::2]": lambda x: x.transpose(1, 0, 2)[::2],
     "x[4:4]": lambda x: x[4:4],
+    # Views made by methods and numpy functions (numpy builds some as a plain
+    # view and hands it to __array_wrap__).
+    "x[:, :1].squeeze()": lambda x: x[:, :1].squeeze(),
+    "np.squeeze(x[:1])": lambda x: np.squeeze(x[:1]),
+    "x[2:3, 4:5, 1:2].squeeze()": lambda x: x[2:3, 4:5, 1:2].squeeze(),
+    "x.swapaxes(0, 2)": lambda x: x.swapaxes(0, 2),
+    "np.moveaxis(x, 0, -1)": lambda x: np.moveaxis(x, 0, -1),
+    "np.expand_dims(x, 1)": lambda x: np.expand_dims(x, 1),
+    "x.reshape(80, 3)": lambda x: x.reshape(80, 3),
+    "x.ravel()": lambda x: x.ravel(),
+    "x.view(np.int64)": lambda x: x.view(np.int64),
+    "x[1].T.squeeze()": lambda x: x[1].T.squeeze(),
 }
 
 

@@ -267,6 +267,11 @@ PyObject* array_wrap(PyObject* self, PyObject* args, PyObject* kwargs) {
       Py_INCREF(arr);
       return PyArray_Return(reinterpret_cast<PyArrayObject*>(arr));  // steals
     }
+    // Some methods (squeeze) build their view as a plain ndarray and hand it
+    // here to be wrapped: a view of pool memory is a pool array, so that it
+    // still travels by handle (contract point 3).
+    if (PyArray_CheckExact(arr) && find_block(arr))
+      return PyArray_View(reinterpret_cast<PyArrayObject*>(arr), nullptr, array_type);
     return plainify(OwnedRef::borrow(arr)).release();
   });
 }

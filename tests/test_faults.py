@@ -394,7 +394,7 @@ def test_pickle_outlives_its_sender(programs, method):
         try:
             with open(f"/proc/{{pid}}/stat") as f:
                 return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X", "x")
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone before open, or before read
             return True
 
     if __name__ == "__main__":

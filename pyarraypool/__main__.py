@@ -59,14 +59,8 @@ def inspect(token: str) -> dict[str, Any] | None:
     d = _core._inspect(token, True)
     if d is None:
         return None
-    # Inspecting attaches this process for a moment: it is not one of the
-    # program's processes.
-    me = os.getpid()
-    pids = [p for p in d.get("pids", []) if p != me]
-    if len(pids) != len(d.get("pids", [])):
-        d["processes"] = max(0, int(d["processes"]) - 1)
-    d["pids"] = pids
-    d["holdings"] = [h for h in d.get("holdings", []) if h["pid"] != me or h["reserved"]]
+    # _inspect attached as an observer (Pool::attach_observer): this process
+    # is not among the pool's processes, pids or holdings.
     d.pop("transfer_timeout_ns", None)
     return d
 
@@ -202,8 +196,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(f"error: {args.pool!r} is not a pool token (32 hex digits)", file=sys.stderr)
         return 2
     if args.watch is not None:
-        if not args.watch > 0:
-            print("error: --watch takes a positive number of seconds", file=sys.stderr)
+        # time.sleep() takes at most about 292 years; a day is plenty.
+        if not 0 < args.watch <= 86_400:
+            print("error: --watch takes a number of seconds above 0 and at most 86400",
+                  file=sys.stderr)
             return 2
         return watch(args)
     rows, problems = gather(args)

@@ -392,3 +392,46 @@ def test_stats_watch_redraws_until_ctrl_c(program):
 def test_stats_watch_refuses_a_bad_interval(value):
     r = cli("stats", "--watch", value)
     assert r.returncode == 2 and "--watch" in r.stderr, (r.stdout, r.stderr)
+
+
+# A program whose pickle has expired but which has not looked at its pool
+# since; on its stdin closing, it collects and reports what it saw.
+EXPIRED_UNNOTICED = """
+    import json, logging, pickle, sys, time
+    import numpy as np, pyarraypool
+    records = []
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+    logging.getLogger("pyarraypool").addHandler(Keep())
+    pyarraypool.configure(transfer_timeout=0.2)
+    x = pyarraypool.zeros(50_000, dtype=np.uint8)
+    blob = pickle.dumps(x)          # never loaded
+    del x
+    time.sleep(0.5)                 # the transfer timeout (0.2 s) has passed
+    print("TOKEN", pyarraypool._core._pool_token(), flush=True)
+    sys.stdin.read()
+    freed = pyarraypool.collect()
+    print("AFTER", json.dumps({"freed": freed, "records": records}), flush=True)
+"""
+
+
+def test_stats_only_looks(program):
+    # Looking at a pool is not joining it: the command is not one of its
+    # processes, and it neither expires nor reclaims anything (that, and the
+    # warning, happen in the pool's own program).
+    p = program(EXPIRED_UNNOTICED)
+    token = p.token
+    for _ in range(3):
+        r = cli("stats", "--pool", token, "--json")
+        assert r.returncode == 0, r.stderr
+        (d,) = json.loads(r.stdout)
+        assert d["processes"] == 1 and d["pids"] == [p.proc.pid], d
+        assert d["pending_transfers"] == 1 and d["live_blocks"] == 1, d
+        assert [u["pid"] for u in d["holdings"]] == [p.proc.pid], d
+    assert "reclaimed" not in r.stderr and "never loaded" not in r.stderr, r.stderr
+    p.proc.stdin.close()
+    after = json.loads(p.wait_for(r"^AFTER (.*)$").group(1))
+    assert after["freed"] >= 50_000, after
+    assert len(after["records"]) == 1 and "never loaded" in after["records"][0], after
+    p.finish()

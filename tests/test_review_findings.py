@@ -134,7 +134,10 @@ for i in range(30):
         del a, b
         pyarraypool.collect()
         os._exit(0)
-    deadline = time.time() + 5
+    # The shim keeps the pool lock 50 ms per event and the churn thread
+    # takes it again at once, so a child may wait seconds for it; a child
+    # whose push() waits on a mutex nobody will unlock waits forever.
+    deadline = time.time() + 30
     while time.time() < deadline and not os.waitpid(pid, os.WNOHANG)[0]:
         time.sleep(0.01)
     if time.time() >= deadline:
@@ -202,11 +205,26 @@ import numpy as np, pyarraypool
 ages = []
 class Keep(logging.Handler):
     def emit(self, record):
-        ages.append(record.pyarraypool_event["age"])
+        e = record.pyarraypool_event
+        ages.append([e["bytes"], e["age"]])
 lg = logging.getLogger("pyarraypool")
 lg.addHandler(Keep())
 lg.propagate = False
-""" + CHURN + """d = tempfile.mkdtemp()
+pyarraypool.stats()
+stop = False
+def churn():
+    # Every pickle's block has its own size: an event is told apart by
+    # (bytes, age), not by age alone, which two events may share by chance.
+    k = 0
+    while not stop:
+        k += 1
+        a = pyarraypool.zeros(64 * (1 + k % 8192), dtype=np.uint8)
+        b = pickle.dumps(a)
+        del a, b
+        pyarraypool.collect()
+t = threading.Thread(target=churn, daemon=True)
+t.start()
+d = tempfile.mkdtemp()
 for i in range(200):
     pid = os.fork()
     if pid == 0:
@@ -224,11 +242,11 @@ for i in range(200):
         time.sleep(0.002)
 stop = True
 t.join(30)
-parent = set(ages)
+parent = {tuple(e) for e in ages}
 copied = 0
 for name in os.listdir(d):
     with open(os.path.join(d, name)) as f:
-        copied += bool(set(json.load(f)) & parent)
+        copied += bool({tuple(e) for e in json.load(f)} & parent)
     os.unlink(os.path.join(d, name))
 os.rmdir(d)
 print(json.dumps({"children": 200, "copied": copied}))
@@ -236,8 +254,9 @@ print(json.dumps({"children": 200, "copied": copied}))
 
 
 def test_a_fork_child_does_not_log_the_events_of_its_parent() -> None:
-    # An expiry's age is measured in ns at the walk that dropped the pickle:
-    # the same age in parent and child is the same event, logged twice.
+    # An expiry's age is measured in ns at the walk that dropped the pickle,
+    # and each pickle's block has its own size: the same (bytes, age) in
+    # parent and child is the same event, logged twice.
     env = fresh_env(PYARRAYPOOL_TRANSFER_TIMEOUT="0.000001")
     res = json.loads(run_python(FORK_COPIES_EVENTS, env=env, timeout=300).stdout)
     assert res["copied"] == 0, f"fork children logged their parent's events again ({res})"

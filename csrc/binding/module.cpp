@@ -220,9 +220,10 @@ PyObject* inspect(PyObject*, PyObject* args) {
     int detail = 0;
     if (!PyArg_ParseTuple(args, "s|p:_inspect", &token, &detail)) throw PyErrSet{};
     std::string t = token;
-    // Joins the pool for a moment: its maintenance may reclaim for the
-    // pool's dead processes, which is logged here like anywhere else.
-    std::unique_ptr<pap::Pool> p = without_gil([&] { return pap::Pool::attach_existing(t); });
+    // Looks as an observer: not counted among the pool's processes, and no
+    // reclaim or expiry of its own (those, and their warnings, belong to
+    // the pool's processes); only the repair after a dead lock owner.
+    std::unique_ptr<pap::Pool> p = without_gil([&] { return pap::Pool::attach_observer(t); });
     if (!p) Py_RETURN_NONE;
     struct Leave {  // also when the snapshot fails
       std::unique_ptr<pap::Pool>& p;

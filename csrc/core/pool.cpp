@@ -18,7 +18,7 @@
 namespace pap {
 
 constexpr uint64_t kMagic = 0x31304C4F4F505041ull;  // "APPOOL01"
-constexpr uint32_t kLayoutVersion = 3;              // 2: instance_id, 3: root
+constexpr uint32_t kLayoutVersion = 4;              // 2: instance_id, 3: root, 4: root_left
 constexpr uint32_t kStateRunning = 0;
 constexpr uint32_t kStateDead = 1;  // being removed by its last process or a cleaner
 
@@ -49,6 +49,10 @@ struct ControlHeader {
   // program ended), which the token alone cannot.
   unsigned char instance_id[16];
   ProgramRoot root;
+  // Set by the root when it leaves: from then on it will not load anything,
+  // and nobody keeps the pool for it (it may still run for a while, in its
+  // own exit handlers).
+  std::atomic<uint32_t> root_left;
   PoolConfig config;
   std::atomic<uint32_t> state;
   // Set by a waiter that took the lock from a dead owner, cleared once the
@@ -80,6 +84,10 @@ uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
 
 // The program's root process (see ProgramRoot) is still running: same pid,
 // same start time, not a zombie.
+bool is_me(const ProgramRoot& root) {
+  return root.pid == ::getpid() && root.start_time == process_start_time(::getpid());
+}
+
 bool root_alive(const ProgramRoot& root) {
   if (root.pid <= 0) return false;
   bool zombie = false;
@@ -291,7 +299,7 @@ uint64_t Pool::retire_free_segments_locked(uint64_t wanted) {
 }
 
 void Pool::claim_slot_or_throw() {
-  const uint64_t id = slot_id(::getpid(), SlotKind::kActive);
+  const uint64_t id = slot_id(::getpid(), my_kind());
   ProcessTable::SlotFields mine;
   mine.start_time = process_start_time(::getpid());
   int s = table().claim(id, mine);
@@ -299,6 +307,11 @@ void Pool::claim_slot_or_throw() {
     slot_ = static_cast<uint32_t>(s);
     return;
   }
+  // An observer takes only a free slot: taking a dead one over means
+  // reclaiming its blocks, which is the pool's own processes' to do.
+  if (observer_)
+    throw CoreError(ErrorKind::kPool, "no free slot to look at the pool (limit " +
+                                          std::to_string(kMaxSlots) + " processes)");
   // Every slot is taken: take one whose owner is dead and clear its bits
   // before holding anything. Never the lock owner's slot: a waiter must
   // still see that owner as dead to repair after it.
@@ -380,6 +393,14 @@ std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& c
 }
 
 std::unique_ptr<Pool> Pool::attach_existing(const std::string& token) {
+  return attach_existing_as(token, false);
+}
+
+std::unique_ptr<Pool> Pool::attach_observer(const std::string& token) {
+  return attach_existing_as(token, true);
+}
+
+std::unique_ptr<Pool> Pool::attach_existing_as(const std::string& token, bool observer) {
   for (int attempt = 0; attempt < 2000; ++attempt) {
     Mapping m;
     if (!open_segment(control_name(token), kControlBytes, 0, &m)) {
@@ -398,6 +419,7 @@ std::unique_ptr<Pool> Pool::attach_existing(const std::string& token) {
       continue;
     }
     std::unique_ptr<Pool> p(new Pool(token, std::move(m)));
+    p->observer_ = observer;
     p->claim_slot_or_throw();
     // Pairs with leave(): the leaver marks the pool dead, then looks for
     // live slots; we claimed a slot, then look at the state. One of the two
@@ -635,7 +657,7 @@ uint32_t Pool::live_processes_locked(uint64_t now, std::vector<int>* pids, bool 
   uint32_t n = 0;
   for (uint32_t i = 0; i < kMaxSlots; ++i) {
     uint64_t id = table().slots[i].id.load(std::memory_order_seq_cst);
-    if (id == 0) continue;
+    if (id == 0 || is_observer(id)) continue;
     if (i == slot_ && !count_me) continue;
     if (i != slot_ && !table().alive(i, now)) continue;
     ++n;
@@ -780,13 +802,13 @@ uint64_t Pool::collect() {
   const uint64_t used_before = hdr_->counters.used_bytes;
   drain_cache_locked();
   const uint64_t cached = used_before - hdr_->counters.used_bytes;
-  return cached + maintain_locked(false, HolderMask{});
+  return observer_ ? cached : cached + maintain_locked(false, HolderMask{});
 }
 
 PoolStats Pool::stats() {
   Guard g(*this, Mode::kSlow);
   drain_cache_locked();  // this process's accounting is exact
-  maintain_locked(false, HolderMask{});
+  if (!observer_) maintain_locked(false, HolderMask{});
   PoolStats s;
   stats_locked(&s);
   return s;
@@ -795,7 +817,7 @@ PoolStats Pool::stats() {
 PoolSnapshot Pool::snapshot() {
   Guard g(*this, Mode::kSlow);
   drain_cache_locked();
-  maintain_locked(false, HolderMask{});
+  if (!observer_) maintain_locked(false, HolderMask{});
   PoolSnapshot s;
   snapshot_locked(&s);
   return s;
@@ -816,7 +838,7 @@ void Pool::snapshot_locked(PoolSnapshot* s) {
   const uint64_t now = monotonic_ns();
   for (uint32_t i = 0; i < kMaxSlots; ++i) {
     const uint64_t id = table().slots[i].id.load(std::memory_order_acquire);
-    if (id != 0 && (i == slot_ || table().alive(i, now))) b.add_slot(i, id);
+    if (id != 0 && !is_observer(id) && (i == slot_ || table().alive(i, now))) b.add_slot(i, id);
   }
   b.finish(s);
 }
@@ -845,8 +867,10 @@ void Pool::leave(bool unlink_if_last) {
     HolderMask me{};
     me.set(slot_);
     cache_.forget();  // the walk below drops our holds on cached blocks too
-    maintain_locked(true, me);
+    if (!observer_) maintain_locked(true, me);  // an observer holds nothing
     left_ = true;
+    const bool root = is_me(hdr_->root);
+    if (root) hdr_->root_left.store(1, std::memory_order_seq_cst);
     if (unlink_if_last) {
       // See attach_existing() for the other half of this handshake.
       hdr_->state.store(kStateDead, std::memory_order_seq_cst);
@@ -854,8 +878,8 @@ void Pool::leave(bool unlink_if_last) {
       // Pickles in flight with nobody attached: their receiver may be the
       // program's root, which attaches on first use. Keep the pool for it;
       // its own exit (or a cleaner, once it is gone) removes the pool.
-      if (last && hdr_->counters.pending_transfers > 0 && hdr_->root.pid != ::getpid() &&
-          root_alive(hdr_->root))
+      if (last && hdr_->counters.pending_transfers > 0 && !root &&
+          hdr_->root_left.load(std::memory_order_seq_cst) == 0 && root_alive(hdr_->root))
         last = false;
       if (!last) hdr_->state.store(kStateRunning, std::memory_order_seq_cst);
     }
@@ -863,7 +887,7 @@ void Pool::leave(bool unlink_if_last) {
   // Our slot is freed only after the lock is released: killed while holding
   // the lock, we must still be found dead by the lock's waiters, never
   // replaced in our slot by a live newcomer that they would wait for.
-  table().release_if(slot_, slot_id(::getpid(), SlotKind::kActive));
+  table().release_if(slot_, slot_id(::getpid(), my_kind()));
   if (last) unlink_pool_files(token_);
 }
 
@@ -902,6 +926,7 @@ void Pool::after_fork_child() {
   const int reserved = child_slot_.exchange(-1);
   const bool prepared = fork_prepared_;
   fork_prepared_ = false;
+  events_.reset_after_fork_child();
   if (prepared) local_mutex_.unlock();
   ProcessTable::SlotFields mine;
   mine.start_time = process_start_time(::getpid());
@@ -1003,9 +1028,11 @@ std::vector<std::string> Pool::clean_stale(bool dry_run, const std::string& keep
       } else {
         // A pool whose program's root still runs is that program's to
         // remove (leave() may have kept it for the root).
-        dead = !root_alive(h->root);
+        dead = h->root_left.load() != 0 || !root_alive(h->root);
         for (uint32_t i = 0; i < kMaxSlots && dead; ++i)
-          if (h->table.slots[i].id.load() != 0 && h->table.alive(i, now)) dead = false;
+          if (uint64_t id = h->table.slots[i].id.load();
+              id != 0 && !is_observer(id) && h->table.alive(i, now))
+            dead = false;
       }
     }
     if (!dead) continue;
@@ -1015,7 +1042,8 @@ std::vector<std::string> Pool::clean_stale(bool dry_run, const std::string& keep
       auto* h = reinterpret_cast<ControlHeader*>(m.data());
       h->state.store(kStateDead, std::memory_order_seq_cst);
       for (uint32_t i = 0; i < kMaxSlots && dead; ++i)
-        if (h->table.slots[i].id.load(std::memory_order_seq_cst) != 0 && h->table.alive(i, now))
+        if (uint64_t id = h->table.slots[i].id.load(std::memory_order_seq_cst);
+            id != 0 && !is_observer(id) && h->table.alive(i, now))
           dead = false;
       if (!dead) {
         h->state.store(kStateRunning, std::memory_order_seq_cst);

@@ -90,6 +90,12 @@ class Pool {
                                       ProgramRoot root = {});
   // Attaches only if the pool exists; nullptr otherwise.
   static std::unique_ptr<Pool> attach_existing(const std::string& token);
+  // Attaches to an existing pool only to look at it (stats, snapshot):
+  // the process is not counted among the pool's processes, keeps no pool
+  // alive, and changes nothing but what repairing after a dead lock owner
+  // requires: no reclaim or expiry of its own, so that those, and their
+  // warnings, happen in the pool's own processes. nullptr if no such pool.
+  static std::unique_ptr<Pool> attach_observer(const std::string& token);
   ~Pool();
   Pool(const Pool&) = delete;
   Pool& operator=(const Pool&) = delete;
@@ -181,6 +187,8 @@ class Pool {
   AllocState& alloc_state();
   ProcessTable& table();
   void claim_slot_or_throw();
+  static std::unique_ptr<Pool> attach_existing_as(const std::string& token, bool observer);
+  SlotKind my_kind() const { return observer_ ? SlotKind::kObserver : SlotKind::kActive; }
   std::optional<Block> allocate_locked(uint64_t block_size, bool transfer_required);
   void grow_locked(uint64_t block_size, uint64_t requested);
   void free_if_unused(BlockRef ref, BlockHeader& h);
@@ -209,6 +217,7 @@ class Pool {
   uint64_t child_slot_id_ = 0;  // the reservation's id
   bool fork_prepared_ = false;
   bool left_ = false;
+  bool observer_ = false;  // see attach_observer
 
   // Local view of the data segments. Entries [0, mapped_) are valid and
   // never change; appends are serialized by local_mutex_, and readers (under

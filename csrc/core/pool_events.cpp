@@ -1,5 +1,7 @@
 #include "core/pool_events.hpp"
 
+#include <new>
+
 #include "core/pool_snapshot.hpp"
 
 namespace pap {
@@ -45,6 +47,13 @@ void EventLog::push(const PoolEvent& e) noexcept {
     ++dropped_;
   }
   queued_.store(events_.size() + (dropped_ ? 1 : 0), std::memory_order_relaxed);
+}
+
+void EventLog::reset_after_fork_child() {
+  new (&mutex_) std::mutex();
+  new (&events_) std::vector<PoolEvent>();
+  dropped_ = 0;
+  queued_.store(0, std::memory_order_relaxed);
 }
 
 std::vector<PoolEvent> EventLog::drain(uint64_t* dropped) {

@@ -46,6 +46,15 @@ class EventLog {
   std::vector<PoolEvent> drain(uint64_t* dropped);
   bool empty() const { return queued_.load(std::memory_order_relaxed) == 0; }
 
+  // In a fork child: the queued events are the parent's, which logs them,
+  // and another thread of the parent may have been inside push() at the
+  // fork, leaving the mutex locked and the queue half-changed. The child
+  // starts afresh with neither (the old queue's memory, if any, is left
+  // behind: touching it could be worse). Holding the mutex across fork
+  // instead would deadlock: drain() takes it with the GIL held, which the
+  // forking thread needs back before fork() returns.
+  void reset_after_fork_child();
+
  private:
   std::mutex mutex_;
   std::vector<PoolEvent> events_;

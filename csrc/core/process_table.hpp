@@ -38,6 +38,11 @@ constexpr uint64_t kForkReturned = uint64_t{1} << 63;
 enum class SlotKind : uint64_t {
   kActive = 1,    // owned by the process `pid`
   kReserved = 2,  // reserved by the process `pid` for a child it is forking
+  // Held by `pid` only to look at the pool (python -m pyarraypool stats):
+  // it may take the lock, holds no block, is not one of the pool's
+  // processes and keeps nobody's pool alive. (Kind 3 with pid 0 is
+  // kReleasingId.)
+  kObserver = 3,
 };
 
 // A slot's id while a live process frees it (pid 0 is never a process).
@@ -48,6 +53,9 @@ inline uint64_t slot_id(pid_t pid, SlotKind kind) {
 }
 inline pid_t slot_pid(uint64_t id) { return static_cast<pid_t>(id >> 2); }
 inline SlotKind slot_kind(uint64_t id) { return static_cast<SlotKind>(id & 3); }
+inline bool is_observer(uint64_t id) {
+  return id != kReleasingId && slot_kind(id) == SlotKind::kObserver;
+}
 
 // A fork child adopts its reserved slot at once; a reservation older than
 // this belongs to a fork that failed or a child that died before adopting.

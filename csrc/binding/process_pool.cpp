@@ -258,7 +258,13 @@ void ProcessPool::before_fork() {
     held.emplace_back(b->ref, b->generation);
     b->shared = true;  // the child holds it too
   }
-  without_gil([&] { p->before_fork(held); });
+  // With the GIL held, although this may wait for the pool lock (its
+  // holders never wait for the GIL, so this cannot deadlock): released here,
+  // another thread could put a block it allocated a moment before into
+  // blocks_ after `held` was made and before the child's slot is reserved.
+  // The child would inherit that _Block without holding its block, which
+  // the parent may then free and reuse.
+  p->before_fork(held);
 }
 
 void ProcessPool::after_fork_parent() {

@@ -340,22 +340,25 @@ def test_clean_keeps_pools_of_live_programs(programs):
 ROOT_LOADS_LATER = """
     import multiprocessing as mp, os, sys, pyarraypool
 
-    def work(q):
+    def work(conn):
         a = pyarraypool.zeros(1000)
         a[:] = 5
-        q.put(a)
+        conn.send(a)
 
     if __name__ == "__main__":
         print("TOKEN", os.environ["PYARRAYPOOL_POOL"], flush=True)
         ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        p = ctx.Process(target=work, args=(q,))
+        # A Pipe, not a Queue: a Queue's semaphores would outlive the kill
+        # of this program (its resource tracker dies with it) in /dev/shm.
+        receiver, sender = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=work, args=(sender,))
         p.start()
         p.join(60)
         assert p.exitcode == 0
         print("SENT", flush=True)
         sys.stdin.read()
-        a = q.get(timeout=60)
+        assert receiver.poll(60)
+        a = receiver.recv()
         assert isinstance(a, pyarraypool.TransferableArray) and (a == 5).all()
         print("LOADED", flush=True)
 """

@@ -223,15 +223,17 @@ lg.propagate = False
 pyarraypool.stats()
 stop = False
 def churn():
-    # Every pickle's block has its own size: an event is told apart by
-    # (bytes, age), not by age alone, which two events may share by chance.
+    # Every pickle's block has its own size (the loop is paced so that k
+    # stays far below the wrap): an event is told apart by (bytes, age), not
+    # by age alone, which two events may share by chance.
     k = 0
     while not stop:
         k += 1
-        a = pyarraypool.zeros(64 * (1 + k % 8192), dtype=np.uint8)
+        a = pyarraypool.zeros(64 * (1 + k % 200_000), dtype=np.uint8)
         b = pickle.dumps(a)
         del a, b
         pyarraypool.collect()
+        time.sleep(0.0001)
 t = threading.Thread(target=churn, daemon=True)
 t.start()
 d = tempfile.mkdtemp()

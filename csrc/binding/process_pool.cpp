@@ -1,5 +1,7 @@
 #include "binding/process_pool.hpp"
 
+#include <pthread.h>
+
 #include <cstdlib>
 #include <new>
 #include <string>
@@ -67,7 +69,17 @@ ProcessPool::ProcessPool()
 ProcessPool& ProcessPool::get() {
   // Never destroyed: blocks may be released by objects that outlive module
   // teardown at interpreter exit.
-  static ProcessPool* instance = new ProcessPool();
+  static ProcessPool* instance = [] {
+    auto* pp = new ProcessPool();
+    // In a fork child the event log is reset before anything else runs:
+    // Python's own after-fork hooks, and a release in them, come earlier than
+    // ours (_after_fork_child), and could log the parent's events or wait on
+    // a mutex another parent thread held at the fork.
+    pthread_atfork(nullptr, nullptr, [] {
+      if (pap::Pool* p = ProcessPool::get().attached()) p->reset_events_after_fork();
+    });
+    return pp;
+  }();
   return *instance;
 }
 

@@ -926,7 +926,6 @@ void Pool::after_fork_child() {
   const int reserved = child_slot_.exchange(-1);
   const bool prepared = fork_prepared_;
   fork_prepared_ = false;
-  events_.reset_after_fork_child();
   if (prepared) local_mutex_.unlock();
   ProcessTable::SlotFields mine;
   mine.start_time = process_start_time(::getpid());

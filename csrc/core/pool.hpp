@@ -137,6 +137,10 @@ class Pool {
   // last call (see pool_events.hpp). `dropped`: events that did not fit.
   bool has_events() const { return !events_.empty(); }
   std::vector<PoolEvent> take_events(uint64_t* dropped) { return events_.drain(dropped); }
+  // In a fork child, at once (a pthread_atfork child handler: before any
+  // other code of the child can record or drain an event): see
+  // EventLog::reset_after_fork_child.
+  void reset_events_after_fork() { events_.reset_after_fork_child(); }
   // Detaches this process: drops all its holds and its slot; the last
   // process of the pool unlinks every segment when `unlink_if_last`.
   void leave(bool unlink_if_last = true);

@@ -46,9 +46,10 @@ class EventLog {
   std::vector<PoolEvent> drain(uint64_t* dropped);
   bool empty() const { return queued_.load(std::memory_order_relaxed) == 0; }
 
-  // In a fork child: the queued events are the parent's, which logs them,
-  // and another thread of the parent may have been inside push() at the
-  // fork, leaving the mutex locked and the queue half-changed. The child
+  // In a fork child (Pool::reset_events_after_fork): the queued events are
+  // the parent's, which logs them, and another thread of the parent may have
+  // been inside push() at the fork, leaving the mutex locked and the queue
+  // half-changed. The child
   // starts afresh with neither (the old queue's memory, if any, is left
   // behind: touching it could be worse). Holding the mutex across fork
   // instead would deadlock: drain() takes it with the GIL held, which the

@@ -173,8 +173,12 @@ class Processes:
     def pgids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
-    def stop(self, grace: float = 5.0) -> list[list[str]]:
+    def stop(self, grace: float = 20.0) -> list[list[str]]:
         """SIGTERM to every group (programs leave their pools on it), SIGKILL after `grace` s.
+
+        A Dask worker's graceful close (it tells its scheduler, closes its
+        comms, runs its plugins' teardown) took over 5 s once in a CI run on
+        a busy 2-core machine; a process that hangs still fails the caller.
 
         Returns the command lines of the leaders that had to be SIGKILLed.
         """

@@ -401,6 +401,13 @@ std::unique_ptr<Pool> Pool::attach_observer(const std::string& token) {
 }
 
 std::unique_ptr<Pool> Pool::attach_existing_as(const std::string& token, bool observer) {
+  // A leaver or cleaner marks the pool dead and removes it within
+  // microseconds, or (a leaver) puts it back to running under the lock. A
+  // pool still marked dead after this many 1 ms waits, and still linked
+  // under its name, was left so by a process killed in between (a pool
+  // worker SIGTERMed in its exit): we repair it instead of waiting forever.
+  constexpr int kStuckDead = 500;
+  int dead_seen = 0;
   for (int attempt = 0; attempt < 2000; ++attempt) {
     Mapping m;
     if (!open_segment(control_name(token), kControlBytes, 0, &m)) {
@@ -414,7 +421,7 @@ std::unique_ptr<Pool> Pool::attach_existing_as(const std::string& token, bool ob
     }
     if (h->layout_version != kLayoutVersion)
       throw CoreError(ErrorKind::kPool, "pool " + token + " has an incompatible layout");
-    if (h->state.load() == kStateDead) {
+    if (h->state.load() == kStateDead && ++dead_seen < kStuckDead) {
       sleep_ms(1);  // its last process is removing it; it will be gone soon
       continue;
     }
@@ -425,6 +432,7 @@ std::unique_ptr<Pool> Pool::attach_existing_as(const std::string& token, bool ob
     // live slots; we claimed a slot, then look at the state. One of the two
     // sees the other.
     if (h->state.load(std::memory_order_seq_cst) == kStateDead) {
+      if (dead_seen >= kStuckDead && p->revive_if_stuck_dead()) return p;
       p->table().release(p->slot_);
       p->left_ = true;
       sleep_ms(1);
@@ -433,6 +441,19 @@ std::unique_ptr<Pool> Pool::attach_existing_as(const std::string& token, bool ob
     return p;
   }
   throw CoreError(ErrorKind::kPool, "could not attach to pool " + token);
+}
+
+bool Pool::revive_if_stuck_dead() {
+  // Under the lock: a leaver killed while holding it is taken over here.
+  Guard g(*this, Mode::kSlow);
+  if (hdr_->state.load(std::memory_order_seq_cst) != kStateDead) return true;
+  // Still the pool linked under our token (not removed and made anew)?
+  Mapping again;
+  if (!open_segment(control_name(token_), kControlBytes, 0, &again)) return false;
+  const auto* h = reinterpret_cast<const ControlHeader*>(again.data());
+  if (std::memcmp(h->instance_id, hdr_->instance_id, sizeof h->instance_id) != 0) return false;
+  hdr_->state.store(kStateRunning, std::memory_order_seq_cst);
+  return true;
 }
 
 std::optional<Block> Pool::allocate(uint64_t bytes, bool transfer_required, Mode mode) {

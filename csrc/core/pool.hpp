@@ -192,6 +192,9 @@ class Pool {
   ProcessTable& table();
   void claim_slot_or_throw();
   static std::unique_ptr<Pool> attach_existing_as(const std::string& token, bool observer);
+  // A pool marked dead long after its marker should have removed it: true
+  // (and marked running again) if it is still the pool linked under our token.
+  bool revive_if_stuck_dead();
   SlotKind my_kind() const { return observer_ ? SlotKind::kObserver : SlotKind::kActive; }
   std::optional<Block> allocate_locked(uint64_t block_size, bool transfer_required);
   void grow_locked(uint64_t block_size, uint64_t requested);

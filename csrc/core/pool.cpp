@@ -1,5 +1,6 @@
 #include "core/pool.hpp"
 
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -134,11 +135,17 @@ class TableProbe : public OwnerProbe {
 };
 
 // Everything of the pool in /dev/shm: data segments, orphans of a process
-// killed while growing, the control segment last. Best effort: this runs at
+// killed while growing, the control segment last (it stays the pool's index
+// until the end, so that a remover killed halfway leaves a pool that the
+// next attacher or cleaner finds and finishes removing). Best effort: this runs at
 // exit and must not fail halfway over a file that is not ours.
-void unlink_pool_files(const std::string& token) {
+void unlink_data_files(const std::string& token) {
   unlink_all_quietly(std::string(kShmPrefix) + token + "-");
   unlink_all_quietly(std::string(kShmPrefix) + token + ".init");
+}
+
+void unlink_pool_files(const std::string& token) {
+  unlink_data_files(token);
   ::shm_unlink(control_name(token).c_str());
 }
 
@@ -149,6 +156,15 @@ void unlink_pool_files(const std::string& token) {
 // is a system call); check held() before using the pool.
 class Pool::Guard {
  public:
+  // Only the lock, taken over from a dead owner if need be: no mapping and
+  // no repair, for a pool that may be half removed (settle_stuck_dead).
+  struct LockOnly {};
+  Guard(Pool& p, LockOnly) : p_(p) {
+    TableProbe probe(p.hdr_->table);
+    if (futex_lock::lock(p.hdr_->lock, p.slot_ + 1, probe) == Acquired::kFromDeadOwner)
+      p.hdr_->needs_repair.store(1, std::memory_order_relaxed);  // by the next full Guard
+    held_ = true;
+  }
   Guard(Pool& p, Mode mode) : p_(p) {
     if (p.left_)
       throw CoreError(ErrorKind::kPool, "this process is no longer attached to the pool");
@@ -405,7 +421,7 @@ std::unique_ptr<Pool> Pool::attach_existing_as(const std::string& token, bool ob
   // microseconds, or (a leaver) puts it back to running under the lock. A
   // pool still marked dead after this many 1 ms waits, and still linked
   // under its name, was left so by a process killed in between (a pool
-  // worker SIGTERMed in its exit): we repair it instead of waiting forever.
+  // worker SIGTERMed in its exit): we settle it instead of waiting forever.
   constexpr int kStuckDead = 500;
   int dead_seen = 0;
   for (int attempt = 0; attempt < 2000; ++attempt) {
@@ -432,9 +448,12 @@ std::unique_ptr<Pool> Pool::attach_existing_as(const std::string& token, bool ob
     // live slots; we claimed a slot, then look at the state. One of the two
     // sees the other.
     if (h->state.load(std::memory_order_seq_cst) == kStateDead) {
-      if (dead_seen >= kStuckDead && p->revive_if_stuck_dead()) return p;
+      const StuckDead settled =
+          dead_seen >= kStuckDead ? p->settle_stuck_dead() : StuckDead::kRetry;
+      if (settled == StuckDead::kRevived) return p;
       p->table().release(p->slot_);
       p->left_ = true;
+      if (settled == StuckDead::kRemoved) return nullptr;
       sleep_ms(1);
       continue;
     }
@@ -443,17 +462,26 @@ std::unique_ptr<Pool> Pool::attach_existing_as(const std::string& token, bool ob
   throw CoreError(ErrorKind::kPool, "could not attach to pool " + token);
 }
 
-bool Pool::revive_if_stuck_dead() {
-  // Under the lock: a leaver killed while holding it is taken over here.
-  Guard g(*this, Mode::kSlow);
-  if (hdr_->state.load(std::memory_order_seq_cst) != kStateDead) return true;
+Pool::StuckDead Pool::settle_stuck_dead() {
+  Guard g(*this, Guard::LockOnly{});
+  if (hdr_->state.load(std::memory_order_seq_cst) != kStateDead) return StuckDead::kRevived;
   // Still the pool linked under our token (not removed and made anew)?
   Mapping again;
-  if (!open_segment(control_name(token_), kControlBytes, 0, &again)) return false;
+  if (!open_segment(control_name(token_), kControlBytes, 0, &again)) return StuckDead::kRetry;
   const auto* h = reinterpret_cast<const ControlHeader*>(again.data());
-  if (std::memcmp(h->instance_id, hdr_->instance_id, sizeof h->instance_id) != 0) return false;
+  if (std::memcmp(h->instance_id, hdr_->instance_id, sizeof h->instance_id) != 0)
+    return StuckDead::kRetry;
+  // Whoever marked it dead was killed before it finished. Nobody could
+  // attach since, so if nobody needs the pool now, nobody did then: it was
+  // the last to leave (maybe halfway through unlinking the files, which is
+  // why this takes only the lock and maps nothing), and we finish for it.
+  // Otherwise it was killed inside the lock, before it found the others.
+  if (nobody_needs_pool_locked(/*leaver_is_root=*/false)) {
+    unlink_pool_files(token_);
+    return StuckDead::kRemoved;
+  }
   hdr_->state.store(kStateRunning, std::memory_order_seq_cst);
-  return true;
+  return StuckDead::kRevived;
 }
 
 std::optional<Block> Pool::allocate(uint64_t bytes, bool transfer_required, Mode mode) {
@@ -880,7 +908,26 @@ void Pool::stats_locked(PoolStats* out) {
   s.largest_free_block = allocator().largest_free();
 }
 
-void Pool::leave(bool unlink_if_last) {
+bool Pool::nobody_needs_pool_locked(bool leaver_is_root) {
+  if (live_processes_locked(monotonic_ns(), nullptr, /*count_me=*/false) != 0) return false;
+  // Pickles in flight with nobody attached: their receiver may be the
+  // program's root, which attaches on first use. Keep the pool for it;
+  // its own exit (or a cleaner, once it is gone) removes the pool.
+  return !(hdr_->counters.pending_transfers > 0 && !leaver_is_root &&
+           hdr_->root_left.load(std::memory_order_seq_cst) == 0 && root_alive(hdr_->root));
+}
+
+void Pool::leave(bool unlink_if_last) { leave_impl(unlink_if_last, LeaveStep::kNone); }
+
+void Pool::die_while_leaving(LeaveStep at) {
+  leave_impl(true, at);
+  for (;;) ::pause();  // `at` was not reached: the caller's test fails on the exit status
+}
+
+void Pool::leave_impl(bool unlink_if_last, LeaveStep die_at) {
+  auto step = [die_at](LeaveStep s) {
+    if (s == die_at) ::kill(::getpid(), SIGKILL);
+  };
   if (left_) return;
   bool last = false;
   {
@@ -893,23 +940,24 @@ void Pool::leave(bool unlink_if_last) {
     const bool root = is_me(hdr_->root);
     if (root) hdr_->root_left.store(1, std::memory_order_seq_cst);
     if (unlink_if_last) {
-      // See attach_existing() for the other half of this handshake.
+      // See attach_existing() for the other half of this handshake, and
+      // settle_stuck_dead() for what follows if we are killed from here on.
       hdr_->state.store(kStateDead, std::memory_order_seq_cst);
-      last = live_processes_locked(monotonic_ns(), nullptr, /*count_me=*/false) == 0;
-      // Pickles in flight with nobody attached: their receiver may be the
-      // program's root, which attaches on first use. Keep the pool for it;
-      // its own exit (or a cleaner, once it is gone) removes the pool.
-      if (last && hdr_->counters.pending_transfers > 0 && !root &&
-          hdr_->root_left.load(std::memory_order_seq_cst) == 0 && root_alive(hdr_->root))
-        last = false;
+      step(LeaveStep::kMarkedDead);
+      last = nobody_needs_pool_locked(root);
       if (!last) hdr_->state.store(kStateRunning, std::memory_order_seq_cst);
     }
   }
+  step(LeaveStep::kUnlocked);
   // Our slot is freed only after the lock is released: killed while holding
   // the lock, we must still be found dead by the lock's waiters, never
   // replaced in our slot by a live newcomer that they would wait for.
   table().release_if(slot_, slot_id(::getpid(), my_kind()));
-  if (last) unlink_pool_files(token_);
+  if (last) {
+    unlink_data_files(token_);
+    step(LeaveStep::kDataUnlinked);
+    ::shm_unlink(control_name(token_).c_str());
+  }
 }
 
 void Pool::before_fork(const std::vector<std::pair<BlockRef, uint64_t>>& held) {

@@ -145,6 +145,11 @@ class Pool {
   // process of the pool unlinks every segment when `unlink_if_last`.
   void leave(bool unlink_if_last = true);
   bool left() const { return left_; }
+  // Test hook for crash tests: leave() as the last process would, but
+  // SIGKILL this process at `at`, the steps where a SIGTERM (Pool.terminate()
+  // on a worker already exiting) can cut a real leave() short.
+  enum class LeaveStep { kNone, kMarkedDead, kUnlocked, kDataUnlinked };
+  [[noreturn]] void die_while_leaving(LeaveStep at);
 
   // fork(): before_fork reserves a slot for the child and, under the pool
   // lock, marks it as a holder of every block in `held`; it returns holding
@@ -192,9 +197,15 @@ class Pool {
   ProcessTable& table();
   void claim_slot_or_throw();
   static std::unique_ptr<Pool> attach_existing_as(const std::string& token, bool observer);
-  // A pool marked dead long after its marker should have removed it: true
-  // (and marked running again) if it is still the pool linked under our token.
-  bool revive_if_stuck_dead();
+  // A pool marked dead long after its marker should have removed it or
+  // marked it running again: that process was killed in between. We finish
+  // what it was doing, deciding again as leave() does.
+  enum class StuckDead { kRevived, kRemoved, kRetry };  // kRetry: look again
+  StuckDead settle_stuck_dead();
+  // leave()'s decision, under the lock: no live process but (possibly) us,
+  // and no pickles in flight to a root that may still load them.
+  bool nobody_needs_pool_locked(bool leaver_is_root);
+  void leave_impl(bool unlink_if_last, LeaveStep die_at);
   SlotKind my_kind() const { return observer_ ? SlotKind::kObserver : SlotKind::kActive; }
   std::optional<Block> allocate_locked(uint64_t block_size, bool transfer_required);
   void grow_locked(uint64_t block_size, uint64_t requested);

@@ -2181,6 +2181,99 @@ TEST(pool_owner_killed_inside_lock) {
   CHECK(shm_entries(tok).empty());
 }
 
+// A process killed inside leave() (a Pool.terminate() SIGTERM reaching a
+// worker that is already exiting) leaves the pool marked dead. The next
+// attacher settles it: it finishes the removal when nobody needs the pool,
+// and otherwise marks it running again.
+TEST(pool_last_leaver_killed_while_leaving) {
+  using Step = Pool::LeaveStep;
+  const PoolConfig cfg = make_config(64u << 20, 2u << 20);
+  for (Step at : {Step::kMarkedDead, Step::kUnlocked, Step::kDataUnlinked}) {
+    // Alone on the pool: its leave() was removing it.
+    const std::string tok = new_token();
+    pid_t pid = spawn([&] {
+      auto c = Pool::attach(tok, cfg);
+      CHILD_CHECK(c->allocate(100000, false, Mode::kSlow));  // a data segment exists
+      c->die_while_leaving(at);
+    });
+    CHECK_EQ(wait_child(pid), 128 + SIGKILL);
+    CHECK(shm_exists(control_name(tok)));  // what the killed leaver left
+    if (at == Step::kDataUnlinked) CHECK_EQ(shm_entries(tok).size(), size_t{1});
+    auto t0 = Clock::now();
+    std::unique_ptr<Pool> p;
+    CHECK_NOTHROW(p = Pool::attach_existing(tok));
+    CHECK(p == nullptr);
+    CHECK(shm_entries(tok).empty());
+    CHECK(seconds_since(t0) < 3.0);
+    {
+      Attached fresh(tok, cfg);  // the name is free for a new pool
+      auto b = fresh->allocate(1000, false, Mode::kSlow);
+      CHECK(b);
+      if (b) CHECK(fresh->release(b->ref, b->generation, Mode::kSlow));
+    }
+    CHECK(shm_entries(tok).empty());
+    if (g_failures) return;
+  }
+
+  // Killed inside the lock, before it found a survivor: the pool runs on.
+  {
+    const std::string tok = new_token();
+    Attached p(tok, cfg);
+    auto mine = p->allocate(3000, false, Mode::kSlow);
+    REQUIRE(mine);
+    fill_pattern(mine->payload, mine->capacity, 11);
+    pid_t pid = spawn([&] {
+      auto c = Pool::attach(tok, cfg);
+      CHILD_CHECK(c->allocate(5000, false, Mode::kSlow));
+      c->die_while_leaving(Step::kMarkedDead);
+    });
+    CHECK_EQ(wait_child(pid), 128 + SIGKILL);
+    {
+      Attached newcomer(tok, cfg);  // finds the pool marked dead; revives it
+      PoolStats s = newcomer->stats();
+      CHECK_EQ(s.processes, 2u);
+      CHECK_EQ(s.live_blocks, 1u);  // ours; the child's went with it
+      CHECK_NOTHROW(newcomer->verify());
+    }
+    CHECK(check_pattern(mine->payload, mine->capacity, 11));
+    CHECK(p->release(mine->ref, mine->generation, Mode::kSlow));
+    p->leave();
+    CHECK(shm_entries(tok).empty());
+  }
+
+  // Killed inside the lock with pickles in flight to the program's root:
+  // the root attaches later and loads them.
+  {
+    const std::string tok = new_token();
+    Pipe out;
+    const ProgramRoot me{static_cast<int>(::getpid()), process_start_time(::getpid())};
+    pid_t pid = spawn([&] {
+      auto c = Pool::attach(tok, cfg, me);
+      auto b = c->allocate(5000, true, Mode::kSlow);
+      CHILD_CHECK(b);
+      fill_pattern(b->payload, b->capacity, 12);
+      CHILD_CHECK(c->add_pending(b->ref, b->generation, Mode::kSlow));
+      CHILD_CHECK(write_string(out.w, encode_handle(handle_of(*c, *b, kHandleFlagTransferRequired))));
+      CHILD_CHECK(c->release(b->ref, b->generation, Mode::kSlow));
+      c->die_while_leaving(Step::kMarkedDead);
+    });
+    out.close_w();
+    auto bytes = read_string(out.r);
+    CHECK_EQ(wait_child(pid), 128 + SIGKILL);
+    REQUIRE(bytes);
+    std::unique_ptr<Pool> p;
+    CHECK_NOTHROW(p = Pool::attach_existing(tok));
+    REQUIRE(p);
+    auto b = attach_handle(*p, decode(*bytes));
+    REQUIRE(b);
+    CHECK(check_pattern(b->payload, b->capacity, 12));
+    CHECK(p->release(b->ref, b->generation, Mode::kSlow));
+    CHECK_EQ(p->stats().used_bytes, 0u);
+    p->leave();
+    CHECK(shm_entries(tok).empty());
+  }
+}
+
 // Random allocate / check / release traffic; returns the number of problems.
 int pool_traffic(Pool& p, uint64_t seed, long ops, uint64_t max_bytes) {
   std::mt19937_64 rng(seed);

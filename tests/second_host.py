@@ -191,11 +191,20 @@ class Processes:
         for proc in self._procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        # A leader still running gets SIGABRT first: a Python program run
+        # with PYTHONFAULTHANDLER=1 then writes every thread's stack to its
+        # log, which tells where it hung.
+        stuck = [proc for proc in self._procs if proc.poll() is None]
+        for proc in stuck:
+            killed.append([str(a) for a in proc.args])  # type: ignore[union-attr]
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGABRT)
+        for proc in stuck:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
         # The leader may be gone while others of its group are not (an empty
         # group's id could be reused: signal only a group that has members).
         for proc in self._procs:
-            if proc.poll() is None:
-                killed.append([str(a) for a in proc.args])  # type: ignore[union-attr]
             if group_alive(proc.pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)

@@ -32,6 +32,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,11 +92,11 @@ def _worker_args(scheduler: str, name: str, host: str, preload: bool) -> list[st
     return _dask(*args)
 
 
-def _log_tails(log_dir: Path) -> str:
+def _log_tails(log_dir: Path, lines: int = 15) -> str:
     parts = []
     for log in sorted(log_dir.glob("*.log")):
-        lines = log.read_text(errors="replace").splitlines()[-15:]
-        parts.append(f"--- {log.name}\n" + "\n".join(lines))
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        parts.append(f"--- {log.name}\n" + "\n".join(tail))
     return "\n".join(parts)
 
 
@@ -105,6 +106,7 @@ def _worker_env(mode: str) -> dict[str, str]:
     else:
         env = fresh_env(PYARRAYPOOL_DASK_REMOTE_AS_POOL="1")
     # The workers import this module to run its functions (by reference).
+    env["PYTHONFAULTHANDLER"] = "1"  # stacks in the log if stop() has to abort one
     tests = os.path.join(REPO, "tests")
     env["PYTHONPATH"] = os.pathsep.join([REPO, tests, env.get("PYTHONPATH", "")])
     return env
@@ -181,7 +183,13 @@ def two_hosts(
                 # yet: the second host's worker outlived 20 s of SIGTERM. What
                 # it leaves is in the second host's own /dev/shm, which goes
                 # with it; this host's processes must still stop cleanly.
-                print(f"note: second host processes needed SIGKILL: {remote_killed}")
+                # A warning, so that CI's summary shows it with the stacks
+                # (the test itself passes).
+                warnings.warn(
+                    f"second host processes needed SIGKILL: {remote_killed}\n"
+                    + _log_tails(log_dir, lines=80),
+                    stacklevel=1,
+                )
             if cluster is not None:
                 cluster.killed = killed
 

@@ -22,6 +22,8 @@ NP1_DEPS   := "numpy==1.26.*" pytest hypothesis joblib "dask[array,distributed]"
 CXX        ?= g++
 CORE_SRCS  := $(sort $(wildcard csrc/core/*.cpp))
 CORE_HDRS  := $(sort $(wildcard csrc/core/*.hpp))
+CORE_TEST_SRCS := $(sort $(wildcard csrc/tests/*.cpp))
+CORE_TEST_HDRS := $(sort $(wildcard csrc/tests/*.hpp))
 CSRC_FILES  = $(shell find csrc -name '*.cpp' -o -name '*.hpp' | sort)
 TEST_FLAGS := -std=c++20 -O1 -g -UNDEBUG -Wall -Wextra -pthread -Icsrc
 BENCH_FLAGS := -std=c++20 -O2 -DNDEBUG -pthread -Icsrc
@@ -63,9 +65,9 @@ install: venv
 core-tests: build/core_tests
 	./build/core_tests
 
-build/core_tests: csrc/tests/core_tests.cpp $(CORE_SRCS) $(CORE_HDRS)
+build/core_tests: $(CORE_TEST_SRCS) $(CORE_TEST_HDRS) $(CORE_SRCS) $(CORE_HDRS)
 	@mkdir -p build
-	$(CXX) $(TEST_FLAGS) -o $@ csrc/tests/core_tests.cpp $(CORE_SRCS)
+	$(CXX) $(TEST_FLAGS) -o $@ $(CORE_TEST_SRCS) $(CORE_SRCS)
 
 # SHM_BEFORE / SHM_AFTER: shell fragments around a test run (which sets $$status):
 # SHM_AFTER sets status=1 if the run left new /dev/shm/pyarraypool-* entries behind.
@@ -340,9 +342,9 @@ $(SANITIZERS): %: %-core %-py
 $(SANITIZERS:%=%-core): %-core: build/core_tests_%
 	$(SAN_CORE_ENV_$*) ./build/core_tests_$*
 
-build/core_tests_%: csrc/tests/core_tests.cpp $(CORE_SRCS) $(CORE_HDRS)
+build/core_tests_%: $(CORE_TEST_SRCS) $(CORE_TEST_HDRS) $(CORE_SRCS) $(CORE_HDRS)
 	@mkdir -p build
-	$(CXX) $(TEST_FLAGS) $(SAN_FLAGS_$*) -o $@ csrc/tests/core_tests.cpp $(CORE_SRCS)
+	$(CXX) $(TEST_FLAGS) $(SAN_FLAGS_$*) -o $@ $(CORE_TEST_SRCS) $(CORE_SRCS)
 
 # <san>-ext: copy the tree to build/<san>-tree and build _core there with the sanitizer.
 $(SANITIZERS:%=%-ext): %-ext: venv

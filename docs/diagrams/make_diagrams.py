@@ -1,7 +1,7 @@
 """Draw the documentation's pictures into docs/images/ (run by `make diagrams`).
 
 Every fact drawn here comes from the C++ core: the offsets of the control
-segment (csrc/core/pool.cpp, ControlHeader), the block header
+segment (csrc/core/pool_internal.hpp, ControlHeader), the block header
 (csrc/core/block_header.hpp), the handle (csrc/core/handle.hpp), the lock
 (csrc/core/futex_lock.*) and the lifetime protocol (csrc/core/pool.hpp).
 The PNGs are committed, so `make docs` never needs to draw them.
@@ -314,7 +314,7 @@ def segment_layout(out: Path) -> None:
         ax,
         0.3,
         y0 - 0.25,
-        "Byte offsets from csrc/core/pool.cpp (ControlHeader); not to scale. "
+        "Byte offsets from csrc/core/pool_internal.hpp (ControlHeader); not to scale. "
         "Everything from the allocator index down is read and written only under the lock.",
         size=8,
     )

@@ -1,0 +1,168 @@
+// Blocks: allocate, release, count a pickle in flight, take a hold from a
+// handle. Each runs under the pool lock (kFast tries it once).
+
+#include "core/pool_internal.hpp"
+
+#include <algorithm>
+
+#include "core/errors.hpp"
+#include "core/pool_snapshot.hpp"
+#include "core/shm_segment.hpp"
+
+namespace pap {
+
+std::optional<Block> Pool::allocate(uint64_t bytes, bool transfer_required, Mode mode) {
+  uint64_t block_size = Allocator::block_size_for(bytes);
+  if (block_size == 0)
+    throw CoreError(ErrorKind::kPoolFull, "pyarraypool cannot allocate " + std::to_string(bytes) +
+                                              " bytes: larger than any block can be");
+  // No cache while a fork is under way: the child must hold every block.
+  if (mode == Mode::kFast && cache_.bytes() != 0 && child_slot_.load(std::memory_order_relaxed) < 0)
+    if (auto b = cache_.take(bytes, transfer_required ? kFlagTransferRequired : 0u)) return b;
+  Guard g(*this, mode);
+  if (!g.held()) return std::nullopt;
+  if (auto b = allocate_locked(block_size, transfer_required)) return b;
+  if (mode == Mode::kFast) return std::nullopt;
+  // Out of room: first take back what dead processes and expired pickles
+  // hold, then grow by a segment.
+  if (maintain_locked(false, HolderMask{}) > 0)
+    if (auto b = allocate_locked(block_size, transfer_required)) return b;
+  grow_locked(block_size, bytes);
+  if (auto b = allocate_locked(block_size, transfer_required)) return b;
+  throw_full(bytes);
+}
+
+std::optional<Block> Pool::allocate_locked(uint64_t block_size, bool transfer_required) {
+  Counters& c = hdr_->counters;
+  UsedInit init{c.next_generation, slot_, transfer_required ? kFlagTransferRequired : 0u};
+  Allocator a = allocator();
+  BlockRef ref = a.allocate(block_size, init);
+  if (ref.nil()) return std::nullopt;
+  ++c.next_generation;
+  BlockHeader* h = a.header(ref);
+  // Another thread is forking: the child inherits this block's arrays too.
+  if (int child = child_slot_.load(std::memory_order_relaxed); child >= 0)
+    h->holders.set(static_cast<uint32_t>(child));
+  c.used_bytes += h->size();
+  ++c.live_blocks;
+  return Block{ref, init.generation, h->payload(), h->capacity(), init.flags};
+}
+
+std::string Pool::usage_locked() {
+  try {
+    PoolSnapshot s;
+    snapshot_locked(&s);
+    return "in use: " + describe_usage(s);
+  } catch (const std::exception&) {
+    return "in use: unknown (could not walk the pool)";
+  }
+}
+
+void Pool::throw_full(uint64_t bytes) {
+  const Counters& c = hdr_->counters;
+  const PoolConfig cfg = hdr_->config;
+  throw CoreError(
+      ErrorKind::kPoolFull,
+      "pyarraypool cannot allocate " + std::to_string(bytes) + " bytes: the pool uses " +
+          std::to_string(c.used_bytes) + " (" + human_bytes(c.used_bytes) +
+          ") of max_bytes=" + std::to_string(cfg.max_bytes) + " (" + human_bytes(cfg.max_bytes) +
+          ") in " + std::to_string(c.live_blocks) + " live blocks; capacity " +
+          std::to_string(c.capacity_bytes) + " bytes, largest free block " +
+          std::to_string(allocator().largest_free()) + " bytes; " + usage_locked() + "; " +
+          shm_space() +
+          ". Raise max_bytes with pyarraypool.configure(max_bytes=...) or PYARRAYPOOL_MAX_BYTES"
+          " (before the program first uses the pool), or drop arrays and load pending pickles");
+}
+
+BlockHeader* Pool::checked_header(BlockRef ref, uint64_t generation) {
+  if (ref.seg() >= mapped_.load(std::memory_order_acquire))
+    throw CoreError(ErrorKind::kStaleHandle, "handle names a segment this pool does not have");
+  const SegmentSpan& s = spans_[ref.seg()];
+  if (s.size == 0)
+    throw CoreError(ErrorKind::kStaleHandle, "handle names a segment the pool has given back");
+  if (ref.off() % kAlign != 0 || ref.off() + kHeaderSize > s.size)
+    throw CoreError(ErrorKind::kInvalidHandle, "handle points outside its segment");
+  BlockHeader* h = allocator().header(ref);
+  if (!h->used() || h->generation != generation ||
+      h->check != header_check(ref.off(), generation) || h->size() > s.size - ref.off())
+    throw CoreError(ErrorKind::kStaleHandle,
+                    "the block this handle names has been freed (generation " +
+                        std::to_string(generation) + ")");
+  return h;
+}
+
+void Pool::free_if_unused(BlockRef ref, BlockHeader& h) {
+  if (h.holders.any() || h.pending > 0) return;
+  Counters& c = hdr_->counters;
+  c.used_bytes -= h.size();
+  --c.live_blocks;
+  allocator().free(ref);
+}
+
+bool Pool::release_unshared(const Block& b, Mode mode) {
+  if (mode == Mode::kFast && child_slot_.load(std::memory_order_relaxed) < 0 && cache_.put(b))
+    return true;
+  return release(b.ref, b.generation, mode);
+}
+
+void Pool::drain_cache_locked() {
+  cache_.drain([&](const Block& b) {
+    BlockHeader* h = checked_header(b.ref, b.generation);
+    h->holders.clear(slot_);
+    free_if_unused(b.ref, *h);
+  });
+}
+
+bool Pool::release(BlockRef ref, uint64_t generation, Mode mode) {
+  Guard g(*this, mode);
+  if (!g.held()) return false;
+  BlockHeader* h = checked_header(ref, generation);
+  h->holders.clear(slot_);
+  free_if_unused(ref, *h);
+  return true;
+}
+
+bool Pool::add_pending(BlockRef ref, uint64_t generation, Mode mode) {
+  Guard g(*this, mode);
+  if (!g.held()) return false;
+  BlockHeader* h = checked_header(ref, generation);
+  if (!(h->flags & kFlagTransferRequired)) return true;
+  Counters& c = hdr_->counters;
+  if (h->pending == 0) ++c.pending_blocks;
+  ++h->pending;
+  ++c.pending_transfers;
+  h->flags = with_sender(h->flags, pid_);
+  // One deadline per block: the newest pickle's. Older pickles of the same
+  // block live at least as long as the newest one.
+  h->pending_deadline_ns = monotonic_ns() + hdr_->config.transfer_timeout_ns;
+  c.next_expiry_ns = c.pending_blocks == 1 ? h->pending_deadline_ns
+                                           : std::min(c.next_expiry_ns, h->pending_deadline_ns);
+  return true;
+}
+
+std::optional<Block> Pool::attach_block(const Handle& hd, uint64_t lo, uint64_t hi, Mode mode) {
+  if (!(hd.pool == id_)) throw CoreError(ErrorKind::kStaleHandle, "handle belongs to another pool");
+  Guard g(*this, mode);
+  if (!g.held()) {
+    // In kFast a handle of a segment this process has not mapped yet lands
+    // here too; kSlow maps it.
+    return std::nullopt;
+  }
+  BlockHeader* h = checked_header(hd.ref, hd.generation);
+  if (hi > h->capacity() || lo > hi)
+    throw CoreError(ErrorKind::kInvalidHandle,
+                    "handle describes bytes [" + std::to_string(lo) + ", " + std::to_string(hi) +
+                        ") outside its block of " + std::to_string(h->capacity()) + " bytes");
+  h->holders.set(slot_);
+  if (int child = child_slot_.load(std::memory_order_relaxed); child >= 0)
+    h->holders.set(static_cast<uint32_t>(child));  // a fork is under way
+  if ((hd.flags & kHandleFlagTransferRequired) && h->pending > 0) {
+    Counters& c = hdr_->counters;
+    --h->pending;
+    --c.pending_transfers;
+    if (h->pending == 0) --c.pending_blocks;
+  }
+  return Block{hd.ref, hd.generation, h->payload(), h->capacity(), h->flags & kFlagBits};
+}
+
+}  // namespace pap

@@ -1,0 +1,62 @@
+#include "core/pool_internal.hpp"
+
+#include <sys/mman.h>
+#include <sys/statvfs.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <thread>
+
+#include "core/pool_snapshot.hpp"
+#include "core/shm_segment.hpp"
+
+namespace pap {
+
+bool is_me(const ProgramRoot& root) {
+  return root.pid == ::getpid() && root.start_time == process_start_time(::getpid());
+}
+
+bool root_alive(const ProgramRoot& root) {
+  if (root.pid <= 0) return false;
+  bool zombie = false;
+  uint64_t started = process_start_time(static_cast<pid_t>(root.pid), &zombie);
+  return started != 0 && !zombie && started == root.start_time;
+}
+
+uint64_t realtime_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+std::string shm_space() {
+  struct statvfs v;
+  if (::statvfs("/dev/shm", &v) != 0) return "/dev/shm free space unknown";
+  const uint64_t free_bytes = static_cast<uint64_t>(v.f_bavail) * v.f_frsize;
+  const uint64_t total = static_cast<uint64_t>(v.f_blocks) * v.f_frsize;
+  return "/dev/shm has " + human_bytes(free_bytes) + " (" + std::to_string(free_bytes) +
+         " bytes) free of " + human_bytes(total);
+}
+
+void sleep_ms(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
+
+bool wait_initialized(const ControlHeader* h, int ms) {
+  for (int i = 0; i < ms; ++i) {
+    if (h->magic.load(std::memory_order_acquire) == kMagic) return true;
+    sleep_ms(1);
+  }
+  return h->magic.load(std::memory_order_acquire) == kMagic;
+}
+
+void unlink_data_files(const std::string& token) {
+  unlink_all_quietly(std::string(kShmPrefix) + token + "-");
+  unlink_all_quietly(std::string(kShmPrefix) + token + ".init");
+}
+
+void unlink_pool_files(const std::string& token) {
+  unlink_data_files(token);
+  ::shm_unlink(control_name(token).c_str());
+}
+
+}  // namespace pap

@@ -1,0 +1,181 @@
+// Internals shared by the pool's source files: the layout of the control
+// segment, small helpers, and the lock guard. Not part of the core's
+// interface; only pool*.cpp include it.
+//
+//   pool.cpp              attach, leave, fork (a process's membership)
+//   pool_segments.cpp     data segments: mapping, growth, retirement
+//   pool_blocks.cpp       allocate, release, pickles in flight, load a handle
+//   pool_maintenance.cpp  reclaim and expiry, stats, snapshot, verify
+//   pool_clean.cpp        removing dead programs' pools
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include "core/errors.hpp"
+#include "core/futex_lock.hpp"
+#include "core/pool.hpp"
+#include "core/process_table.hpp"
+
+namespace pap {
+
+constexpr uint64_t kMagic = 0x31304C4F4F505041ull;  // "APPOOL01"
+constexpr uint32_t kLayoutVersion = 4;              // 2: instance_id, 3: root, 4: root_left
+constexpr uint32_t kStateRunning = 0;
+constexpr uint32_t kStateDead = 1;  // being removed by its last process or a cleaner
+
+struct Counters {
+  uint64_t capacity_bytes;
+  uint64_t used_bytes;
+  uint64_t live_blocks;
+  uint64_t pending_transfers;
+  uint64_t pending_blocks;
+  uint64_t next_generation;
+  // No pending count expires before this time: maintenance skips its walk
+  // until then unless a process died. Only ever moved earlier between walks.
+  uint64_t next_expiry_ns;
+};
+
+// The control segment. Fields above `lock` are written once by the creator
+// before `magic` is published; `state`, the process table and the segment
+// table are read without the lock and are atomics; everything from `alloc`
+// down is read and written only under the lock.
+struct ControlHeader {
+  std::atomic<uint64_t> magic;
+  uint32_t layout_version;
+  uint32_t control_bytes;
+  PoolId pool_id;
+  uint64_t created_realtime_ns;
+  // Random, drawn by the creator: tells apart two pools that share a token
+  // (the same name in two /dev/shm mounts, or one recreated after its
+  // program ended), which the token alone cannot.
+  unsigned char instance_id[16];
+  ProgramRoot root;
+  // Set by the root when it leaves: from then on it will not load anything,
+  // and nobody keeps the pool for it (it may still run for a while, in its
+  // own exit handlers).
+  std::atomic<uint32_t> root_left;
+  PoolConfig config;
+  std::atomic<uint32_t> state;
+  // Set by a waiter that took the lock from a dead owner, cleared once the
+  // repair is complete: a repair cut short (an error, another death) is
+  // redone by the next owner.
+  std::atomic<uint32_t> needs_repair;
+  alignas(64) LockWord lock;
+  alignas(64) ProcessTable table;
+  std::atomic<uint32_t> segment_count;
+  // Size of each data segment; 0 once retired (see retire_free_segments_locked).
+  std::atomic<uint64_t> segment_sizes[BlockRef::kMaxSegments];
+  // The random part of each data segment's name (see data_name).
+  std::atomic<uint64_t> segment_nonces[BlockRef::kMaxSegments];
+  // Bumped at each retirement, so processes notice they must unmap.
+  std::atomic<uint64_t> retired_epoch;
+  alignas(64) AllocState alloc;
+  Counters counters;
+};
+
+static_assert(std::atomic<uint64_t>::is_always_lock_free);
+
+static_assert(std::atomic<uint64_t>::is_always_lock_free);
+
+inline constexpr uint64_t kPage = 4096;
+inline constexpr uint64_t kControlBytes = (sizeof(ControlHeader) + kPage - 1) & ~(kPage - 1);
+inline constexpr uint64_t kLargeRound = 2u << 20;
+
+inline uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
+
+// The program's root process (see ProgramRoot) is this process / is still
+// running: same pid, same start time, not a zombie.
+bool is_me(const ProgramRoot& root);
+bool root_alive(const ProgramRoot& root);
+
+uint64_t realtime_ns();
+// "/dev/shm has 12.0 MiB (12582912 bytes) free of 64.0 MiB"
+std::string shm_space();
+void sleep_ms(int ms);
+// Waits for a creator to publish the header; false if it never does.
+bool wait_initialized(const ControlHeader* h, int ms);
+
+class TableProbe : public OwnerProbe {
+ public:
+  explicit TableProbe(const ProcessTable& t) : t_(t) {}
+  bool owner_alive(uint32_t owner) override {
+    return owner == 0 || owner > kMaxSlots || t_.alive(owner - 1, monotonic_ns());
+  }
+
+ private:
+  const ProcessTable& t_;
+};
+
+// Everything of the pool in /dev/shm: data segments, orphans of a process
+// killed while growing, the control segment last (it stays the pool's index
+// until the end, so that a remover killed halfway leaves a pool that the
+// next attacher or cleaner finds and finishes removing). Best effort: this runs at
+// exit and must not fail halfway over a file that is not ours.
+void unlink_data_files(const std::string& token);
+void unlink_pool_files(const std::string& token);
+
+// Holds the pool lock for a scope. In kFast it only tries once and also
+// gives up if this process has not mapped every published segment (mapping
+// is a system call); check held() before using the pool.
+class Pool::Guard {
+ public:
+  // Only the lock, taken over from a dead owner if need be: no mapping and
+  // no repair, for a pool that may be half removed (settle_stuck_dead).
+  struct LockOnly {};
+  Guard(Pool& p, LockOnly) : p_(p) {
+    TableProbe probe(p.hdr_->table);
+    if (futex_lock::lock(p.hdr_->lock, p.slot_ + 1, probe) == Acquired::kFromDeadOwner)
+      p.hdr_->needs_repair.store(1, std::memory_order_relaxed);  // by the next full Guard
+    held_ = true;
+  }
+  Guard(Pool& p, Mode mode) : p_(p) {
+    if (p.left_)
+      throw CoreError(ErrorKind::kPool, "this process is no longer attached to the pool");
+    const uint32_t me = p.slot_ + 1;
+    if (mode == Mode::kFast) {
+      if (!p.all_mapped() || !futex_lock::try_lock(p.hdr_->lock, me)) return;
+      held_ = true;
+      // A segment was published or retired meanwhile: (un)mapping is a
+      // system call, for kSlow.
+      if (!p.all_mapped() || !p.retirements_seen() ||
+          p.hdr_->needs_repair.load(std::memory_order_relaxed))
+        release();
+      return;
+    }
+    p.ensure_mapped();
+    TableProbe probe(p.hdr_->table);
+    Acquired how = futex_lock::lock(p.hdr_->lock, me, probe);
+    held_ = true;
+    if (how == Acquired::kFromDeadOwner) p.hdr_->needs_repair.store(1, std::memory_order_relaxed);
+    try {
+      p.ensure_mapped();
+      p.unmap_retired();
+      if (p.hdr_->needs_repair.load(std::memory_order_relaxed)) {
+        // The owner may have died in leave() between marking the pool dead
+        // and finding us alive: we are, so the pool runs on.
+        p.hdr_->state.store(kStateRunning, std::memory_order_seq_cst);
+        p.maintain_locked(true, HolderMask{});
+        p.hdr_->needs_repair.store(0, std::memory_order_relaxed);
+      }
+    } catch (...) {
+      release();
+      throw;
+    }
+  }
+  ~Guard() { release(); }
+  Guard(const Guard&) = delete;
+  Guard& operator=(const Guard&) = delete;
+  bool held() const { return held_; }
+  void release() {
+    if (held_) futex_lock::unlock(p_.hdr_->lock);
+    held_ = false;
+  }
+
+ private:
+  Pool& p_;
+  bool held_ = false;
+};
+
+}  // namespace pap

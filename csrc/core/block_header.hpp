@@ -125,6 +125,12 @@ struct alignas(64) BlockHeader {
 };
 
 static_assert(sizeof(BlockHeader) == kHeaderSize, "block header must be exactly 64 bytes");
+// Shared by every process of a pool: a change must bump the pool's layout
+// version and redraw docs/images/segment_layout.png (make diagrams).
+static_assert(offsetof(BlockHeader, prev_size) == 8 && offsetof(BlockHeader, generation) == 16);
+static_assert(offsetof(BlockHeader, holders) == 24 && offsetof(BlockHeader, pending) == 40);
+static_assert(offsetof(BlockHeader, flags) == 44 && offsetof(BlockHeader, pending_deadline_ns) == 48);
+static_assert(offsetof(BlockHeader, check) == 56);
 static_assert(std::atomic<uint64_t>::is_always_lock_free, "shared atomics must be lock-free");
 static_assert(std::atomic<uint32_t>::is_always_lock_free, "shared atomics must be lock-free");
 

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -77,7 +78,15 @@ struct ControlHeader {
 
 static_assert(std::atomic<uint64_t>::is_always_lock_free);
 
-static_assert(std::atomic<uint64_t>::is_always_lock_free);
+// The layout is shared by every process of a pool, whatever build it runs:
+// a change must bump kLayoutVersion, and redraw docs/images/segment_layout.png
+// (docs/diagrams/make_diagrams.py draws these offsets).
+static_assert(offsetof(ControlHeader, lock) == 128);
+static_assert(offsetof(ControlHeader, table) == 192);
+static_assert(offsetof(ControlHeader, segment_count) == 4288);
+static_assert(offsetof(ControlHeader, alloc) == 69888);
+static_assert(offsetof(ControlHeader, counters) == 80296);
+static_assert(sizeof(ControlHeader) == 80384);
 
 inline constexpr uint64_t kPage = 4096;
 inline constexpr uint64_t kControlBytes = (sizeof(ControlHeader) + kPage - 1) & ~(kPage - 1);

@@ -7,6 +7,7 @@
 // exception ever unwinds into the interpreter.
 #pragma once
 
+#include <cxxabi.h>
 #include <unistd.h>
 
 #include "binding/numpy_api.hpp"
@@ -70,13 +71,20 @@ class GilReleased {
   GilReleased() : state_(PyEval_SaveThread()) {}
   ~GilReleased() {
     // A daemon thread that takes the GIL back while the interpreter is
-    // finalizing is ended by CPython with pthread_exit(), whose forced unwind
-    // cannot cross this (noexcept) destructor: the process would abort. The
-    // thread is abandoned at exit anyway, and by now it holds no lock of
-    // ours (the pool lock and our mutexes are released inside the scope), so
-    // it parks here until the process ends.
-    while (is_finalizing()) ::pause();
-    PyEval_RestoreThread(state_);
+    // finalizing is ended by CPython with pthread_exit(), whose forced
+    // unwind cannot leave this (noexcept) destructor: the process would
+    // abort. Checking is_finalizing() first is not enough, since
+    // finalization may begin between the check and the GIL's own. So the
+    // forced unwind is caught here, and the thread parks in the handler
+    // (leaving it without rethrowing would abort too). The thread is
+    // abandoned at exit anyway, and holds no lock of ours by now (the pool
+    // lock and our mutexes are released inside the scope).
+    try {
+      while (is_finalizing()) ::pause();
+      PyEval_RestoreThread(state_);
+    } catch (abi::__forced_unwind&) {
+      for (;;) ::pause();
+    }
   }
   GilReleased(const GilReleased&) = delete;
   GilReleased& operator=(const GilReleased&) = delete;

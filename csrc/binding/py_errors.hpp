@@ -73,14 +73,13 @@ class GilReleased {
     // A daemon thread that takes the GIL back while the interpreter is
     // finalizing is ended by CPython with pthread_exit(), whose forced
     // unwind cannot leave this (noexcept) destructor: the process would
-    // abort. Checking is_finalizing() first is not enough, since
-    // finalization may begin between the check and the GIL's own. So the
+    // abort. Checking is_finalizing() first cannot avoid it, since
+    // finalization may begin between that check and the GIL's own. So the
     // forced unwind is caught here, and the thread parks in the handler
     // (leaving it without rethrowing would abort too). The thread is
     // abandoned at exit anyway, and holds no lock of ours by now (the pool
     // lock and our mutexes are released inside the scope).
     try {
-      while (is_finalizing()) ::pause();
       PyEval_RestoreThread(state_);
     } catch (abi::__forced_unwind&) {
       for (;;) ::pause();

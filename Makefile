@@ -244,9 +244,11 @@ core-bench: bench-tools build/core_bench
 	./build/core_bench --benchmark_out=build/core_bench.json --benchmark_out_format=json $(BENCH_ARGS)
 
 # build/core_bench: the benchmark binary (bench-tools first, for the header).
-build/core_bench: bench/core_bench.cpp $(CORE_SRCS) $(CORE_HDRS) | bench-tools
+# Its children are forked as the core tests fork theirs (csrc/tests/child_process.*).
+BENCH_SRCS := bench/core_bench.cpp csrc/tests/child_process.cpp
+build/core_bench: $(BENCH_SRCS) csrc/tests/child_process.hpp $(CORE_SRCS) $(CORE_HDRS) | bench-tools
 	@mkdir -p build
-	$(CXX) $(BENCH_FLAGS) bench/core_bench.cpp $(CORE_SRCS) -lbenchmark -lpthread -o $@
+	$(CXX) $(BENCH_FLAGS) $(BENCH_SRCS) $(CORE_SRCS) -lbenchmark -lpthread -o $@
 
 # lint-tools: apt-get install clang-format and cppcheck if missing
 # (apt-get update only when the package lists cannot provide them).

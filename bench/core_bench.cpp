@@ -40,7 +40,6 @@
 #include <benchmark/benchmark.h>
 #include <signal.h>
 #include <sys/mman.h>
-#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -70,6 +69,7 @@
 #include "core/futex_lock.hpp"
 #include "core/pool.hpp"
 #include "core/shm_segment.hpp"
+#include "tests/child_process.hpp"
 
 using namespace pap;
 
@@ -209,34 +209,12 @@ void usage_counters(benchmark::State& state, const Usage& parent, const Usage& c
 // Forks a child running `body` and _exit()ing with its return value. The
 // child dies with the parent and never outlives a hung run for long.
 pid_t spawn(const std::function<int()>& body) {
-  std::fflush(nullptr);
-  pid_t pid = ::fork();
+  const pid_t pid = pap::test::fork_child(body, {120, true, "core_bench child"});
   if (pid < 0) throw std::runtime_error(std::string("fork failed: ") + std::strerror(errno));
-  if (pid == 0) {
-    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-    ::alarm(120);
-    int rc = 97;
-    try {
-      rc = body();
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "core_bench child %d: %s\n", static_cast<int>(::getpid()), e.what());
-      rc = 98;
-    } catch (...) {
-      rc = 99;
-    }
-    ::_exit(rc);
-  }
   return pid;
 }
 
-int wait_child(pid_t pid) {
-  int st = 0;
-  while (::waitpid(pid, &st, 0) < 0)
-    if (errno != EINTR) return -1;
-  if (WIFEXITED(st)) return WEXITSTATUS(st);
-  if (WIFSIGNALED(st)) return 128 + WTERMSIG(st);
-  return -1;
-}
+using pap::test::wait_child;
 
 // Stops the child of `ctl` and waits for it, also when the benchmark body
 // throws.

@@ -3,7 +3,6 @@
 
 #include "harness.hpp"
 
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -84,32 +83,9 @@ double seconds_since(Clock::time_point t0) {
 // --------------------------------------------------------------- processes
 
 pid_t spawn(const std::function<int()>& body) {
-  std::fflush(nullptr);
-  pid_t pid = ::fork();
+  const pid_t pid = fork_child(body, ChildOptions{60, false, "child"});
   REQUIRE(pid >= 0);
-  if (pid == 0) {
-    ::alarm(60);  // never outlive a hung parent for long
-    int rc = 97;
-    try {
-      rc = body();
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "  child %d: exception: %s\n", static_cast<int>(getpid()), e.what());
-      rc = 98;
-    } catch (...) {
-      rc = 99;
-    }
-    ::_exit(rc);
-  }
   return pid;
-}
-
-int wait_child(pid_t pid) {
-  int st = 0;
-  while (::waitpid(pid, &st, 0) < 0)
-    if (errno != EINTR) return -1;
-  if (WIFEXITED(st)) return WEXITSTATUS(st);
-  if (WIFSIGNALED(st)) return 128 + WTERMSIG(st);
-  return -1;
 }
 
 Pipe::Pipe() {

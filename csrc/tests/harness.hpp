@@ -32,6 +32,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "child_process.hpp"
 #include "core/errors.hpp"
 
 namespace pap::test {
@@ -154,12 +155,9 @@ double seconds_since(Clock::time_point t0);
 
 // =================================================================== processes
 
-// Runs `body` in a forked child, which _exit()s with its return value (no
-// destructors, no atexit, no leave()).
+// Runs `body` in a forked child (fork_child in child_process.hpp, which
+// also has wait_child); a failed fork fails the test.
 pid_t spawn(const std::function<int()>& body);
-
-// The child's exit status, or 128 + the signal that killed it.
-int wait_child(pid_t pid);
 
 struct Pipe {
   int r = -1, w = -1;

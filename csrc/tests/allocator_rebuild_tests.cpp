@@ -44,6 +44,18 @@ std::set<std::pair<uint64_t, uint64_t>> free_lists_of(Arena& ar) {
   return out;
 }
 
+// What rebuild() should report for a chain: its free blocks' totals.
+Allocator::WalkTotals free_totals_of(const std::vector<ChainBlock>& chain) {
+  Allocator::WalkTotals t;
+  for (const ChainBlock& b : chain)
+    if (!b.used) {
+      t.free_bytes += b.size;
+      ++t.free_blocks;
+      t.largest_free = std::max(t.largest_free, b.size);
+    }
+  return t;
+}
+
 // Runs `n` random operations on `ar`, updating `live` (ref bits -> size).
 void random_ops(Arena& ar, std::mt19937_64& rng, int n, uint64_t max_bytes,
                 std::map<uint64_t, uint64_t>& live, uint64_t& generation) {
@@ -105,16 +117,10 @@ TEST(allocator_rebuild_after_losing_the_index) {
     CHECK_EQ(kept, live.size());
     CHECK(chain_of(*snap) == chain_before);  // same used blocks: refs, sizes, generations
     CHECK(free_lists_of(*snap) == lists_before);
-    uint64_t free_bytes = 0, free_blocks = 0, largest = 0;
-    for (const ChainBlock& b : chain_before)
-      if (!b.used) {
-        free_bytes += b.size;
-        ++free_blocks;
-        largest = std::max(largest, b.size);
-      }
-    CHECK_EQ(t.free_bytes, free_bytes);
-    CHECK_EQ(t.free_blocks, free_blocks);
-    CHECK_EQ(t.largest_free, largest);
+    const Allocator::WalkTotals expected = free_totals_of(chain_before);
+    CHECK_EQ(t.free_bytes, expected.free_bytes);
+    CHECK_EQ(t.free_blocks, expected.free_blocks);
+    CHECK_EQ(t.largest_free, expected.largest_free);
 
     // The rebuilt index works: keep going, then free everything.
     random_ops(*snap, rng, 3000, 128u << 10, live, generation);
@@ -293,21 +299,15 @@ TEST(allocator_rebuild_drops_blocks) {
     CHECK_EQ(asked, used_before);
     CHECK_VERIFY(ar);
     CHECK(chain_of(ar) == want);
-    uint64_t free_bytes = 0, free_blocks = 0, largest = 0;
-    for (const ChainBlock& b : want)
-      if (!b.used) {
-        free_bytes += b.size;
-        ++free_blocks;
-        largest = std::max(largest, b.size);
-      }
-    CHECK_EQ(t.free_bytes, free_bytes);
-    CHECK_EQ(t.free_blocks, free_blocks);
-    CHECK_EQ(t.largest_free, largest);
+    const Allocator::WalkTotals expected = free_totals_of(want);
+    CHECK_EQ(t.free_bytes, expected.free_bytes);
+    CHECK_EQ(t.free_blocks, expected.free_blocks);
+    CHECK_EQ(t.largest_free, expected.largest_free);
     for (const ChainBlock& b : want)
       if (b.used) CHECK_EQ(a.header(BlockRef::from_bits(b.ref_bits))->pending, 7u);
     // The coalesced space is allocatable as one block.
-    if (largest >= 128) {
-      BlockRef big = a.allocate(largest, UsedInit{1000000, 0, 0});
+    if (expected.largest_free >= 128) {
+      BlockRef big = a.allocate(expected.largest_free, UsedInit{1000000, 0, 0});
       CHECK(!big.nil());
       CHECK_VERIFY(ar);
     }

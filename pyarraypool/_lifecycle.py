@@ -17,6 +17,9 @@ from . import _core
 
 ENV_POOL = "PYARRAYPOOL_POOL"
 ENV_ROOT = "PYARRAYPOOL_ROOT"
+# A pool shared by independent programs (a Dask cluster's host pool) has no
+# root to keep it for: any value but "<pid>:<start time>" says so.
+NO_ROOT = "none"
 
 
 def _start_time(pid: int) -> int:

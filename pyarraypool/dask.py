@@ -338,6 +338,10 @@ def _join_cluster_pool(scheduler_address: str) -> None:
     if _keeps_its_pool_name():
         return
     os.environ[_lifecycle.ENV_POOL] = cluster_pool_name(scheduler_address)
+    # The workers sharing this pool are separate programs, and the root this
+    # one inherited (its nanny, which never uses the pool) must not keep the
+    # pool for handles in flight once every worker has left it.
+    os.environ[_lifecycle.ENV_ROOT] = _lifecycle.NO_ROOT
 
 
 class PyArrayPoolPlugin(WorkerPlugin):

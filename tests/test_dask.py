@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -58,6 +59,11 @@ def make_pool_array(nbytes: int, fill: int) -> pyarraypool.TransferableArray:
     x = pyarraypool.empty(nbytes, dtype=np.uint8)
     x[:] = fill
     return x
+
+
+def pickle_and_drop(x: np.ndarray) -> int:
+    """A handle made and never loaded, as a transfer Dask retried leaves one."""
+    return len(pickle.dumps(x))
 
 
 def describe(x: np.ndarray) -> dict:
@@ -572,6 +578,11 @@ def test_dask_worker_preload_shares_one_host_pool(tmp_path, shm_unchanged):
             # (either worker may answer: both hold it now)
             assert sum(n["sent_by_value"] for n in c.run(pdask.counters).values()) == 1
             token = pools[w0]["token"]
+            # A handle in flight that nobody will load: the pool's workers
+            # are independent programs, so no "program root" may keep the
+            # pool for it once they have all left.
+            assert c.submit(pickle_and_drop, x, workers=[w0], pure=False).result() < 1000
+            assert c.run(lambda: pyarraypool.stats().pending_transfers)[w0] == 1
             del r, x
             c.shutdown()  # workers leave the pool as they close: the last one unlinks it
         for p in procs:

@@ -592,3 +592,65 @@ def test_string_dtype_is_refused():
         pyarraypool.empty_like(np.array(["x"], dtype=dt))
     after = settle()
     assert (after.used_bytes, after.live_blocks) == (before.used_bytes, before.live_blocks)
+
+
+# --- the read-only flag travels ------------------------------------------------------------
+
+
+def _write_in_child(arrays):
+    out = []
+    for a in arrays:
+        try:
+            a[...] = -1
+            out.append((a.flags.writeable, "written"))
+        except ValueError:
+            out.append((a.flags.writeable, "refused"))
+    return out
+
+
+def _read_only_views(x):
+    return {"the array": x, "a slice": x[1:, ::2], "a transpose": x.T, "a row": x[2],
+            "a reshape": x.reshape(6, 4), "0-d": x[1, 1:2].reshape(())}
+
+
+def test_a_read_only_pool_array_arrives_read_only():
+    x = pyarraypool.make_transferable(np.arange(24.0).reshape(4, 6))
+    x.flags.writeable = False
+    for name, v in _read_only_views(x).items():
+        assert not v.flags.writeable, name
+        y = roundtrip(v)
+        assert isinstance(y, pyarraypool.TransferableArray) and np.shares_memory(y, x)
+        assert not y.flags.writeable, f"{name} arrived writeable"
+        with pytest.raises(ValueError):
+            y[...] = -1
+        with pytest.raises(ValueError):
+            y.flags.writeable = True
+        np.testing.assert_array_equal(y, v)
+    np.testing.assert_array_equal(x, np.arange(24.0).reshape(4, 6))
+
+
+def test_read_only_arrives_read_only_in_another_process_and_writeable_stays_writeable():
+    ro = pyarraypool.make_transferable(np.arange(24.0).reshape(4, 6))
+    ro.flags.writeable = False
+    rw = pyarraypool.make_transferable(np.arange(24.0).reshape(4, 6))
+    views = [*_read_only_views(ro).values(), rw, rw[::2]]
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply(_write_in_child, (views,))
+        pool.close()
+        pool.join()
+    assert got[:-2] == [(False, "refused")] * (len(views) - 2)
+    assert got[-2:] == [(True, "written")] * 2
+    np.testing.assert_array_equal(ro, np.arange(24.0).reshape(4, 6))
+    np.testing.assert_array_equal(rw, np.full((4, 6), -1.0))
+
+
+def test_a_view_made_writeable_before_its_base_became_read_only_stays_writeable():
+    # numpy's own rule: the flag belongs to each view, not to the memory.
+    x = pyarraypool.make_transferable(np.arange(6.0))
+    v = x[::2]
+    x.flags.writeable = False
+    y = roundtrip(v)
+    assert y.flags.writeable and not roundtrip(x).flags.writeable
+    y[...] = 0
+    np.testing.assert_array_equal(x, [0.0, 1.0, 0.0, 3.0, 0.0, 5.0])

@@ -85,10 +85,11 @@ void check_shareable(PyArray_Descr* d) {
   }
 }
 
-// A TransferableArray on `data` (inside `block`'s payload). Steals `descr`.
+// A TransferableArray on `data` (inside `block`'s payload), with numpy's
+// array `flags` (NPY_ARRAY_WRITEABLE or not, NPY_ARRAY_F_CONTIGUOUS for a new
+// Fortran-order array). Steals `descr`.
 OwnedRef new_pool_array(PyArray_Descr* descr, int nd, const npy_intp* dims, const npy_intp* strides,
-                        unsigned char* data, PyObject* block, bool fortran) {
-  int flags = NPY_ARRAY_WRITEABLE | (fortran ? NPY_ARRAY_F_CONTIGUOUS : 0);
+                        unsigned char* data, PyObject* block, int flags) {
   OwnedRef arr = check(PyArray_NewFromDescr(array_type, descr, nd, const_cast<npy_intp*>(dims),
                                             const_cast<npy_intp*>(strides), data, flags, nullptr));
   // PyArray_SetBaseObject steals its argument, even when it fails.
@@ -143,7 +144,8 @@ OwnedRef allocate_array(PyArray_Descr* descr, int nd, const npy_intp* dims, bool
   OwnedRef block = check(pp.block_object(b, false));
   Py_INCREF(descr);
   *nbytes_out = nbytes;
-  return new_pool_array(descr, nd, dims, nullptr, b.payload, block.get(), fortran);
+  return new_pool_array(descr, nd, dims, nullptr, b.payload, block.get(),
+                        NPY_ARRAY_WRITEABLE | (fortran ? NPY_ARRAY_F_CONTIGUOUS : 0));
 }
 
 // --- dtypes in handles ---------------------------------------------------
@@ -207,10 +209,14 @@ OwnedRef reduce_impl(PyObject* self, PyObject* protocol) {
   if (!b) return reduce_by_value(self, protocol);
   ProcessPool& pp = ProcessPool::get();
   pap::Handle h;
-  h.pool = pp.pool().id();
+  pap::Pool& pool = pp.pool();
+  h.pool = pool.id();
+  h.instance = pool.instance();
   h.ref = b->ref;
   h.generation = b->generation;
   h.flags = (b->flags & pap::kFlagTransferRequired) ? pap::kHandleFlagTransferRequired : 0;
+  // A view given out read-only stays read-only in the receiver.
+  if (!PyArray_ISWRITEABLE(arr)) h.flags |= pap::kHandleFlagReadOnly;
   auto* data = reinterpret_cast<unsigned char*>(PyArray_BYTES(arr));
   // An empty view touches no bytes, and numpy may leave its pointer past
   // the end of an empty block: any offset inside the block serves.
@@ -389,8 +395,10 @@ PyObject* array_new(PyTypeObject*, PyObject*, PyObject*) {
 const char* kArrayDoc =
     "A numpy.ndarray whose memory is a block of the pyarraypool shared-memory pool.\n\n"
     "Pickling it (to another process) carries a small handle instead of the data:\n"
-    "64 bytes plus 16 per dimension, whatever the array's size. The receiver sees\n"
-    "the same memory, so writes in any process are visible in all. Views of it\n"
+    "80 bytes plus 16 per dimension, whatever the array's size. The receiver sees\n"
+    "the same memory, so writes in any process are visible in all (an array that is\n"
+    "not writeable arrives read-only). The handle loads only while its pool lives:\n"
+    "to keep the data, pickle a copy (x.copy()) or save it with np.save. Views of it\n"
     "(slices, transposes, basic indexing) are TransferableArrays too and travel as\n"
     "views. Results that do not live in the pool (copies, copy.copy and\n"
     "copy.deepcopy, ufunc results, reductions, fancy indexing) are plain\n"
@@ -518,8 +526,9 @@ PyObject* rebuild(PyObject*, PyObject* args) {
       strides[i] = static_cast<npy_intp>(h.strides[i]);
     }
     Py_INCREF(descr);
+    const int flags = (h.flags & pap::kHandleFlagReadOnly) ? 0 : NPY_ARRAY_WRITEABLE;
     return new_pool_array(descr, static_cast<int>(h.ndim), shape, strides,
-                          b.payload + h.view_offset, block.get(), false)
+                          b.payload + h.view_offset, block.get(), flags)
         .release();
   });
 }

@@ -594,6 +594,100 @@ def test_string_dtype_is_refused():
     assert (after.used_bytes, after.live_blocks) == (before.used_bytes, before.live_blocks)
 
 
+# --- the full dtype travels: what a plain pickle keeps, a handle keeps -------------------
+
+try:
+    import ml_dtypes
+except ImportError:  # not installable in this venv (see the Makefile's PY_DEPS)
+    ml_dtypes = None
+
+needs_ml_dtypes = pytest.mark.skipif(ml_dtypes is None, reason="ml_dtypes is not installed")
+
+
+def _user_dtypes() -> dict[str, np.dtype]:
+    if ml_dtypes is None:
+        return {}
+    return {
+        "bfloat16": np.dtype(ml_dtypes.bfloat16),
+        "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+        "int4": np.dtype(ml_dtypes.int4),
+        "struct of bfloat16": np.dtype([("x", ml_dtypes.bfloat16), ("y", "<f4")]),
+    }
+
+
+# dtypes whose `.str` does not say everything about them (a handle once sent only that).
+LOSSY_STR_DTYPES = {
+    **_user_dtypes(),
+    "metadata": np.dtype("<f8", metadata={"unit": "m"}),
+    "titles": np.dtype({"names": ["a", "b"], "formats": ["<i4", "<f8"], "titles": ["A", "B"]}),
+    "offsets and itemsize": np.dtype({"names": ["a", "b"], "formats": ["u1", "<i4"],
+                                      "offsets": [0, 5], "itemsize": 12}),
+    "aligned struct": np.dtype([("a", "u1"), ("b", "<f8")], align=True),
+    "datetime with a multiplier": np.dtype("<M8[25us]"),
+    "big-endian timedelta": np.dtype(">m8[D]"),
+    "big-endian complex": np.dtype(">c8"),
+    "longlong": np.dtype("q"),
+    "char": np.dtype("c"),
+}
+# numpy's own pickle of these gives an equal dtype of another type ('q' comes back as 'l',
+# 'c' as 'S1'): a handle may do the same. Every other dtype comes back exactly.
+AS_NUMPY_PICKLES_IT = {"longlong", "char"}
+
+
+def _dtype_facts(d: np.dtype) -> tuple:
+    return (d, d.str, d.descr, d.type, d.itemsize, d.alignment, d.isalignedstruct, d.metadata,
+            d.names, d.fields)
+
+
+def _dtype_sample(d: np.dtype) -> np.ndarray:
+    # Bytes that are valid values of any of these dtypes (small integers).
+    out = np.zeros(6, dtype=d)
+    for name in d.names or [None]:
+        part = out if name is None else out[name]
+        part[...] = np.arange(6).astype(part.dtype)
+    return out
+
+
+def _loaded_in_child(arrays):
+    # The facts as text: a dtype sent back would be pickled once more, and NumPy 1's own
+    # pickle of a datetime dtype adds an empty metadata dict.
+    return [(type(a).__name__, repr(_dtype_facts(a.dtype)), canonical_bytes(a)) for a in arrays]
+
+
+@pytest.mark.parametrize("name", list(LOSSY_STR_DTYPES))
+def test_the_full_dtype_travels(name):
+    d = LOSSY_STR_DTYPES[name]
+    src = _dtype_sample(d)
+    expected = roundtrip(src).dtype if name in AS_NUMPY_PICKLES_IT else d
+    assert expected == d
+    x = pyarraypool.make_transferable(src)
+    assert x.dtype == d
+    for v in (x, x[::-2]):
+        y = roundtrip(v)
+        assert isinstance(y, pyarraypool.TransferableArray)
+        assert _dtype_facts(y.dtype) == _dtype_facts(expected), (y.dtype, expected)
+        assert same_bytes(y, v) and np.shares_memory(y, x)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply(_loaded_in_child, ([x, x[1:]],))
+        pool.close()
+        pool.join()
+    for v, (tname, facts, raw) in zip([x, x[1:]], got, strict=True):
+        assert tname == "TransferableArray"
+        assert facts == repr(_dtype_facts(expected))
+        assert raw == canonical_bytes(v)
+
+
+@needs_ml_dtypes
+def test_bfloat16_values_arrive_as_bfloat16():
+    src = np.linspace(-3, 3, 13).astype(ml_dtypes.bfloat16)
+    x = pyarraypool.make_transferable(src)
+    y = roundtrip(x)
+    assert y.dtype == np.dtype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(y.astype(np.float32), src.astype(np.float32))
+    assert (y == src).all()
+
+
 # --- the read-only flag travels ------------------------------------------------------------
 
 

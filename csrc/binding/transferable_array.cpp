@@ -151,14 +151,21 @@ OwnedRef allocate_array(PyArray_Descr* descr, int nd, const npy_intp* dims, bool
 // --- dtypes in handles ---------------------------------------------------
 //
 // Pickling a numpy dtype object costs more than the rest of a handle round
-// trip together. A dtype without fields, subarray or metadata is exactly
-// described by its `.str` ('<f8', '>i4', '|S5', '<M8[ns]'), which pickles as
-// a short string and is rebuilt from a small cache. Other dtypes travel as
-// dtype objects.
+// trip together. A built-in dtype without fields, subarray or metadata is
+// exactly described by its `.str` ('<f8', '>i4', '|S5', '<M8[25us]'), which
+// pickles as a short string and is rebuilt from a small cache. Other dtypes
+// travel as dtype objects, pickled by numpy as in a plain pickle of the
+// array: a structured dtype keeps its titles, offsets and alignment, and a
+// user-defined dtype (ml_dtypes.bfloat16, whose `.str` is only '<V2') its
+// scalar type.
+
+// Whether `.str` names `d` exactly (see above).
+bool described_by_str(PyArray_Descr* d) {
+  return d->type_num < NPY_NTYPES_LEGACY && !PyDataType_HASFIELDS(d) &&
+         !PyDataType_HASSUBARRAY(d) && PyDataType_METADATA(d) == nullptr;
+}
 
 OwnedRef dtype_for_pickle(PyArray_Descr* d) {
-  if (PyDataType_HASFIELDS(d) || PyDataType_HASSUBARRAY(d) || PyDataType_METADATA(d) != nullptr)
-    return OwnedRef::borrow(reinterpret_cast<PyObject*>(d));
   // `.str` builds a new string on every call; remember the last few. The
   // cache holds its dtypes, so an address in it always means that dtype.
   struct Entry {
@@ -168,6 +175,11 @@ OwnedRef dtype_for_pickle(PyArray_Descr* d) {
   static Entry cache[16] = {};
   Entry& e = cache[(reinterpret_cast<uintptr_t>(d) >> 4) % 16];
   if (e.descr == reinterpret_cast<PyObject*>(d)) return OwnedRef::borrow(e.str);
+  // No pool array should have a dtype the loader refuses (allocation checks
+  // it), but should a view reinterpret its bytes as one, say so now, with a
+  // TypeError, rather than make a pickle that cannot load.
+  check_shareable(d);
+  if (!described_by_str(d)) return OwnedRef::borrow(reinterpret_cast<PyObject*>(d));
   OwnedRef str = check(PyObject_GetAttrString(reinterpret_cast<PyObject*>(d), "str"));
   Py_XDECREF(e.descr);
   Py_XDECREF(e.str);

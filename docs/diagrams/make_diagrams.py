@@ -476,7 +476,9 @@ def handle_format(out: Path) -> None:
     notes = (
         "A pickle of a pool array is\n"
         "    (pyarraypool._core._rebuild, (handle, dtype))\n"
-        "the dtype travelling as an ordinary pickled dtype.\n\n"
+        "the dtype travelling beside it: its .str for a plain\n"
+        "built-in dtype ('<f8'), else the dtype object (fields,\n"
+        "metadata, user-defined dtypes such as bfloat16).\n\n"
         "Loading checks, before any array exists:\n"
         "  1. magic, version, flags, reserved bytes, ndim ≤ 64,\n"
         "     length = 80 + 16·ndim, shape ≥ 0, no overflow\n"

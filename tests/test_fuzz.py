@@ -83,6 +83,7 @@ for a in ARRAYS:
 EXTRA_DTYPES = [np.dtype(t) for t in ("u1", "<i2", "<i4", ">f8", "<c16", "V3", "S5", "<f4")]
 ALL_DTYPES = DTYPES + EXTRA_DTYPES
 HANDLE_ERRORS = (InvalidHandleError, StaleHandleError)
+DIMS = 80  # where a handle's shape and strides start (csrc/core/handle.hpp)
 PICKLE_ERRORS = (pickle.UnpicklingError, EOFError)    # a pickle cut short
 # The pool state the fuzzing must not change.
 START = pyarraypool.stats()
@@ -93,10 +94,10 @@ def check_loaded(y, handle, dtype):
     """y came from `handle`: exactly the view it describes, inside its block."""
     assert isinstance(y, pyarraypool.TransferableArray), type(y)
     ndim = handle[6]
-    assert len(handle) == 64 + 16 * ndim
+    assert len(handle) == DIMS + 16 * ndim
     ref, gen, view_off, _ = struct.unpack_from("<QQQQ", handle, 24)
-    shape = struct.unpack_from(f"<{ndim}q", handle, 64)
-    strides = struct.unpack_from(f"<{ndim}q", handle, 64 + 8 * ndim)
+    shape = struct.unpack_from(f"<{ndim}q", handle, DIMS)
+    strides = struct.unpack_from(f"<{ndim}q", handle, DIMS + 8 * ndim)
     blk = _core._block_of(y)
     assert blk is not None
     assert (blk.segment, blk.offset, blk.generation) == (ref >> 48, ref & ((1 << 48) - 1), gen)
@@ -115,7 +116,7 @@ def check_loaded(y, handle, dtype):
 
 def mutate(fdp, h):
     kind = fdp.ConsumeIntInRange(0, 4)
-    if kind in (0, 1) and len(h) < 64:
+    if kind in (0, 1) and len(h) < DIMS:
         kind = 3
     if kind == 0:                       # overwrite a few bytes
         b = bytearray(h)
@@ -140,7 +141,7 @@ def mutate(fdp, h):
             return h + fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 48))
         ndim = fdp.ConsumeIntInRange(0, 8)
         dims = [fdp.ConsumeInt(8) for _ in range(2 * ndim)]
-        return h[:6] + bytes([ndim]) + h[7:64] + struct.pack(f"<{2 * ndim}q", *dims)
+        return h[:6] + bytes([ndim]) + h[7:DIMS] + struct.pack(f"<{2 * ndim}q", *dims)
     return fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 200))   # raw bytes
 
 
@@ -255,7 +256,7 @@ def _seeds(corpus) -> None:
     os.makedirs(corpus, exist_ok=True)
     for i in range(11):
         for j, raw in enumerate([bytes([1, i, 1]) + bytes(64), bytes([i, 0, 0, 0]) + bytes(32),
-                                 bytes([0, i]) + b"PAPH\x01" + bytes(90)]):
+                                 bytes([0, i]) + b"PAPH\x02" + bytes(106)]):
             with open(os.path.join(corpus, f"seed-{i}-{j}"), "wb") as f:
                 f.write(raw)
 

@@ -5,23 +5,25 @@ handle whose block is gone, or that names another pool, raises
 StaleHandleError; a malformed handle raises InvalidHandleError; never a
 crash, never an array whose bytes reach outside its block.
 
-Handle layout (csrc/core/handle.hpp), little-endian:
+Handle layout (csrc/core/handle.hpp, format 2), little-endian:
   0 magic "PAPH" | 4 version u8 | 5 flags u8 | 6 ndim u8 | 7 zero
   8 pool id (16) | 24 block ref u64 (segment << 48 | offset) | 32 generation
-  40 view byte offset | 48 itemsize | 56 reserved (0) | 64 shape[ndim], strides[ndim]
+  40 view byte offset | 48 itemsize | 56 reserved (0) | 64 pool instance id (16)
+  80 shape[ndim], strides[ndim]
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import secrets
 import struct
 import sys
 import traceback
 
 import numpy as np
 import pytest
-from helpers import my_pool_token, run_python
+from helpers import fresh_env, my_pool_token, pool_files, run_python
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +32,8 @@ from pyarraypool import InvalidHandleError, StaleHandleError, _core
 
 OFF_MASK = (1 << 48) - 1
 U64 = 1 << 64
+INSTANCE = 64  # the pool instance id's 16 bytes
+DIMS = 80      # shape, then strides
 
 try:
     from numpy.lib.array_utils import byte_bounds
@@ -82,8 +86,8 @@ def parse(h: bytes) -> dict:
     return {
         "flags": h[5], "ndim": ndim, "ref": u64(h, 24), "generation": u64(h, 32),
         "view_offset": u64(h, 40), "itemsize": u64(h, 48),
-        "shape": struct.unpack_from(f"<{ndim}q", h, 64),
-        "strides": struct.unpack_from(f"<{ndim}q", h, 64 + 8 * ndim),
+        "shape": struct.unpack_from(f"<{ndim}q", h, DIMS),
+        "strides": struct.unpack_from(f"<{ndim}q", h, DIMS + 8 * ndim),
     }
 
 
@@ -120,7 +124,9 @@ def test_the_handle_layout_is_what_these_tests_assume():
     h, dtype = handle_of(arr)
     blk = _core._block_of(arr)
     p = parse(h)
-    assert h[:4] == b"PAPH" and h[4] == 1 and len(h) == 64 + 16 * 2
+    assert h[:4] == b"PAPH" and h[4] == 2 and len(h) == DIMS + 16 * 2
+    assert h[8:24].hex() == pyarraypool.pool_identity()["token"]
+    assert h[INSTANCE:DIMS].hex() == pyarraypool.pool_identity()["instance"]
     assert p["ref"] >> 48 == blk.segment and p["ref"] & OFF_MASK == blk.offset
     assert p["generation"] == blk.generation
     assert p["view_offset"] == 0 and p["itemsize"] == 8
@@ -141,23 +147,25 @@ def test_error_classes():
 
 # --- malformed handles: InvalidHandleError -------------------------------------------
 
-NDIM2 = 64 + 32  # length of the handle of a 2-d array
+NDIM2 = DIMS + 32  # length of the handle of a 2-d array
 
 MALFORMED = {
     "empty": lambda h, b: b"",
     "truncated-header": lambda h, b: h[:40],
     "truncated-by-one": lambda h, b: h[:-1],
-    "truncated-dims": lambda h, b: h[:64 + 8],
+    "truncated-dims": lambda h, b: h[:DIMS + 8],
+    "truncated-to-format-1-fixed-part": lambda h, b: h[:64],
     "extended-by-one": lambda h, b: h + b"\0",
     "extended-by-a-dim": lambda h, b: h + bytes(16),
     "bad-magic": lambda h, b: b"PAPX" + h[4:],
     "zero-magic": lambda h, b: bytes(4) + h[4:],
-    "bad-version": lambda h, b: put_byte(h, 4, 2),
+    "bad-version": lambda h, b: put_byte(h, 4, 3),
+    "format-1": lambda h, b: put_byte(h, 4, 1),
     "unknown-flag": lambda h, b: put_byte(h, 5, 0x80),
     "reserved-byte": lambda h, b: put_byte(h, 7, 1),
     "reserved-word": lambda h, b: put(h, 56, 1),
     "ndim-disagrees-with-length": lambda h, b: put_byte(h, 6, 3),
-    "ndim-too-large": lambda h, b: put_byte(h, 6, 65)[:64] + bytes(16 * 65),
+    "ndim-too-large": lambda h, b: put_byte(h, 6, 65)[:DIMS] + bytes(16 * 65),
     "nil-block": lambda h, b: put(h, 24, U64 - 1),
     "segment-out-of-range": lambda h, b: put(h, 24, (4096 << 48) | b.offset),
     "segment-index-max": lambda h, b: put(h, 24, (0xFFFF << 48) | b.offset),
@@ -169,17 +177,17 @@ MALFORMED = {
     "view-offset-past-block": lambda h, b: put(h, 40, b.capacity),
     "view-offset-near-end": lambda h, b: put(h, 40, b.capacity - 8),
     "view-offset-huge": lambda h, b: put(h, 40, U64 - 64),
-    "shape-past-block": lambda h, b: put(h, 64, b.capacity // 64 + 1),
-    "stride-past-block": lambda h, b: put(h, 64 + 16, b.capacity),
-    "negative-stride-before-block": lambda h, b: put(h, 64 + 16, -64),
-    "negative-shape": lambda h, b: put(h, 64, -1),
-    "shape-times-stride-overflows": lambda h, b: put(put(h, 64, 1 << 62), 64 + 16, 1 << 62),
-    "min-int-stride": lambda h, b: put(h, 64 + 24, -(1 << 63)),
+    "shape-past-block": lambda h, b: put(h, DIMS, b.capacity // 64 + 1),
+    "stride-past-block": lambda h, b: put(h, DIMS + 16, b.capacity),
+    "negative-stride-before-block": lambda h, b: put(h, DIMS + 16, -64),
+    "negative-shape": lambda h, b: put(h, DIMS, -1),
+    "shape-times-stride-overflows": lambda h, b: put(put(h, DIMS, 1 << 62), DIMS + 16, 1 << 62),
+    "min-int-stride": lambda h, b: put(h, DIMS + 24, -(1 << 63)),
     "itemsize-past-block": lambda h, b: put(h, 48, b.capacity + 8),
     # Shapes numpy cannot make, although the bytes they touch are in the block:
     # no bytes at all, and one item repeated 2**61 times (stride 0).
-    "empty-with-a-huge-dimension": lambda h, b: put(put(h, 64, 0), 72, 1 << 62),
-    "stride-0-with-a-huge-dimension": lambda h, b: put(put(h, 64, 1 << 61), 80, 0),
+    "empty-with-a-huge-dimension": lambda h, b: put(put(h, DIMS, 0), DIMS + 8, 1 << 62),
+    "stride-0-with-a-huge-dimension": lambda h, b: put(put(h, DIMS, 1 << 61), DIMS + 16, 0),
 }
 
 
@@ -272,6 +280,9 @@ STALE = {
     "generation-huge": lambda h, b: put(h, 32, 1 << 63),
     "another-pool-id": lambda h, b: put_byte(h, 8, h[8] ^ 1),
     "zero-pool-id": lambda h, b: h[:8] + bytes(16) + h[24:],
+    # The same token, another instance: a pool made again under the same name.
+    "another-instance": lambda h, b: put_byte(h, INSTANCE + 15, h[INSTANCE + 15] ^ 1),
+    "zero-instance": lambda h, b: h[:INSTANCE] + bytes(16) + h[DIMS:],
 }
 
 
@@ -369,10 +380,11 @@ def test_failed_loads_leave_the_pending_pickle_intact():
     s0 = pyarraypool.stats()
     # Find the handle inside the pickle: it starts with the magic.
     at = blob.index(b"PAPH")
-    h = blob[at:at + 64 + 16]
+    h = blob[at:at + DIMS + 16]
     assert parse(h)["ndim"] == 1
-    for bad in (put(h, 40, 8000), put(h, 64, 1001), put(h, 32, u64(h, 32) + 1),
-                put_byte(h, 5, 3), h[:8] + bytes(16) + h[24:], put(h, 64 + 8, -8)):
+    for bad in (put(h, 40, 8000), put(h, DIMS, 1001), put(h, 32, u64(h, 32) + 1),
+                put_byte(h, 5, 5), h[:8] + bytes(16) + h[24:], put(h, DIMS + 8, -8),
+                h[:INSTANCE] + bytes(16) + h[DIMS:]):
         with pytest.raises((InvalidHandleError, StaleHandleError)):
             pickle.loads(blob.replace(h, bad))
     s1 = pyarraypool.stats()
@@ -410,7 +422,7 @@ def damage(draw, h: bytes):
         ndim = h[6]
         out = h
         for _ in range(draw(st.integers(1, 3))):
-            at = draw(st.sampled_from([40] + [64 + 8 * i for i in range(2 * ndim)]))
+            at = draw(st.sampled_from([40] + [DIMS + 8 * i for i in range(2 * ndim)]))
             old = struct.unpack_from("<q", out, at)[0]
             out = put(out, at, old + draw(st.sampled_from([-64, -16, -8, -2, -1, 1, 2, 8, 16, 64])))
         return out
@@ -434,7 +446,7 @@ def damage(draw, h: bytes):
     value = st.one_of(st.integers(-(1 << 63), (1 << 63) - 1),
                       st.sampled_from([0, 1, 2, 3, 8, -8, 64, 1 << 31, 1 << 62, -(1 << 62)]))
     vals = draw(st.lists(value, min_size=2 * ndim, max_size=2 * ndim))
-    return put_byte(h[:64], 6, ndim) + struct.pack(f"<{2 * ndim}q", *vals)
+    return put_byte(h[:DIMS], 6, ndim) + struct.pack(f"<{2 * ndim}q", *vals)
 
 
 def check_loaded(y, handle: bytes, dtype) -> None:
@@ -499,3 +511,81 @@ def try_damaged_handle(data) -> str | None:
 def test_randomly_damaged_handles_never_crash_or_escape_their_block(data):
     problem = try_damaged_handle(data)
     assert problem is None, problem
+
+
+# --- handles of an ended pool: refused by a new pool of the same name ----------------------
+#
+# A pool's name (its token) outlives the pool: a user who fixes PYARRAYPOOL_POOL, a Dask
+# cluster whose host pool is named after the scheduler's address, and a pool without a root
+# that ends and is created again while a program runs all reuse it. The new pool allocates
+# the same blocks with the same generations as the old one, so only the pool's instance
+# tells an old handle apart.
+
+MAKE_A_PICKLE = """
+    import pickle, sys, numpy as np, pyarraypool
+    x = pyarraypool.make_transferable(np.arange(1000.0))
+    sys.stdout.write(pickle.dumps(x).hex())
+"""
+
+# Allocates what the maker allocated (so the same block and generation) and loads the old
+# pickle; prints what happened.
+LOAD_IN_A_NEW_POOL = """
+    import pickle, numpy as np, pyarraypool
+    blob = bytes.fromhex({blob_hex!r})
+    mine = pyarraypool.make_transferable(np.full(1000, 7.0))
+    try:
+        y = pickle.loads(blob)
+    except pyarraypool.StaleHandleError as e:
+        print("STALE", " ".join(str(e).split()))
+    else:
+        print("LOADED", y[:3].tolist(), np.shares_memory(y, mine))
+    pickle.loads(pickle.dumps(mine))  # use up the pending pickle of `mine` too
+"""
+
+
+def assert_refused_as_stale(out: str) -> None:
+    assert out.startswith("STALE "), f"a handle of an ended pool loaded: {out}"
+    msg = out[len("STALE "):]
+    # The message says what went wrong and how to keep data.
+    assert "ended" in msg and "handle" in msg and "not" in msg and "data" in msg, msg
+    assert "x.copy()" in msg and "np.save" in msg, msg
+
+
+def cluster_env(name: str) -> dict[str, str]:
+    from pyarraypool._lifecycle import NO_ROOT
+    from pyarraypool.dask import cluster_pool_name
+    return fresh_env(PYARRAYPOOL_POOL=cluster_pool_name(name), PYARRAYPOOL_ROOT=NO_ROOT)
+
+
+@pytest.mark.parametrize("naming", ["fixed PYARRAYPOOL_POOL", "Dask cluster pool"])
+def test_handle_of_an_ended_pool_is_stale_in_a_new_pool_of_the_same_name(naming):
+    if naming == "fixed PYARRAYPOOL_POOL":
+        env = fresh_env(PYARRAYPOOL_POOL=secrets.token_hex(16))
+    else:
+        # A scheduler address of its own, so that no other test run shares the name.
+        env = cluster_env(f"tcp://127.0.0.1:{secrets.randbelow(60000) + 1024}/"
+                          f"{secrets.token_hex(4)}")
+    token = env["PYARRAYPOOL_POOL"]
+    blob_hex = run_python(MAKE_A_PICKLE, env=env).stdout.strip()
+    assert pool_files(token) == [], "the first program's pool did not end"
+    out = run_python(LOAD_IN_A_NEW_POOL.format(blob_hex=blob_hex), env=env).stdout.strip()
+    assert pool_files(token) == []
+    assert_refused_as_stale(out)
+
+
+def test_handle_of_a_pool_that_ended_while_the_program_runs_is_stale():
+    """A program outlives the pool its worker made (a pool without a root ends with its last
+    process), then makes the pool again: the worker's old pickle must not load."""
+    env = cluster_env(f"tcp://127.0.0.1:1/{secrets.token_hex(8)}")
+    token = env["PYARRAYPOOL_POOL"]
+    out = run_python(f"""
+        import subprocess, sys, textwrap
+        import pyarraypool   # imported, not attached: the worker makes the pool
+        maker = textwrap.dedent({MAKE_A_PICKLE!r})
+        blob_hex = subprocess.run([sys.executable, "-c", maker], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        assert pyarraypool._core._inspect({token!r}) is None, "the worker's pool did not end"
+        exec(textwrap.dedent({LOAD_IN_A_NEW_POOL!r}).format(blob_hex=blob_hex))
+    """, env=env).stdout.strip()
+    assert pool_files(token) == []
+    assert_refused_as_stale(out)

@@ -592,3 +592,159 @@ def test_string_dtype_is_refused():
         pyarraypool.empty_like(np.array(["x"], dtype=dt))
     after = settle()
     assert (after.used_bytes, after.live_blocks) == (before.used_bytes, before.live_blocks)
+
+
+# --- the full dtype travels: what a plain pickle keeps, a handle keeps -------------------
+
+try:
+    import ml_dtypes
+except ImportError:  # not installable in this venv (see the Makefile's PY_DEPS)
+    ml_dtypes = None
+
+needs_ml_dtypes = pytest.mark.skipif(ml_dtypes is None, reason="ml_dtypes is not installed")
+
+
+def _user_dtypes() -> dict[str, np.dtype]:
+    if ml_dtypes is None:
+        return {}
+    return {
+        "bfloat16": np.dtype(ml_dtypes.bfloat16),
+        "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+        "int4": np.dtype(ml_dtypes.int4),
+        "struct of bfloat16": np.dtype([("x", ml_dtypes.bfloat16), ("y", "<f4")]),
+    }
+
+
+# dtypes whose `.str` does not say everything about them (a handle once sent only that).
+LOSSY_STR_DTYPES = {
+    **_user_dtypes(),
+    "metadata": np.dtype("<f8", metadata={"unit": "m"}),
+    "titles": np.dtype({"names": ["a", "b"], "formats": ["<i4", "<f8"], "titles": ["A", "B"]}),
+    "offsets and itemsize": np.dtype({"names": ["a", "b"], "formats": ["u1", "<i4"],
+                                      "offsets": [0, 5], "itemsize": 12}),
+    "aligned struct": np.dtype([("a", "u1"), ("b", "<f8")], align=True),
+    "datetime with a multiplier": np.dtype("<M8[25us]"),
+    "big-endian timedelta": np.dtype(">m8[D]"),
+    "big-endian complex": np.dtype(">c8"),
+    "longlong": np.dtype("q"),
+    "char": np.dtype("c"),
+}
+# numpy's own pickle of these gives an equal dtype of another type ('q' comes back as 'l',
+# 'c' as 'S1'): a handle may do the same. Every other dtype comes back exactly.
+AS_NUMPY_PICKLES_IT = {"longlong", "char"}
+
+
+def _dtype_facts(d: np.dtype) -> tuple:
+    return (d, d.str, d.descr, d.type, d.itemsize, d.alignment, d.isalignedstruct, d.metadata,
+            d.names, d.fields)
+
+
+def _dtype_sample(d: np.dtype) -> np.ndarray:
+    # Bytes that are valid values of any of these dtypes (small integers).
+    out = np.zeros(6, dtype=d)
+    for name in d.names or [None]:
+        part = out if name is None else out[name]
+        part[...] = np.arange(6).astype(part.dtype)
+    return out
+
+
+def _loaded_in_child(arrays):
+    # The facts as text: a dtype sent back would be pickled once more, and NumPy 1's own
+    # pickle of a datetime dtype adds an empty metadata dict.
+    return [(type(a).__name__, repr(_dtype_facts(a.dtype)), canonical_bytes(a)) for a in arrays]
+
+
+@pytest.mark.parametrize("name", list(LOSSY_STR_DTYPES))
+def test_the_full_dtype_travels(name):
+    d = LOSSY_STR_DTYPES[name]
+    src = _dtype_sample(d)
+    expected = roundtrip(src).dtype if name in AS_NUMPY_PICKLES_IT else d
+    assert expected == d
+    x = pyarraypool.make_transferable(src)
+    assert x.dtype == d
+    for v in (x, x[::-2]):
+        y = roundtrip(v)
+        assert isinstance(y, pyarraypool.TransferableArray)
+        assert _dtype_facts(y.dtype) == _dtype_facts(expected), (y.dtype, expected)
+        assert same_bytes(y, v) and np.shares_memory(y, x)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply(_loaded_in_child, ([x, x[1:]],))
+        pool.close()
+        pool.join()
+    for v, (tname, facts, raw) in zip([x, x[1:]], got, strict=True):
+        assert tname == "TransferableArray"
+        assert facts == repr(_dtype_facts(expected))
+        assert raw == canonical_bytes(v)
+
+
+@needs_ml_dtypes
+def test_bfloat16_values_arrive_as_bfloat16():
+    src = np.linspace(-3, 3, 13).astype(ml_dtypes.bfloat16)
+    x = pyarraypool.make_transferable(src)
+    y = roundtrip(x)
+    assert y.dtype == np.dtype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(y.astype(np.float32), src.astype(np.float32))
+    assert (y == src).all()
+
+
+# --- the read-only flag travels ------------------------------------------------------------
+
+
+def _write_in_child(arrays):
+    out = []
+    for a in arrays:
+        try:
+            a[...] = -1
+            out.append((a.flags.writeable, "written"))
+        except ValueError:
+            out.append((a.flags.writeable, "refused"))
+    return out
+
+
+def _read_only_views(x):
+    return {"the array": x, "a slice": x[1:, ::2], "a transpose": x.T, "a row": x[2],
+            "a reshape": x.reshape(6, 4), "0-d": x[1, 1:2].reshape(())}
+
+
+def test_a_read_only_pool_array_arrives_read_only():
+    x = pyarraypool.make_transferable(np.arange(24.0).reshape(4, 6))
+    x.flags.writeable = False
+    for name, v in _read_only_views(x).items():
+        assert not v.flags.writeable, name
+        y = roundtrip(v)
+        assert isinstance(y, pyarraypool.TransferableArray) and np.shares_memory(y, x)
+        assert not y.flags.writeable, f"{name} arrived writeable"
+        with pytest.raises(ValueError):
+            y[...] = -1
+        with pytest.raises(ValueError):
+            y.flags.writeable = True
+        np.testing.assert_array_equal(y, v)
+    np.testing.assert_array_equal(x, np.arange(24.0).reshape(4, 6))
+
+
+def test_read_only_arrives_read_only_in_another_process_and_writeable_stays_writeable():
+    ro = pyarraypool.make_transferable(np.arange(24.0).reshape(4, 6))
+    ro.flags.writeable = False
+    rw = pyarraypool.make_transferable(np.arange(24.0).reshape(4, 6))
+    views = [*_read_only_views(ro).values(), rw, rw[::2]]
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply(_write_in_child, (views,))
+        pool.close()
+        pool.join()
+    assert got[:-2] == [(False, "refused")] * (len(views) - 2)
+    assert got[-2:] == [(True, "written")] * 2
+    np.testing.assert_array_equal(ro, np.arange(24.0).reshape(4, 6))
+    np.testing.assert_array_equal(rw, np.full((4, 6), -1.0))
+
+
+def test_a_view_made_writeable_before_its_base_became_read_only_stays_writeable():
+    # numpy's own rule: the flag belongs to each view, not to the memory.
+    x = pyarraypool.make_transferable(np.arange(6.0))
+    v = x[::2]
+    x.flags.writeable = False
+    y = roundtrip(v)
+    assert y.flags.writeable and not roundtrip(x).flags.writeable
+    y[...] = 0
+    np.testing.assert_array_equal(x, [0.0, 1.0, 0.0, 3.0, 0.0, 5.0])

@@ -386,7 +386,9 @@ int add_exceptions(PyObject* m) {
     ex.stale_handle = PyErr_NewExceptionWithDoc(
         "pyarraypool.StaleHandleError",
         "A handle names a block that has been freed (or freed and reused for another\n"
-        "array), or a block of another pool: another program's, or one that has ended.",
+        "array), or a block of another pool: another program's, or one that has ended\n"
+        "(also when a new pool has the same name). A pickle of a pool array is a handle,\n"
+        "not data: to keep the data, pickle x.copy() or save it with np.save.",
         ex.pool_error, nullptr);
     ex.invalid_handle = PyErr_NewExceptionWithDoc(
         "pyarraypool.InvalidHandleError",

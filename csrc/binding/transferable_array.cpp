@@ -85,10 +85,11 @@ void check_shareable(PyArray_Descr* d) {
   }
 }
 
-// A TransferableArray on `data` (inside `block`'s payload). Steals `descr`.
+// A TransferableArray on `data` (inside `block`'s payload), with numpy's
+// array `flags` (NPY_ARRAY_WRITEABLE or not, NPY_ARRAY_F_CONTIGUOUS for a new
+// Fortran-order array). Steals `descr`.
 OwnedRef new_pool_array(PyArray_Descr* descr, int nd, const npy_intp* dims, const npy_intp* strides,
-                        unsigned char* data, PyObject* block, bool fortran) {
-  int flags = NPY_ARRAY_WRITEABLE | (fortran ? NPY_ARRAY_F_CONTIGUOUS : 0);
+                        unsigned char* data, PyObject* block, int flags) {
   OwnedRef arr = check(PyArray_NewFromDescr(array_type, descr, nd, const_cast<npy_intp*>(dims),
                                             const_cast<npy_intp*>(strides), data, flags, nullptr));
   // PyArray_SetBaseObject steals its argument, even when it fails.
@@ -143,20 +144,28 @@ OwnedRef allocate_array(PyArray_Descr* descr, int nd, const npy_intp* dims, bool
   OwnedRef block = check(pp.block_object(b, false));
   Py_INCREF(descr);
   *nbytes_out = nbytes;
-  return new_pool_array(descr, nd, dims, nullptr, b.payload, block.get(), fortran);
+  return new_pool_array(descr, nd, dims, nullptr, b.payload, block.get(),
+                        NPY_ARRAY_WRITEABLE | (fortran ? NPY_ARRAY_F_CONTIGUOUS : 0));
 }
 
 // --- dtypes in handles ---------------------------------------------------
 //
 // Pickling a numpy dtype object costs more than the rest of a handle round
-// trip together. A dtype without fields, subarray or metadata is exactly
-// described by its `.str` ('<f8', '>i4', '|S5', '<M8[ns]'), which pickles as
-// a short string and is rebuilt from a small cache. Other dtypes travel as
-// dtype objects.
+// trip together. A built-in dtype without fields, subarray or metadata is
+// exactly described by its `.str` ('<f8', '>i4', '|S5', '<M8[25us]'), which
+// pickles as a short string and is rebuilt from a small cache. Other dtypes
+// travel as dtype objects, pickled by numpy as in a plain pickle of the
+// array: a structured dtype keeps its titles, offsets and alignment, and a
+// user-defined dtype (ml_dtypes.bfloat16, whose `.str` is only '<V2') its
+// scalar type.
+
+// Whether `.str` names `d` exactly (see above).
+bool described_by_str(PyArray_Descr* d) {
+  return d->type_num < NPY_NTYPES_LEGACY && !PyDataType_HASFIELDS(d) &&
+         !PyDataType_HASSUBARRAY(d) && PyDataType_METADATA(d) == nullptr;
+}
 
 OwnedRef dtype_for_pickle(PyArray_Descr* d) {
-  if (PyDataType_HASFIELDS(d) || PyDataType_HASSUBARRAY(d) || PyDataType_METADATA(d) != nullptr)
-    return OwnedRef::borrow(reinterpret_cast<PyObject*>(d));
   // `.str` builds a new string on every call; remember the last few. The
   // cache holds its dtypes, so an address in it always means that dtype.
   struct Entry {
@@ -166,6 +175,11 @@ OwnedRef dtype_for_pickle(PyArray_Descr* d) {
   static Entry cache[16] = {};
   Entry& e = cache[(reinterpret_cast<uintptr_t>(d) >> 4) % 16];
   if (e.descr == reinterpret_cast<PyObject*>(d)) return OwnedRef::borrow(e.str);
+  // No pool array should have a dtype the loader refuses (allocation checks
+  // it), but should a view reinterpret its bytes as one, say so now, with a
+  // TypeError, rather than make a pickle that cannot load.
+  check_shareable(d);
+  if (!described_by_str(d)) return OwnedRef::borrow(reinterpret_cast<PyObject*>(d));
   OwnedRef str = check(PyObject_GetAttrString(reinterpret_cast<PyObject*>(d), "str"));
   Py_XDECREF(e.descr);
   Py_XDECREF(e.str);
@@ -207,10 +221,14 @@ OwnedRef reduce_impl(PyObject* self, PyObject* protocol) {
   if (!b) return reduce_by_value(self, protocol);
   ProcessPool& pp = ProcessPool::get();
   pap::Handle h;
-  h.pool = pp.pool().id();
+  pap::Pool& pool = pp.pool();
+  h.pool = pool.id();
+  h.instance = pool.instance();
   h.ref = b->ref;
   h.generation = b->generation;
   h.flags = (b->flags & pap::kFlagTransferRequired) ? pap::kHandleFlagTransferRequired : 0;
+  // A view given out read-only stays read-only in the receiver.
+  if (!PyArray_ISWRITEABLE(arr)) h.flags |= pap::kHandleFlagReadOnly;
   auto* data = reinterpret_cast<unsigned char*>(PyArray_BYTES(arr));
   // An empty view touches no bytes, and numpy may leave its pointer past
   // the end of an empty block: any offset inside the block serves.
@@ -389,8 +407,10 @@ PyObject* array_new(PyTypeObject*, PyObject*, PyObject*) {
 const char* kArrayDoc =
     "A numpy.ndarray whose memory is a block of the pyarraypool shared-memory pool.\n\n"
     "Pickling it (to another process) carries a small handle instead of the data:\n"
-    "64 bytes plus 16 per dimension, whatever the array's size. The receiver sees\n"
-    "the same memory, so writes in any process are visible in all. Views of it\n"
+    "80 bytes plus 16 per dimension, whatever the array's size. The receiver sees\n"
+    "the same memory, so writes in any process are visible in all (an array that is\n"
+    "not writeable arrives read-only). The handle loads only while its pool lives:\n"
+    "to keep the data, pickle a copy (x.copy()) or save it with np.save. Views of it\n"
     "(slices, transposes, basic indexing) are TransferableArrays too and travel as\n"
     "views. Results that do not live in the pool (copies, copy.copy and\n"
     "copy.deepcopy, ufunc results, reductions, fancy indexing) are plain\n"
@@ -518,8 +538,9 @@ PyObject* rebuild(PyObject*, PyObject* args) {
       strides[i] = static_cast<npy_intp>(h.strides[i]);
     }
     Py_INCREF(descr);
+    const int flags = (h.flags & pap::kHandleFlagReadOnly) ? 0 : NPY_ARRAY_WRITEABLE;
     return new_pool_array(descr, static_cast<int>(h.ndim), shape, strides,
-                          b.payload + h.view_offset, block.get(), false)
+                          b.payload + h.view_offset, block.get(), flags)
         .release();
   });
 }

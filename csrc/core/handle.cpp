@@ -8,7 +8,8 @@ namespace pap {
 namespace {
 
 constexpr char kMagic[4] = {'P', 'A', 'P', 'H'};
-constexpr uint8_t kVersion = 1;
+// 2: the pool instance id at 64, the read-only flag.
+constexpr uint8_t kVersion = 2;
 
 uint64_t get64(const unsigned char* p) {
   uint64_t v = 0;
@@ -49,6 +50,8 @@ void encode_handle_into(const Handle& h, unsigned char* out) {
   put(h.view_offset);
   put(h.itemsize);
   put(0);
+  std::memcpy(out, h.instance.bytes, 16);
+  out += 16;
   for (uint32_t i = 0; i < h.ndim; ++i) put(static_cast<uint64_t>(h.shape[i]));
   for (uint32_t i = 0; i < h.ndim; ++i) put(static_cast<uint64_t>(h.strides[i]));
 }
@@ -68,11 +71,12 @@ Handle decode_handle(const void* data, size_t len) {
   h.flags = p[5];
   h.ndim = p[6];
   if (p[7] != 0 || get64(p + 56) != 0) invalid("reserved bytes are not zero");
-  if (h.flags & ~kHandleFlagTransferRequired) invalid("unknown flags");
+  if (h.flags & ~kHandleFlags) invalid("unknown flags");
   if (h.ndim > kMaxDims) invalid("too many dimensions");
   if (len != kHandleFixedBytes + 16 * size_t{h.ndim})
     invalid("length " + std::to_string(len) + " does not match ndim " + std::to_string(h.ndim));
   std::memcpy(h.pool.bytes, p + 8, 16);
+  std::memcpy(h.instance.bytes, p + 64, 16);
   h.ref = BlockRef::from_bits(get64(p + 24));
   h.generation = get64(p + 32);
   h.view_offset = get64(p + 40);

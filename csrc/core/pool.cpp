@@ -30,6 +30,12 @@ PoolConfig Pool::config() const { return hdr_->config; }
 std::string Pool::instance_id() const {
   return to_hex(hdr_->instance_id, sizeof hdr_->instance_id);
 }
+PoolId Pool::instance() const {
+  static_assert(sizeof hdr_->instance_id == sizeof(PoolId::bytes));
+  PoolId id;
+  std::memcpy(id.bytes, hdr_->instance_id, sizeof id.bytes);
+  return id;
+}
 
 void Pool::claim_slot_or_throw() {
   const uint64_t id = slot_id(::getpid(), my_kind());

@@ -106,6 +106,8 @@ class Pool {
   // 32 hex digits drawn when the pool was created; differs between two
   // pools even if they have the same token.
   std::string instance_id() const;
+  // The same 16 bytes, as handles carry them.
+  PoolId instance() const;
   uint32_t slot() const { return slot_; }
 
   // A new block of at least `bytes` payload, held by this process.

@@ -140,8 +140,23 @@ bool Pool::add_pending(BlockRef ref, uint64_t generation, Mode mode) {
   return true;
 }
 
+// Why a handle of another pool cannot load, and what to do instead: the
+// usual cause is a pickle kept (in a file, a cache, a queue) past its pool.
+static std::string foreign_handle_message(bool same_token) {
+  return std::string(same_token ? "this handle was made by another pool of the same name (an "
+                                  "earlier one, which has ended, or one on another host or in "
+                                  "another container)"
+                                : "this handle belongs to another pool") +
+         ": a pickle of a pool array is a handle to the pool's shared memory, not the array's "
+         "data, and it loads only while that pool lives. To keep the data, pickle or store a "
+         "copy (x.copy()), or save it with np.save.";
+}
+
 std::optional<Block> Pool::attach_block(const Handle& hd, uint64_t lo, uint64_t hi, Mode mode) {
-  if (!(hd.pool == id_)) throw CoreError(ErrorKind::kStaleHandle, "handle belongs to another pool");
+  // The token alone is not enough: a new pool under an old token hands out
+  // the same blocks with the same generations (handle.hpp).
+  if (!(hd.pool == id_) || !(hd.instance == instance()))
+    throw CoreError(ErrorKind::kStaleHandle, foreign_handle_message(hd.pool == id_));
   Guard g(*this, mode);
   if (!g.held()) {
     // In kFast a handle of a segment this process has not mapped yet lands

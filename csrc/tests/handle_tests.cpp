@@ -24,10 +24,11 @@ constexpr Area kArea = Area::kHandle;
 Handle random_handle(std::mt19937_64& rng) {
   Handle h;
   for (auto& b : h.pool.bytes) b = static_cast<uint8_t>(rng());
+  for (auto& b : h.instance.bytes) b = static_cast<uint8_t>(rng());
   h.ref = BlockRef(static_cast<uint32_t>(rng() % BlockRef::kMaxSegments),
                    (rng() % (uint64_t{1} << 42)) * kAlign);
   h.generation = std::max<uint64_t>(rng(), 1);
-  h.flags = static_cast<uint8_t>(rng() % 2);
+  h.flags = static_cast<uint8_t>(rng() % (kHandleFlags + 1));
   h.ndim = static_cast<uint32_t>(rng() % (kMaxDims + 1));
   h.itemsize = 1 + rng() % 16;
   int64_t neg = 0;
@@ -43,8 +44,9 @@ Handle random_handle(std::mt19937_64& rng) {
 }
 
 bool same_handle(const Handle& a, const Handle& b) {
-  if (!(a.pool == b.pool) || a.ref != b.ref || a.generation != b.generation || a.flags != b.flags ||
-      a.view_offset != b.view_offset || a.itemsize != b.itemsize || a.ndim != b.ndim)
+  if (!(a.pool == b.pool) || !(a.instance == b.instance) || a.ref != b.ref ||
+      a.generation != b.generation || a.flags != b.flags || a.view_offset != b.view_offset ||
+      a.itemsize != b.itemsize || a.ndim != b.ndim)
     return false;
   for (uint32_t i = 0; i < a.ndim; ++i)
     if (a.shape[i] != b.shape[i] || a.strides[i] != b.strides[i]) return false;
@@ -75,29 +77,33 @@ TEST(handle_round_trip) {
   // Layout as documented in handle.hpp.
   Handle h;
   h.pool = PoolId::from_token("000102030405060708090a0b0c0d0e0f");
+  h.instance = PoolId::from_token("a0a1a2a3a4a5a6a7a8a9aaabacadaeaf");
   h.ref = BlockRef(3, 128);
   h.generation = 0x1122334455667788ull;
-  h.flags = kHandleFlagTransferRequired;
+  h.flags = kHandleFlagTransferRequired | kHandleFlagReadOnly;
   h.view_offset = 8;
   h.itemsize = 4;
   h.ndim = 1;
   h.shape[0] = 2;
   h.strides[0] = -4;
   std::string b = encode_handle(h);
-  REQUIRE(b.size() == 80);
+  REQUIRE(b.size() == 96);
   CHECK(b.compare(0, 4, "PAPH") == 0);
-  CHECK(b[4] == 1 && b[5] == 1 && b[6] == 1 && b[7] == 0);
+  CHECK(b[4] == 2 && b[5] == 3 && b[6] == 1 && b[7] == 0);
   for (int i = 0; i < 16; ++i) CHECK_EQ(static_cast<int>(b[8 + i]), i);
+  for (int i = 0; i < 16; ++i) CHECK_EQ(static_cast<unsigned char>(b[64 + i]), 0xa0u + i);
   CHECK_EQ(static_cast<unsigned char>(b[24]), 128u);
   CHECK_EQ(static_cast<unsigned char>(b[30]), 3u);  // segment in bits 48..63
   CHECK_EQ(static_cast<unsigned char>(b[32]), 0x88u);
   CHECK_EQ(static_cast<unsigned char>(b[39]), 0x11u);
-  CHECK_EQ(static_cast<unsigned char>(b[72]), 0xFCu);  // stride -4, little-endian
+  CHECK_EQ(static_cast<unsigned char>(b[80]), 2u);     // shape
+  CHECK_EQ(static_cast<unsigned char>(b[88]), 0xFCu);  // stride -4, little-endian
 }
 
 TEST(handle_rejects_malformed) {
   Handle base;
   base.pool = PoolId::from_token(random_token());
+  base.instance = PoolId::from_token(random_token());
   base.ref = BlockRef(1, 128);
   base.generation = 5;
   base.flags = kHandleFlagTransferRequired;
@@ -117,29 +123,32 @@ TEST(handle_rejects_malformed) {
   const ErrorKind bad = ErrorKind::kInvalidHandle;
   CHECK_THROWS(bad, decode(""));
   CHECK_THROWS(bad, decode(good.substr(0, 63)));
+  CHECK_THROWS(bad, decode(good.substr(0, 79)));  // a format 1 fixed part
   CHECK_THROWS(bad, decode(good.substr(0, good.size() - 1)));
   CHECK_THROWS(bad, decode(good.substr(0, good.size() - 16)));
   CHECK_THROWS(bad, decode(good + '\0'));
   CHECK_THROWS(bad, decode(with([](std::string& s) { s[0] = 'X'; })));
   CHECK_THROWS(bad, decode(with([](std::string& s) { s[3] = 'h'; })));
   CHECK_THROWS(bad, decode(with([](std::string& s) { s[4] = 0; })));
-  CHECK_THROWS(bad, decode(with([](std::string& s) { s[4] = 2; })));
+  CHECK_THROWS(bad, decode(with([](std::string& s) { s[4] = 1; })));  // format 1: no instance
+  CHECK_THROWS(bad, decode(with([](std::string& s) { s[4] = 3; })));
   CHECK_THROWS(bad, decode(with([](std::string& s) { s[6] = 3; })));  // length for ndim 2
   CHECK_THROWS(bad, decode(with([](std::string& s) { s[6] = 1; })));
   CHECK_THROWS(bad, decode(with([](std::string& s) { s[7] = 1; })));  // reserved
   CHECK_THROWS(bad, decode(with([](std::string& s) { s[60] = 1; })));
-  CHECK_THROWS(bad, decode(with([](std::string& s) { s[5] = 2; })));  // unknown flags
+  CHECK_THROWS(bad, decode(with([](std::string& s) { s[5] = 4; })));  // unknown flags
+  CHECK_THROWS(bad, decode(with([](std::string& s) { s[5] = 7; })));
   CHECK_THROWS(bad, decode(with([](std::string& s) { s[5] = '\x81'; })));
   CHECK_THROWS(bad, decode(with([](std::string& s) { poke64(s, 32, 0); })));  // generation 0
   CHECK_THROWS(bad, decode(with([](std::string& s) { poke64(s, 24, ~uint64_t{0}); })));  // nil
   CHECK_THROWS(bad, decode(with([](std::string& s) { poke64(s, 24, (uint64_t{1} << 48) | 65); })));
   CHECK_THROWS(bad, decode(with([](std::string& s) { poke64(s, 24, uint64_t{4096} << 48); })));
   CHECK_THROWS(bad, decode(with([](std::string& s) { poke64(s, 48, (uint64_t{1} << 40) + 1); })));
-  CHECK_THROWS(bad, decode(with([](std::string& s) { poke64(s, 64, ~uint64_t{0}); })));  // -1
-  CHECK_THROWS(bad, decode(with([](std::string& s) { poke64(s, 72, uint64_t{1} << 63); })));
+  CHECK_THROWS(bad, decode(with([](std::string& s) { poke64(s, 80, ~uint64_t{0}); })));  // -1
+  CHECK_THROWS(bad, decode(with([](std::string& s) { poke64(s, 88, uint64_t{1} << 63); })));
   // 65 dimensions with the length that would match them.
   {
-    std::string s = good.substr(0, 64);
+    std::string s = good.substr(0, kHandleFixedBytes);
     s[6] = 65;
     s.append(16 * 65, '\0');
     CHECK_THROWS(bad, decode(s));

@@ -40,6 +40,7 @@ Attached::~Attached() {
 Handle handle_of(const Pool& p, const Block& b, uint8_t flags) {
   Handle h;
   h.pool = p.id();
+  h.instance = p.instance();
   h.ref = b.ref;
   h.generation = b.generation;
   h.flags = flags;

@@ -190,6 +190,9 @@ TEST(pool_refuses_bad_handles) {
   h = good;
   h.pool = PoolId::from_token(random_token());
   CHECK_THROWS(ErrorKind::kStaleHandle, attach_handle(*p, h));
+  h = good;
+  h.instance.bytes[15] ^= 1;  // the same token, another instance of the pool
+  CHECK_THROWS(ErrorKind::kStaleHandle, attach_handle(*p, h));
   // Bytes beyond the block, or a reversed range.
   CHECK_THROWS(ErrorKind::kInvalidHandle, p->attach_block(good, 0, b->capacity + 1, Mode::kSlow));
   CHECK_THROWS(ErrorKind::kInvalidHandle, p->attach_block(good, 10, 5, Mode::kSlow));
@@ -213,6 +216,32 @@ TEST(pool_refuses_bad_handles) {
   // The real handle still works; the state is intact.
   CHECK(attach_handle(*p, good));
   CHECK(p->attach_block(good, 0, b->capacity, Mode::kSlow));
+  CHECK(p->release(b->ref, b->generation, Mode::kSlow));
+  CHECK_EQ(p->stats().used_bytes, 0u);
+  CHECK_NOTHROW(p->verify());
+}
+
+// A token outlives its pool: the pool made again under it hands out the
+// same block with the same generation, and only the instance in the handle
+// keeps the old handle from loading the new pool's bytes.
+TEST(pool_refuses_a_handle_of_an_ended_pool_with_its_token) {
+  const std::string tok = new_token();
+  const PoolConfig cfg = make_config(64u << 20, 2u << 20);
+  Handle old;
+  {
+    Attached p(tok, cfg);
+    auto b = p->allocate(1000, false, Mode::kSlow);
+    REQUIRE(b);
+    old = handle_of(*p, *b, 0);
+    CHECK(p->release(b->ref, b->generation, Mode::kSlow));
+  }  // the only process leaves: the pool ends
+  CHECK(shm_entries(tok).empty());
+  Attached p(tok, cfg);
+  auto b = p->allocate(1000, false, Mode::kSlow);
+  REQUIRE(b);
+  CHECK(b->ref == old.ref && b->generation == old.generation);
+  CHECK_THROWS(ErrorKind::kStaleHandle, attach_handle(*p, old));
+  CHECK(attach_handle(*p, handle_of(*p, *b, 0)));
   CHECK(p->release(b->ref, b->generation, Mode::kSlow));
   CHECK_EQ(p->stats().used_bytes, 0u);
   CHECK_NOTHROW(p->verify());

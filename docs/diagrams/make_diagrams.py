@@ -196,7 +196,7 @@ def lifetime_sequence(out: Path) -> None:
         y,
         R,
         y,
-        "result pipe: (_rebuild, (handle, dtype))\n64 + 16·ndim bytes of handle, never the data",
+        "result pipe: (_rebuild, (handle, dtype))\n80 + 16·ndim bytes of handle, never the data",
     )
 
     y -= 0.95
@@ -403,9 +403,9 @@ def segment_layout(out: Path) -> None:
 
 
 def handle_format(out: Path) -> None:
-    W, H = 12.5, 7.4
+    W, H = 12.5, 8.6
     fig, ax = new_axes(W, H)
-    heading(ax, H, "Handle: 64 + 16 × ndim bytes, little-endian (csrc/core/handle.hpp)")
+    heading(ax, H, "Handle (format 2): 80 + 16 × ndim bytes, little-endian (csrc/core/handle.hpp)")
     unit = 0.75  # inches per byte column
     x0, row_h = 1.0, 0.55
     ytop = H - 1.1
@@ -425,7 +425,7 @@ def handle_format(out: Path) -> None:
             "0",
             [
                 ("magic 'PAPH'", 4, C_PARENT),
-                ("version\n= 1", 1, C_PARENT),
+                ("version\n= 2", 1, C_PARENT),
                 ("flags", 1, C_PARENT),
                 ("ndim", 1, C_PARENT),
                 ("0", 1, C_FREE),
@@ -444,9 +444,11 @@ def handle_format(out: Path) -> None:
         ("40", [("byte offset of the view in the block's payload (u64)", 8, C_WORKER)]),
         ("48", [("itemsize (u64)", 8, C_WORKER)]),
         ("56", [("reserved = 0", 8, C_FREE)]),
-        ("64", [("shape[0] … shape[ndim−1]   (i64 each)", 8, C_WORKER)]),
+        ("64", [("pool instance id: bytes 0–7 (random, drawn when the pool was made)", 8, C_POOL)]),
+        ("72", [("pool instance id: bytes 8–15", 8, C_POOL)]),
+        ("80", [("shape[0] … shape[ndim−1]   (i64 each)", 8, C_WORKER)]),
         (
-            "64 + 8·ndim",
+            "80 + 8·ndim",
             [("strides[0] … strides[ndim−1]   (i64 each, bytes, may be negative)", 8, C_WORKER)],
         ),
     ]
@@ -463,7 +465,7 @@ def handle_format(out: Path) -> None:
     ax.text(
         x0 + 4.5 * unit,
         y - 0.15,
-        "flags bit 0: transfer_required",
+        "flags bit 0: transfer_required;  bit 1: read-only (the view loads read-only)",
         fontsize=8,
         va="top",
         ha="center",
@@ -474,12 +476,16 @@ def handle_format(out: Path) -> None:
     notes = (
         "A pickle of a pool array is\n"
         "    (pyarraypool._core._rebuild, (handle, dtype))\n"
-        "the dtype travelling as an ordinary pickled dtype.\n\n"
+        "the dtype travelling beside it: its .str for a plain\n"
+        "built-in dtype ('<f8'), else the dtype object (fields,\n"
+        "metadata, user-defined dtypes such as bfloat16).\n\n"
         "Loading checks, before any array exists:\n"
         "  1. magic, version, flags, reserved bytes, ndim ≤ 64,\n"
-        "     length = 64 + 16·ndim, shape ≥ 0, no overflow\n"
+        "     length = 80 + 16·ndim, shape ≥ 0, no overflow\n"
         "                                → InvalidHandleError\n"
-        "  2. pool id = this program's pool   → StaleHandleError\n"
+        "  2. pool id and instance id = this process's pool\n"
+        "     (a pool made again under the same name has\n"
+        "     another instance)             → StaleHandleError\n"
         "  3. the segment exists and the header lies inside it\n"
         "                                → Stale/InvalidHandleError\n"
         "  4. the block is used, with this generation and its\n"

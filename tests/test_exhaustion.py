@@ -28,7 +28,7 @@ import subprocess
 import sys
 import textwrap
 
-from helpers import REPO, fresh_env, run_python
+from helpers import REPO, fresh_env, pool_files, run_python
 from test_config import needs_private_shm  # root + unshare -m, or a skip with the reason
 
 PRELUDE = """
@@ -310,3 +310,123 @@ def test_fragmentation_after_a_million_random_operations_stays_bounded():
     done = report["after_freeing_all"]
     assert done["used_bytes"] == 0, done
     assert done["largest_free_block"] == FRAG_SEGMENT, done
+
+
+# --- segment numbers under max_bytes --------------------------------------------------------
+
+def test_segment_numbers_are_reused_so_max_bytes_never_fails_for_good():
+    """Under a max_bytes of 1 MiB, arrays of 300, 600 and 900 KB, each
+    dropped before the next, and a 1.5 MB one that does not fit
+    (PoolFullError, which gives back every empty segment): three segments
+    are made and given back per round, over 4,096 in all, more than there
+    are segment numbers. Every allocation that fits max_bytes must still
+    succeed. A forked process of the pool loads a handle now and then,
+    keeping its mappings of retired segments in between: it gets the bytes
+    of the live block, never those of an older segment with the same
+    number. Handles of blocks in given-back segments give StaleHandleError,
+    in both processes."""
+    proc = run_python("""
+    import os, pickle, struct
+    import numpy as np
+    import pyarraypool
+    from pyarraypool import _core
+
+    pyarraypool.configure(max_bytes=1 << 20)
+    sizes = [300_000, 600_000, 900_000, 1_500_000]
+    first = pyarraypool.empty(300_000, np.uint8, transfer_required=False)
+    token = _core._pool_token()
+    print("TOKEN", token)
+    prefix = "pyarraypool-" + token + "-"
+    stale = pickle.dumps(first)
+    del first
+
+    def send(fd, data):
+        os.write(fd, struct.pack("<I", len(data)) + data)
+
+    def recv(fd):
+        n = struct.unpack("<I", os.read(fd, 4))[0]
+        buf = b""
+        while len(buf) < n:
+            buf += os.read(fd, n - len(buf))
+        return buf
+
+    from_parent, to_child = os.pipe()
+    from_child, to_parent = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        # Between two loads this process does nothing with the pool: it
+        # keeps whatever segments it mapped, retired or not.
+        status = 0
+        while True:
+            data = recv(from_parent)
+            if data == b"stop":
+                break
+            want, payload = data[0], data[1:]
+            try:
+                b = pickle.loads(payload)
+                reply = b"ok" if b[0] == want and b[-1] == want else b"wrong bytes"
+                del b
+            except pyarraypool.StaleHandleError:
+                reply = b"stale"
+            except BaseException as e:
+                reply = repr(e).encode()
+            send(to_parent, reply)
+        os._exit(status)
+
+    def main():
+        seen = set()
+        made = fails = 0
+        for i in range(6000):
+            size = sizes[i % len(sizes)]
+            try:
+                a = pyarraypool.empty(size, np.uint8)
+            except pyarraypool.PoolFullError as e:
+                assert size > 1 << 20, (i, size, str(e))
+                fails += 1
+                continue
+            made += 1
+            v = i % 251
+            a[:4096] = v
+            a[-4096:] = v
+            seen.update(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
+            if i % 37 == 0:
+                send(to_child, bytes([v]) + pickle.dumps(a))
+                reply = recv(from_child)
+                assert reply == b"ok", (i, reply)
+            del a
+        print("made", made, "fails", fails, "segment files made", len(seen),
+              "segments", pyarraypool.stats().segments)
+        assert len(seen) > 4096, len(seen)
+        assert made == 4500 and fails == 1500, (made, fails)
+        # Segment numbers are few: retired ones are used again.
+        assert pyarraypool.stats().segments <= 8, pyarraypool.stats()
+        try:
+            pickle.loads(stale)
+        except pyarraypool.StaleHandleError:
+            pass
+        else:
+            raise AssertionError("a handle of a given-back segment loaded")
+        send(to_child, bytes([0]) + stale)
+        assert recv(from_child) == b"stale"
+        stop_child()
+
+    def stop_child():
+        send(to_child, b"stop")
+        _, wstatus = os.waitpid(pid, 0)
+        assert os.WIFEXITED(wstatus) and os.WEXITSTATUS(wstatus) == 0, wstatus
+
+    try:
+        main()
+    except BaseException:
+        try:
+            os.kill(pid, 9)                         # never outlive a failure
+            os.waitpid(pid, 0)
+        except OSError:
+            pass
+        raise
+    _core._verify()
+    print("OK")
+    """, timeout=120)
+    assert "OK" in proc.stdout, proc.stdout
+    token = next(ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith("TOKEN "))
+    assert pool_files(token) == [], pool_files(token)

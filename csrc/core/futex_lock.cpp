@@ -29,6 +29,12 @@ int futex_wake(std::atomic<uint32_t>* addr, int count) {
 namespace futex_lock {
 namespace {
 
+int64_t monotonic_now_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+}
+
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
@@ -47,6 +53,13 @@ Acquired lock(LockWord& w, uint32_t me, OwnerProbe& probe, int64_t probe_after_n
     if (v == 0 && try_lock(w, me)) return Acquired::kClean;
     for (int i = 0; i < pauses && i < 256; ++i) cpu_relax();
   }
+  // The end of the current slice (0: none), and the word it watches. A
+  // slice is a deadline on CLOCK_MONOTONIC, not a timeout restarted by
+  // every wake-up: a signal interrupting the wait every millisecond (an
+  // interval timer without SA_RESTART) would otherwise keep the probe, and
+  // the takeover of a dead owner, from ever happening.
+  int64_t slice_end = 0;
+  uint32_t slice_word = 0;
   for (;;) {
     uint32_t v = w.load(std::memory_order_relaxed);
     if (v == 0) {
@@ -62,8 +75,14 @@ Acquired lock(LockWord& w, uint32_t me, OwnerProbe& probe, int64_t probe_after_n
       if (!w.compare_exchange_weak(v, v | kContended, std::memory_order_relaxed)) continue;
       v |= kContended;
     }
-    int r = futex_wait(&w, v, probe_after_ns);
-    if (r != -ETIMEDOUT) continue;
+    const int64_t now = monotonic_now_ns();
+    if (slice_end == 0 || v != slice_word) {  // a new owner or state: a new slice
+      slice_end = now + probe_after_ns;
+      slice_word = v;
+    }
+    int r = now < slice_end ? futex_wait(&w, v, slice_end - now) : -ETIMEDOUT;
+    if (r != -ETIMEDOUT) continue;  // woken, changed, or interrupted: the deadline stands
+    slice_end = 0;
     // Slept a whole slice with the word unchanged: is its owner still there?
     if (w.load(std::memory_order_relaxed) != v) continue;
     if (probe.owner_alive(owner_of(v))) continue;

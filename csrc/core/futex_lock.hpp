@@ -46,8 +46,9 @@ inline bool try_lock(LockWord& w, uint32_t me) {
 }
 
 // Blocks until the lock is ours. Sleeps on the futex in slices of
-// `probe_after_ns`; after each slice that ends with the same owner still in
-// the word, asks the probe whether that owner is alive.
+// `probe_after_ns`, each a deadline on CLOCK_MONOTONIC that wake-ups and
+// signals (EINTR) do not extend; after each slice that ends with the same
+// owner still in the word, asks the probe whether that owner is alive.
 Acquired lock(LockWord& w, uint32_t me, OwnerProbe& probe, int64_t probe_after_ns = 10'000'000);
 
 void unlock(LockWord& w);

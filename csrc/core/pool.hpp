@@ -192,7 +192,13 @@ class Pool {
   std::string segment_name(uint32_t index) const;
   bool all_mapped() const;
   bool retirements_seen() const;
-  void unmap_retired();
+  // Under the pool lock: unmaps the segments retired since this process
+  // last looked, and maps anew those whose number was reused meanwhile.
+  void remap_changed_segments();
+  // Maps published segment `i`; false if it is retired. Safe without the
+  // pool lock (see pool_segments.cpp).
+  bool map_segment(uint32_t i, Mapping* out, uint64_t* nonce);
+  uint32_t next_segment_number_locked() const;
   uint64_t retire_free_segments_locked(uint64_t wanted);
   Allocator allocator() { return Allocator(alloc_state(), spans_); }
   AllocState& alloc_state();
@@ -246,6 +252,9 @@ class Pool {
   std::unique_ptr<Mapping[]> mappings_;
   SegmentSpan spans_[BlockRef::kMaxSegments] = {};
   std::atomic<uint32_t> mapped_{0};
+  // The nonce of the segment mapped at each number (0: none): a number is
+  // reused once its segment is retired, and this tells the two apart.
+  uint64_t span_nonces_[BlockRef::kMaxSegments] = {};
   uint64_t seen_retired_epoch_ = 0;
   LocalCache cache_;
   EventLog events_;

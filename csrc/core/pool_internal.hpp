@@ -22,7 +22,10 @@
 namespace pap {
 
 constexpr uint64_t kMagic = 0x31304C4F4F505041ull;  // "APPOOL01"
-constexpr uint32_t kLayoutVersion = 4;              // 2: instance_id, 3: root, 4: root_left
+// 2: instance_id, 3: root, 4: root_left, 5: segment numbers reused (same
+// layout, but a process of version 4 would read a reused number through its
+// mapping of the retired segment).
+constexpr uint32_t kLayoutVersion = 5;
 constexpr uint32_t kStateRunning = 0;
 constexpr uint32_t kStateDead = 1;  // being removed by its last process or a cleaner
 
@@ -66,11 +69,15 @@ struct ControlHeader {
   alignas(64) LockWord lock;
   alignas(64) ProcessTable table;
   std::atomic<uint32_t> segment_count;
-  // Size of each data segment; 0 once retired (see retire_free_segments_locked).
+  // Size of each data segment; 0 once retired (see retire_free_segments_locked),
+  // until grow_locked reuses the number for a new segment.
   std::atomic<uint64_t> segment_sizes[BlockRef::kMaxSegments];
-  // The random part of each data segment's name (see data_name).
+  // The random part of each data segment's name (see data_name). Stored
+  // before the segment is created and before its size: a grower killed in
+  // between leaves a name the next reuse of the number unlinks.
   std::atomic<uint64_t> segment_nonces[BlockRef::kMaxSegments];
-  // Bumped at each retirement, so processes notice they must unmap.
+  // Bumped at each retirement and at each reuse of a retired number, so
+  // processes notice they must unmap, or map the new segment of that number.
   std::atomic<uint64_t> retired_epoch;
   alignas(64) AllocState alloc;
   Counters counters;
@@ -160,7 +167,7 @@ class Pool::Guard {
     if (how == Acquired::kFromDeadOwner) p.hdr_->needs_repair.store(1, std::memory_order_relaxed);
     try {
       p.ensure_mapped();
-      p.unmap_retired();
+      p.remap_changed_segments();
       if (p.hdr_->needs_repair.load(std::memory_order_relaxed)) {
         // The owner may have died in leave() between marking the pool dead
         // and finding us alive: we are, so the pool runs on.

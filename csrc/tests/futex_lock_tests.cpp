@@ -3,6 +3,9 @@
 
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/time.h>
+#include <pthread.h>
+#include <time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -161,6 +164,84 @@ TEST(futex_lock_dead_owner_takeover) {
   AlwaysAlive alive;
   CHECK(futex_lock::lock(*w, 2, alive) == Acquired::kClean);
   futex_lock::unlock(*w);
+  ::munmap(m, 4096);
+}
+
+// A 1 ms interval timer whose SIGALRM handler is installed without
+// SA_RESTART interrupts every futex wait. Taking over a dead owner's lock
+// must still happen within 50 ms of its death: the 10 ms slice between
+// liveness probes is a deadline, not restarted by each interruption.
+TEST(futex_lock_takeover_bounded_under_signals) {
+  struct Shared {
+    LockWord w;
+    std::atomic<int64_t> died_ns;  // CLOCK_MONOTONIC, written by the owner just before it dies
+  };
+  void* m = ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  REQUIRE(m != MAP_FAILED);
+  auto* sh = new (m) Shared{};
+  auto mono_ns = [] {
+    timespec ts;
+    ::clock_gettime(CLOCK_MONOTONIC, &ts);
+    return int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+  };
+  Pipe ready;
+  pid_t pid = spawn([&]() -> int {
+    AlwaysAlive probe;
+    futex_lock::lock(sh->w, 7, probe);
+    char c = 1;
+    write_all(ready.w, &c, 1);
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the waiter is asleep by now
+    sh->died_ns.store(mono_ns());
+    ::_exit(0);  // dies holding the lock
+  });
+  ready.close_w();
+  char c;
+  REQUIRE(read_all(ready.r, &c, 1));
+
+  // Only this thread takes SIGALRM: the watchdog blocks it.
+  sigset_t alrm;
+  sigemptyset(&alrm);
+  sigaddset(&alrm, SIGALRM);
+  REQUIRE(::pthread_sigmask(SIG_BLOCK, &alrm, nullptr) == 0);
+  std::atomic<bool> done{false}, stuck{false};
+  std::thread watchdog([&] {
+    for (int i = 0; i < 3000 && !done.load(); ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    if (!done.load()) {  // unstick the waiter: the test has failed
+      stuck.store(true);
+      sh->w.store(0);
+      futex_wake(&sh->w, 1);
+    }
+  });
+  REQUIRE(::pthread_sigmask(SIG_UNBLOCK, &alrm, nullptr) == 0);
+  static std::atomic<long> alarms{0};
+  struct sigaction sa{}, old_sa{};
+  sa.sa_handler = [](int) { alarms.fetch_add(1); };
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = 0;  // no SA_RESTART: the futex wait returns EINTR
+  REQUIRE(::sigaction(SIGALRM, &sa, &old_sa) == 0);
+  itimerval every_ms{{0, 1000}, {0, 1000}}, off{};
+  REQUIRE(::setitimer(ITIMER_REAL, &every_ms, nullptr) == 0);
+  alarms.store(0);
+
+  ChildProbe probe(pid);
+  const Acquired how = futex_lock::lock(sh->w, 1, probe);
+  const int64_t got_ns = mono_ns();
+  done.store(true);
+  ::setitimer(ITIMER_REAL, &off, nullptr);
+  ::sigaction(SIGALRM, &old_sa, nullptr);
+  watchdog.join();
+
+  CHECK(!stuck.load());
+  CHECK(how == Acquired::kFromDeadOwner);
+  CHECK(alarms.load() > 50);  // the signals did interrupt the wait
+  const int64_t died = sh->died_ns.load();
+  CHECK(died != 0);
+  const double after_ms = static_cast<double>(got_ns - died) / 1e6;
+  if (!(after_ms < 50)) std::fprintf(stderr, "  takeover %.1f ms after the death\n", after_ms);
+  CHECK(after_ms < 50);
+  if (!stuck.load()) futex_lock::unlock(sh->w);
+  if (!probe.reaped) wait_child(pid);
   ::munmap(m, 4096);
 }
 

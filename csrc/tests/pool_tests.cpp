@@ -300,6 +300,79 @@ TEST(pool_full_and_recovery) {
   CHECK_NOTHROW(p->verify());
 }
 
+// Under max_bytes, segments are made and given back all the time: arrays
+// of 300, 600 and 900 KB in a pool of 1 MiB, and a 1.5 MB request that
+// cannot fit (it gives back every empty segment, then fails). Over 4,096
+// segments are made, more than there are segment numbers: numbers of
+// given-back segments are used again, and every request that fits
+// max_bytes succeeds. `q`, a second attachment with mappings of its own,
+// loads a handle now and then and does nothing in between, so it still has
+// segments mapped that were given back (and whose numbers were reused): it
+// must see the live block's bytes, and a handle of a given-back block must
+// be stale for it as for `p`.
+TEST(pool_reuses_segment_numbers_under_max_bytes) {
+  const std::string tok = new_token();
+  const PoolConfig cfg = make_config(1u << 20, 64u << 20);
+  Attached p(tok, cfg);
+  Attached q(tok, cfg);
+  auto first = p->allocate(300000, false, Mode::kSlow);
+  REQUIRE(first);
+  const Handle stale = handle_of(*p, *first, 0);
+  {
+    auto seen_by_q = attach_handle(*q, stale);  // q maps segment 0
+    REQUIRE(seen_by_q);
+    CHECK(q->release(seen_by_q->ref, seen_by_q->generation, Mode::kSlow));
+  }
+  CHECK(p->release(first->ref, first->generation, Mode::kSlow));
+  const uint64_t sizes[] = {300000, 600000, 900000, 1500000};
+  std::set<std::string> files;
+  int made = 0, full = 0;
+  for (int i = 0; i < 6000 && !g_failures; ++i) {
+    const uint64_t size = sizes[i % 4];
+    std::optional<Block> b;
+    try {
+      b = p->allocate(size, false, Mode::kSlow);
+    } catch (const CoreError& e) {
+      CHECK(e.kind() == ErrorKind::kPoolFull);
+      CHECK(size > cfg.max_bytes);  // only the request that cannot fit fails
+      ++full;
+      continue;
+    }
+    REQUIRE(b);
+    ++made;
+    fill_pattern(b->payload, b->capacity, splitmix(b->generation));
+    for (const std::string& n : shm_entries(tok)) files.insert(n);
+    if (i % 37 == 0) {
+      std::optional<Block> got;
+      CHECK_NOTHROW(got = attach_handle(*q, handle_of(*p, *b, 0)));
+      if (got) {
+        CHECK(check_pattern(got->payload, got->capacity, splitmix(b->generation)));
+        CHECK(q->release(got->ref, got->generation, Mode::kSlow));
+      }
+    }
+    CHECK(p->release(b->ref, b->generation, Mode::kSlow));
+  }
+  CHECK_EQ(made, 4500);
+  CHECK_EQ(full, 1500);
+  CHECK(files.size() > 4096 + 1);  // the control segment is one of them
+  CHECK(p->stats().segments <= 8);
+  // The same place in a segment with the same number, made again: the old
+  // handle is stale for both, the new block's handle works for both.
+  auto again = p->allocate(300000, false, Mode::kSlow);
+  REQUIRE(again);
+  fill_pattern(again->payload, again->capacity, 77);
+  CHECK_THROWS(ErrorKind::kStaleHandle, attach_handle(*q, stale));
+  CHECK_THROWS(ErrorKind::kStaleHandle, attach_handle(*p, stale));
+  auto fresh = attach_handle(*q, handle_of(*p, *again, 0));
+  REQUIRE(fresh);
+  CHECK(check_pattern(fresh->payload, fresh->capacity, 77));
+  CHECK(q->release(fresh->ref, fresh->generation, Mode::kSlow));
+  CHECK(p->release(again->ref, again->generation, Mode::kSlow));
+  CHECK_NOTHROW(p->verify());
+  CHECK_NOTHROW(q->verify());
+  CHECK_EQ(p->stats().used_bytes, 0u);
+}
+
 TEST(pool_grows_across_segments) {
   const std::string tok = new_token();
   Attached p(tok, make_config(256u << 20, 2u << 20));

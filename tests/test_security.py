@@ -22,6 +22,7 @@ visible in /dev/shm) neither crashes the program nor gets mapped by it.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import pickle
@@ -29,6 +30,7 @@ import pwd
 import re
 import secrets
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -675,3 +677,60 @@ def test_own_pool_corrupted_through_dev_shm_raises_pool_error():
     status, out, err = _run_tampered_victim(lambda token: _tamper(f"/dev/shm/pyarraypool-{token}"))
     assert status == 0, f"exit {status} (SIGSEGV is -11)\n{out}\n{err[-3000:]}"
     assert re.search(r"ERRORS [4-6]", out) and "corrupt" in out, out + err[-3000:]
+
+
+DASK_WORKER = """
+import os, sys
+import pyarraypool, pyarraypool.dask as d
+from pyarraypool import _core
+d._join_cluster_pool("tcp://10.1.2.3:8786")   # as a `dask worker --preload` does
+pyarraypool.stats()
+print("TOKEN", _core._pool_token(), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_another_user_cannot_compute_a_dask_cluster_pool_name(root, tmp_path):
+    """(c) The cluster pool of `dask worker --preload` workers was named by
+    the scheduler address and the uid alone: another user could compute it
+    and create the files first. Now a secret of the user's (a mode-0600 file
+    in a private directory) is in the name: the old name is not the pool,
+    and nobody can read the secret."""
+    pytest.importorskip("distributed")
+    env = fresh_env(HOME=str(tmp_path), XDG_RUNTIME_DIR="")
+    worker = subprocess.Popen([sys.executable, "-c", DASK_WORKER], env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    token = None
+    try:
+        line = worker.stdout.readline()
+        assert line.startswith("TOKEN "), line + worker.stderr.read()
+        token = line.split()[1]
+        secret_file = tmp_path / ".cache" / "pyarraypool" / "dask-secret"
+
+        def guess():
+            old = hashlib.sha256(f"pyarraypool-dask\0tcp://10.1.2.3:8786\0{0}".encode())
+            name = old.hexdigest()[:32]
+            assert name != token, "the cluster pool still has the guessable name"
+            assert not os.path.exists(f"/dev/shm/pyarraypool-{name}")
+        as_nobody(guess)
+        st = secret_file.stat()
+        assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600
+        assert stat.S_IMODE(secret_file.parent.stat().st_mode) == 0o700
+
+        def attacker():
+            try:
+                open(secret_file, "rb").read()
+            except PermissionError:
+                pass
+            else:
+                raise AssertionError("nobody read the user's dask secret")
+        as_nobody(attacker)
+        worker.communicate("go\n", timeout=60)
+        assert worker.returncode == 0, worker.stderr
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        if token:
+            _cleanup(pool_files(token))

@@ -38,6 +38,8 @@ std::vector<std::string> Pool::clean_stale(bool dry_run, const std::string& keep
       auto* h = reinterpret_cast<ControlHeader*>(m.data());
       if (h->magic.load(std::memory_order_acquire) != kMagic) {
         dead = ::time(nullptr) - st.st_mtime > 10;
+      } else if (h->layout_version != kLayoutVersion) {
+        continue;  // another build's layout: its table cannot be read here
       } else {
         // A pool whose program's root still runs is that program's to
         // remove (leave() may have kept it for the root).

@@ -26,6 +26,8 @@ import hashlib
 import logging
 import os
 import pickle
+import secrets
+import stat
 import sys
 import threading
 from typing import Any, cast
@@ -322,22 +324,94 @@ def _keeps_its_pool_name() -> bool:
     return _core._inspect(name) is not None
 
 
-def cluster_pool_name(scheduler_address: str) -> str:
+#: The per-user secret of `dask worker --preload` workers (see _host_secret).
+SECRET_FILE = "dask-secret"
+
+
+def _private_dir() -> str:
+    """A directory of this user that no other user can read or write:
+    ``$XDG_RUNTIME_DIR/pyarraypool`` (per host, per login) if there is one,
+    else ``~/.cache/pyarraypool``. Raises PoolError if it is not private."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    base = runtime if runtime and os.path.isdir(runtime) else os.path.join(
+        os.path.expanduser("~"), ".cache")
+    path = os.path.join(base, "pyarraypool")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise _core.PoolError(
+            f"{path} must be a directory of uid {os.geteuid()} that no other user can open "
+            f"(it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
+    return path
+
+
+def _host_secret() -> str:
+    """This user's secret for the cluster pools of workers that nobody told
+    one (``--preload``): 128 random bits in a mode-0600 file of a private
+    directory, made by the first worker and read by the others."""
+    path = os.path.join(_private_dir(), SECRET_FILE)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            # Written in full under a private name, then linked: another
+            # worker never reads half a secret, and one of two racing wins.
+            tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                os.write(fd, secrets.token_hex(16).encode())
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+            continue
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid()
+                    or st.st_mode & 0o077):
+                raise _core.PoolError(f"{path} must be a file of uid {os.geteuid()} with mode 0600")
+            value = f.read(64).decode("ascii", "replace").strip()
+        if len(value) == 32:
+            return value
+        raise _core.PoolError(f"{path} does not hold a secret (32 hex digits)")
+    raise _core.PoolError(f"cannot create {path}")
+
+
+def cluster_pool_name(scheduler_address: str, secret: str | None = None) -> str:
     """The pool name the workers of one scheduler share on each host.
 
-    Derived from the scheduler's address as the worker names it and the user
-    id, so that every worker of a host joins one pool without being told.
+    A hash of the scheduler's address as the worker names it, the user id and
+    a secret, so that every worker of a host joins one pool without being
+    told, and another user of the host cannot compute the name (and so
+    cannot create files under it first). ``secret`` is the one
+    ``install(client)`` sends every worker in its plugin; None uses this
+    user's secret file (``$XDG_RUNTIME_DIR/pyarraypool/dask-secret``, else
+    ``~/.cache/pyarraypool/dask-secret``, made on first use), as
+    ``dask worker --preload pyarraypool.dask`` does.
     """
-    seed = f"pyarraypool-dask\0{scheduler_address}\0{os.getuid()}".encode()
+    if secret is None:
+        secret = _host_secret()
+    seed = f"pyarraypool-dask\0{scheduler_address}\0{os.getuid()}\0{secret}".encode()
     return hashlib.sha256(seed).hexdigest()[:32]
 
 
-def _join_cluster_pool(scheduler_address: str) -> None:
+def _join_cluster_pool(scheduler_address: str, secret: str | None = None) -> None:
     if _core._pool_token() is not None:
         return  # already uses a pool: it cannot change now
     if _keeps_its_pool_name():
         return
-    os.environ[_lifecycle.ENV_POOL] = cluster_pool_name(scheduler_address)
+    try:
+        name = cluster_pool_name(scheduler_address, secret)
+    except (OSError, _core.PoolError) as e:
+        # No private place for the secret: this worker keeps a pool of its
+        # own (arrays reach it by value) rather than a name others can guess.
+        logger.warning("pyarraypool.dask: not joining the host's cluster pool: %s", e)
+        return
+    os.environ[_lifecycle.ENV_POOL] = name
     # The workers sharing this pool are separate programs, and the root this
     # one inherited (its nanny, which never uses the pool) must not keep the
     # pool for handles in flight once every worker has left it.
@@ -351,7 +425,10 @@ class PyArrayPoolPlugin(WorkerPlugin):
     does the same for the workers only. A worker that has not used a pool
     yet, and whose pool name was drawn at random rather than given (by the
     user, or by a client program that started it and uses that pool), joins
-    its host's cluster pool (:func:`cluster_pool_name`). ``remote_as_pool`` (default: the
+    its host's cluster pool (:func:`cluster_pool_name`), named with a secret
+    drawn when the plugin is made and sent to the workers inside it (a
+    plugin made by ``dask_setup``, for ``--preload``, uses the user's secret
+    file instead). ``remote_as_pool`` (default: the
     ``PYARRAYPOOL_DASK_REMOTE_AS_POOL`` variable) copies pool arrays that
     arrive by value into the worker's pool.
     """
@@ -359,11 +436,15 @@ class PyArrayPoolPlugin(WorkerPlugin):
     name = "pyarraypool"
     idempotent = True
 
-    def __init__(self, remote_as_pool: bool | None = None) -> None:
+    def __init__(self, remote_as_pool: bool | None = None, *,
+                 secret: str | None = "random") -> None:
         self.remote_as_pool = remote_as_pool
+        # The cluster pool's secret travels with the plugin: every worker
+        # the scheduler gives this plugin agrees on one pool per host.
+        self.secret = secrets.token_hex(16) if secret == "random" else secret
 
     def setup(self, worker: Any) -> None:
-        _join_cluster_pool(worker.scheduler.address)
+        _join_cluster_pool(worker.scheduler.address, self.secret)
         _install_here(self.remote_as_pool)
 
 
@@ -409,7 +490,7 @@ def dask_setup(server: Any) -> None:
     from distributed import Worker
 
     if isinstance(server, Worker):
-        PyArrayPoolPlugin().setup(server)
+        PyArrayPoolPlugin(secret=None).setup(server)  # the user's secret file
     else:
         # A scheduler or nanny only relays data; installing there would make a
         # scheduler forward handles to clients that may be on other hosts.

@@ -9,6 +9,7 @@ workers' memory too.
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 import pickle
 import signal
@@ -595,3 +596,24 @@ def test_dask_worker_preload_shares_one_host_pool(tmp_path, shm_unchanged):
         for p in procs:
             _wait_until(lambda p=p: not group_alive(p.pid), what="dask processes gone")
     assert not [n for n in _pool_names() if n.startswith("pyarraypool-" + token)]
+
+
+def test_cluster_pool_name_carries_a_secret():
+    """The plugin that install(client) registers carries a random secret to
+    every worker (the scheduler keeps one plugin: the workers of a host
+    agree); the name depends on it, and is not the old hash of the address
+    and uid that another local user could compute."""
+    addr = "tcp://10.1.2.3:8786"
+    a, b = pdask.PyArrayPoolPlugin(), pdask.PyArrayPoolPlugin()
+    assert a.secret != b.secret and len(a.secret) == 32
+    a_again = pickle.loads(pickle.dumps(a))   # as the scheduler hands it to workers
+    assert pdask.cluster_pool_name(addr, a_again.secret) == pdask.cluster_pool_name(addr, a.secret)
+    assert pdask.cluster_pool_name(addr, a.secret) != pdask.cluster_pool_name(addr, b.secret)
+    old = hashlib.sha256(f"pyarraypool-dask\0{addr}\0{os.getuid()}".encode()).hexdigest()[:32]
+    names = {pdask.cluster_pool_name(addr, a.secret), pdask.cluster_pool_name(addr)}
+    assert old not in names
+    # Two processes that join with the plugin's secret agree.
+    join = f"import os, pyarraypool.dask as d; d._join_cluster_pool({addr!r}, {a.secret!r}); " \
+           "print(os.environ['PYARRAYPOOL_POOL'])"
+    assert {run_python(join).stdout.split()[-1] for _ in range(2)} == {
+        pdask.cluster_pool_name(addr, a.secret)}

@@ -22,11 +22,16 @@ visible in /dev/shm) neither crashes the program nor gets mapped by it.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import pickle
 import pwd
+import re
+import secrets
 import shutil
+import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -34,7 +39,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from helpers import REPO, my_pool_token, pool_files
+from helpers import REPO, fresh_env, my_pool_token, pool_files, run_python
 
 import pyarraypool
 from pyarraypool import _core
@@ -453,3 +458,279 @@ def test_a_file_squatting_the_next_segment_name_is_never_mapped(other_python, vi
     assert status == 0 and "Segmentation fault" not in err, (
         f"exit {status}\nstdout:\n{out}\nstderr (first 3000 chars):\n{err[:3000]}")
     assert left == [], f"the program left its own files behind: {left}"
+
+
+# --- an attacker who owns (or can write) files under the pool's names ---------------------
+#
+# These run the attacker in a forked child of the test that drops to nobody
+# with os.setgid/os.setuid: it needs no Python of its own, only file
+# operations. The victim is root (CI runs as root), so the kernel's
+# permissions never stop it from opening another user's file: only the
+# pool's own checks (owner, mode, kind) do.
+
+REQUIRE_ROOT_ENV = "PYARRAYPOOL_REQUIRE_ROOT_TESTS"
+CONTROL_BYTES = 81920                     # kControlBytes (pool_internal.hpp)
+LAYOUT_VERSION = int(re.search(r"kLayoutVersion = (\d+)", open(
+    os.path.join(REPO, "csrc", "core", "pool_internal.hpp")).read()).group(1))
+# ControlHeader offsets (the static_asserts of pool_internal.hpp).
+OFF_NEEDS_REPAIR, OFF_SEGMENT_COUNT, OFF_SEGMENT_SIZES = 108, 4288, 4296
+OFF_NONCES = OFF_SEGMENT_SIZES + 8 * 4096
+OFF_ALLOC = 69888
+MAGIC = 0x31304C4F4F505041
+
+
+@pytest.fixture
+def root():
+    """Skips (with the reason) unless root; PYARRAYPOOL_REQUIRE_ROOT_TESTS=1
+    (set by .ci/run) turns that skip into a failure."""
+    why = None
+    if os.geteuid() != 0:
+        why = "needs root: the attacker is a child that drops to user nobody"
+    elif NOBODY is None or NOBODY[0] == 0:
+        why = "needs an unprivileged 'nobody' account"
+    if why:
+        if os.environ.get(REQUIRE_ROOT_ENV) == "1":
+            pytest.fail(f"{REQUIRE_ROOT_ENV}=1 but {why}")
+        pytest.skip(why)
+
+
+def as_nobody(fn) -> None:
+    """Runs `fn()` in a forked child as nobody (no groups); raises if it fails."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        status = 1
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY[1])
+            os.setuid(NOBODY[0])
+            fn()
+            status = 0
+        except BaseException as e:  # noqa: BLE001 (reported to the parent)
+            os.write(w, f"{type(e).__name__}: {e}".encode())
+        finally:
+            os._exit(status)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        why = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, f"the attacker failed: {why}"
+
+
+def _write_file(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666)
+    try:
+        os.fchmod(fd, 0o666)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _forged_pool(token: str, data_bytes: int, nonce: int) -> bytes:
+    """A control segment as an attacker writes it: a published, running pool
+    whose one data segment is the attacker's file, and a repair pending (so
+    the victim's first locked operation indexes that segment's free block)."""
+    b = bytearray(CONTROL_BYTES)
+    struct.pack_into("<QII16s", b, 0, MAGIC, LAYOUT_VERSION, CONTROL_BYTES, bytes.fromhex(token))
+    struct.pack_into("<I", b, OFF_NEEDS_REPAIR, 1)
+    struct.pack_into("<I", b, OFF_SEGMENT_COUNT, 1)
+    struct.pack_into("<Q", b, OFF_SEGMENT_SIZES, data_bytes)
+    struct.pack_into("<Q", b, OFF_NONCES, nonce)
+    struct.pack_into("<Q", b, OFF_ALLOC + 8 + 4 * 40, 2**64 - 1)  # heads: rebuilt anyway
+    return bytes(b)
+
+
+VICTIM_OF_SQUAT = """
+import numpy as np, pyarraypool
+secret = np.full(1000, 0x5EC2E7, dtype="<u8")
+try:
+    x = pyarraypool.make_transferable(secret)
+except pyarraypool.PoolError as e:
+    print("POOLERROR", e, flush=True)
+else:
+    print("ATTACHED", flush=True)
+"""
+
+
+def _cleanup(names) -> None:
+    for n in names:
+        try:
+            os.unlink("/dev/shm/" + n)
+        except FileNotFoundError:
+            pass
+
+
+def test_files_another_user_made_first_are_refused(root):
+    """(a) nobody creates a pool's control segment before the program starts
+    (the name is known: given in PYARRAYPOOL_POOL, or a computed Dask name),
+    world-writable, forged so that the pool's one data segment is nobody's
+    file too. The program (root) must refuse with PoolError naming the file
+    and its owner, never write its arrays into nobody's file, and not remove
+    nobody's files."""
+    token = secrets.token_hex(16)
+    nonce = secrets.randbits(64)
+    data_bytes = 1 << 20
+    control = f"pyarraypool-{token}"
+    data = f"{control}-0-{nonce:016x}"
+    header = struct.pack("<QQ", data_bytes, 0)   # one free block over the whole file
+    try:
+        as_nobody(lambda: (_write_file("/dev/shm/" + data, header + bytes(data_bytes - 16)),
+                           _write_file("/dev/shm/" + control,
+                                       _forged_pool(token, data_bytes, nonce))))
+        proc = run_python(VICTIM_OF_SQUAT, env=fresh_env(PYARRAYPOOL_POOL=token), check=False)
+        assert proc.returncode == 0 and "Segmentation fault" not in proc.stderr, (
+            proc.returncode, proc.stdout, proc.stderr[-3000:])
+        assert "POOLERROR" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+        msg = proc.stdout
+        assert control in msg and str(NOBODY[0]) in msg, msg
+        with open("/dev/shm/" + data, "rb") as f:
+            assert (0x5EC2E7).to_bytes(8, "little") not in f.read(), \
+                "the program wrote its array into nobody's file"
+        for n in (control, data):                    # still there, still nobody's
+            assert os.lstat("/dev/shm/" + n).st_uid == NOBODY[0], n
+        # `clean` does not remove another user's pool either.
+        subprocess.run([sys.executable, "-m", "pyarraypool", "clean"], env=fresh_env(),
+                       capture_output=True, check=True)
+        assert os.path.exists("/dev/shm/" + control) and os.path.exists("/dev/shm/" + data)
+    finally:
+        _cleanup(pool_files(token))                  # nobody's files, and any of root's
+
+
+VICTIM_TAMPERED = """
+import os, sys
+import numpy as np, pyarraypool
+from pyarraypool import _core
+pyarraypool.configure(segment_bytes="1M", max_bytes="64M")
+keep = pyarraypool.empty(300_000, dtype=np.uint8)
+for n in (1000, 5000, 70_000):
+    pyarraypool.empty(n, dtype=np.uint8)             # freed again: free-list entries
+print("TOKEN", _core._pool_token(), flush=True)
+sys.stdin.readline()                                # the pool is tampered with now
+errors = 0
+for n in (70_000, 5000, 1000, 300_000, 3_000_000):
+    try:
+        pyarraypool.empty(n, dtype=np.uint8)[:] = 1
+    except pyarraypool.PoolError as e:
+        errors += 1
+        print("POOLERROR", e, flush=True)
+try:
+    pyarraypool.stats(detail=True)
+except pyarraypool.PoolError as e:
+    errors += 1
+    print("POOLERROR", e, flush=True)
+print("ERRORS", errors, flush=True)   # those above 64 KiB miss the local cache
+"""
+
+
+def _tamper(path: str) -> None:
+    """Writes garbage over the allocator index of a control segment: every
+    free-list head and both bitmaps."""
+    with open(path, "r+b") as f:
+        f.seek(OFF_ALLOC)
+        f.write(b"\xff" * 8 + b"\xff" * (4 * 40))   # every class claims blocks
+        heads = b"".join(struct.pack("<Q", (7 << 48) | (i * 4096 + 8)) for i in range(40 * 32))
+        f.write(heads)
+
+
+def _run_tampered_victim(tamper) -> tuple[int, str, str]:
+    victim = subprocess.Popen([sys.executable, "-c", VICTIM_TAMPERED], env=fresh_env(),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    token = None
+    try:
+        line = victim.stdout.readline()
+        assert line.startswith("TOKEN "), line + victim.stderr.read()
+        token = line.split()[1]
+        tamper(token)
+        out, err = victim.communicate("go\n", timeout=60)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+        if token:
+            _cleanup(pool_files(token))
+    return victim.returncode, line + out, err
+
+
+def test_a_pool_file_another_user_can_write_raises_pool_error(root):
+    """(b) A pool file that another user can write (here: given to nobody
+    and made world-writable, as a same-name file of the wrong owner and mode
+    would be). nobody writes garbage over the allocator's index; the program
+    raises PoolError (no crash, no hang), and a new process refuses the file."""
+    def tamper(token):
+        path = f"/dev/shm/pyarraypool-{token}"
+        os.chown(path, NOBODY[0], NOBODY[1])
+        os.chmod(path, 0o666)
+        as_nobody(lambda: _tamper(path))
+        proc = run_python(VICTIM_OF_SQUAT, env=fresh_env(PYARRAYPOOL_POOL=token), check=False)
+        assert "POOLERROR" in proc.stdout and "owned by" in proc.stdout, (
+            proc.returncode, proc.stdout, proc.stderr[-2000:])
+    status, out, err = _run_tampered_victim(tamper)
+    assert status == 0, f"exit {status} (SIGSEGV is -11)\n{out}\n{err[-3000:]}"
+    assert re.search(r"ERRORS [4-6]", out), out + err[-3000:]
+
+
+def test_own_pool_corrupted_through_dev_shm_raises_pool_error():
+    """The same user (trusted, but buggy) writes garbage into the control
+    segment of a running program's pool: PoolError, no crash."""
+    status, out, err = _run_tampered_victim(lambda token: _tamper(f"/dev/shm/pyarraypool-{token}"))
+    assert status == 0, f"exit {status} (SIGSEGV is -11)\n{out}\n{err[-3000:]}"
+    assert re.search(r"ERRORS [4-6]", out) and "corrupt" in out, out + err[-3000:]
+
+
+DASK_WORKER = """
+import os, sys
+import pyarraypool, pyarraypool.dask as d
+from pyarraypool import _core
+d._join_cluster_pool("tcp://10.1.2.3:8786")   # as a `dask worker --preload` does
+pyarraypool.stats()
+print("TOKEN", _core._pool_token(), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_another_user_cannot_compute_a_dask_cluster_pool_name(root, tmp_path):
+    """(c) The cluster pool of `dask worker --preload` workers was named by
+    the scheduler address and the uid alone: another user could compute it
+    and create the files first. Now a secret of the user's (a mode-0600 file
+    in a private directory) is in the name: the old name is not the pool,
+    and nobody can read the secret."""
+    pytest.importorskip("distributed")
+    env = fresh_env(HOME=str(tmp_path), XDG_RUNTIME_DIR="")
+    worker = subprocess.Popen([sys.executable, "-c", DASK_WORKER], env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    token = None
+    try:
+        line = worker.stdout.readline()
+        assert line.startswith("TOKEN "), line + worker.stderr.read()
+        token = line.split()[1]
+        secret_file = tmp_path / ".cache" / "pyarraypool" / "dask-secret"
+
+        def guess():
+            old = hashlib.sha256(f"pyarraypool-dask\0tcp://10.1.2.3:8786\0{0}".encode())
+            name = old.hexdigest()[:32]
+            assert name != token, "the cluster pool still has the guessable name"
+            assert not os.path.exists(f"/dev/shm/pyarraypool-{name}")
+        as_nobody(guess)
+        st = secret_file.stat()
+        assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600
+        assert stat.S_IMODE(secret_file.parent.stat().st_mode) == 0o700
+
+        def attacker():
+            try:
+                open(secret_file, "rb").read()
+            except PermissionError:
+                pass
+            else:
+                raise AssertionError("nobody read the user's dask secret")
+        as_nobody(attacker)
+        worker.communicate("go\n", timeout=60)
+        assert worker.returncode == 0, worker.stderr
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        if token:
+            _cleanup(pool_files(token))

@@ -58,20 +58,59 @@ void Allocator::reset() {
     for (auto& h : row) h = BlockRef::kNilBits;
 }
 
+void Allocator::class_of(uint64_t size, uint32_t& fl, uint32_t& sl, BlockRef at) {
+  if (size < kAlign) corrupt("bad block size", at);
+  mapping_insert(size / kAlign, fl, sl);
+  if (fl >= kFlCount) corrupt("block size past every size class", at);
+}
+
+BlockHeader* Allocator::free_block_at(uint64_t bits, BlockRef from) const {
+  const BlockRef ref = BlockRef::from_bits(bits);
+  const uint64_t end = chain_end(ref.seg());
+  if (ref.off() % kAlign != 0 || ref.off() >= end)
+    corrupt("free-list link " + std::to_string(bits) + " names no block of a mapped segment",
+            from);
+  BlockHeader* h = header(ref);
+  const uint64_t size = h->size();
+  if (h->used() || size < kAlign || size > end - ref.off())
+    corrupt("free-list link names no free block", ref);
+  return h;
+}
+
+uint64_t Allocator::max_list_length() const {
+  uint64_t n = 0;
+  for (uint32_t i = 0; i < nspans_; ++i) n += chain_end(i) / kAlign;
+  return n;
+}
+
+void Allocator::check_links(BlockRef ref, uint64_t size) const {
+  uint32_t fl, sl;
+  class_of(size, fl, sl, ref);
+  const BlockHeader* h = header(ref);
+  const uint64_t next = h->free_links.next, prev = h->free_links.prev;
+  if (next != BlockRef::kNilBits && free_block_at(next, ref)->free_links.prev != ref.bits())
+    corrupt("broken back link", BlockRef::from_bits(next));
+  if (prev != BlockRef::kNilBits ? free_block_at(prev, ref)->free_links.next != ref.bits()
+                                 : st_.heads[fl][sl] != ref.bits())
+    corrupt("free block not linked from its list", ref);
+}
+
 void Allocator::insert_free(BlockRef ref, uint64_t size) {
   uint32_t fl, sl;
-  mapping_insert(size / kAlign, fl, sl);
+  class_of(size, fl, sl, ref);
+  const uint64_t head = st_.heads[fl][sl];
+  BlockHeader* old = head != BlockRef::kNilBits ? free_block_at(head, ref) : nullptr;
   BlockHeader* h = header(ref);
   h->free_links.prev = BlockRef::kNilBits;
-  h->free_links.next = st_.heads[fl][sl];
-  if (st_.heads[fl][sl] != BlockRef::kNilBits)
-    header(BlockRef::from_bits(st_.heads[fl][sl]))->free_links.prev = ref.bits();
+  h->free_links.next = head;
+  if (old) old->free_links.prev = ref.bits();
   st_.heads[fl][sl] = ref.bits();
   st_.fl_bitmap |= uint64_t{1} << fl;
   st_.sl_bitmap[fl] |= 1u << sl;
 }
 
 void Allocator::remove_free(BlockRef ref, uint64_t size) {
+  check_links(ref, size);  // every pointer below is then a checked free block
   uint32_t fl, sl;
   mapping_insert(size / kAlign, fl, sl);
   BlockHeader* h = header(ref);
@@ -100,14 +139,19 @@ void Allocator::add_segment(uint32_t seg) {
 }
 
 void Allocator::remove_segment(uint32_t seg) {
-  remove_free(BlockRef(seg, 0), header(BlockRef(seg, 0))->size());
+  const BlockRef ref(seg, 0);
+  remove_free(ref, free_block_at(ref.bits(), ref)->size());
 }
 
 BlockRef Allocator::first_fit_in_class(uint64_t block_size) const {
   uint32_t fl, sl;
   mapping_insert(block_size / kAlign, fl, sl);
-  for (uint64_t bits = st_.heads[fl][sl]; bits != BlockRef::kNilBits;) {
-    const BlockHeader* h = header(BlockRef::from_bits(bits));
+  if (fl >= kFlCount) return BlockRef();
+  const uint64_t limit = max_list_length();
+  uint64_t steps = 0;
+  for (uint64_t bits = st_.heads[fl][sl]; bits != BlockRef::kNilBits; ++steps) {
+    if (steps > limit) corrupt("a free list runs in a cycle", BlockRef::from_bits(bits));
+    const BlockHeader* h = free_block_at(bits, BlockRef());
     if (h->size() >= block_size) return BlockRef::from_bits(bits);
     bits = h->free_links.next;
   }
@@ -122,13 +166,19 @@ BlockRef Allocator::allocate(uint64_t block_size, const UsedInit& init) {
     uint64_t fl_map = fl + 1 < 64 ? st_.fl_bitmap & (~uint64_t{0} << (fl + 1)) : 0;
     if (fl_map) {
       fl = static_cast<uint32_t>(__builtin_ctzll(fl_map));
-      sl_map = st_.sl_bitmap[fl];
+      // The bitmaps are shared memory: an index past the table is corruption.
+      if (fl >= kFlCount || !(sl_map = st_.sl_bitmap[fl]))
+        corrupt("first-level bitmap names an empty class", BlockRef());
     }
   }
   BlockRef ref;
   if (sl_map) {
     sl = static_cast<uint32_t>(__builtin_ctz(sl_map));
-    ref = BlockRef::from_bits(st_.heads[fl][sl]);
+    const uint64_t head = st_.heads[fl][sl];
+    if (head == BlockRef::kNilBits) corrupt("bitmap names an empty free list", BlockRef());
+    ref = BlockRef::from_bits(head);
+    if (free_block_at(head, BlockRef())->size() < block_size)
+      corrupt("free block smaller than its size class", ref);
   } else {
     // Nothing in the classes above the request. Its own class (skipped by
     // the rounding) may still hold a block large enough; this linear search
@@ -160,22 +210,40 @@ BlockRef Allocator::allocate(uint64_t block_size, const UsedInit& init) {
   h->pending = 0;
   h->flags = init.flags;
   h->pending_deadline_ns = 0;
-  h->check = header_check(ref.off(), init.generation);
+  h->check = check_of(ref, init.generation);
   h->commit_size(size, true);  // commit: the block is used and (maybe) split
   return ref;
 }
 
 void Allocator::free(BlockRef ref) {
   BlockHeader* h = header(ref);
+  const uint64_t end = chain_end(ref.seg());
   uint64_t size = h->size();
-  if (has_next(ref, size)) {
-    BlockRef next(ref.seg(), ref.off() + size);
-    BlockHeader* n = header(next);
-    if (!n->used()) {
-      uint64_t nsize = n->size();
-      remove_free(next, nsize);
-      size += nsize;
-    }
+  if (size < kAlign || ref.off() >= end || size > end - ref.off())
+    corrupt("bad block size", ref);
+  // The neighbours' sizes and links are checked before the first store: a
+  // corrupt neighbour leaves this block used and the lists as they were.
+  BlockHeader* n = nullptr;
+  uint64_t nsize = 0;
+  const BlockRef next(ref.seg(), ref.off() + size);
+  if (has_next(ref, size) && !header(next)->used()) {
+    n = header(next);
+    nsize = n->size();
+    if (nsize < kAlign || nsize > end - next.off()) corrupt("bad block size", next);
+    check_links(next, nsize);
+  }
+  if (ref.off() != 0) {
+    const uint64_t psize = h->prev_size;
+    if (psize < kAlign || psize % kAlign != 0 || psize > ref.off())
+      corrupt("bad prev_size", ref);
+    const BlockRef prev(ref.seg(), ref.off() - psize);
+    const BlockHeader* p = header(prev);
+    if (p->size() != psize) corrupt("prev_size disagrees with the previous block", ref);
+    if (!p->used()) check_links(prev, psize);
+  }
+  if (n) {
+    remove_free(next, nsize);
+    size += nsize;
   }
   h->commit_size(size, false);  // commit: free, merged with the next block
   // Only now, once the block is free: a process killed before the commit
@@ -201,10 +269,11 @@ void Allocator::free(BlockRef ref) {
 }
 
 Allocator::WalkTotals Allocator::rebuild(uint32_t nsegs, const KeepFn& keep) {
+  if (nsegs > nspans_) corrupt("segment count " + std::to_string(nsegs) + " past the table", BlockRef());
   reset();
   WalkTotals totals;
   for (uint32_t seg = 0; seg < nsegs; ++seg) {
-    const uint64_t end = spans_[seg].size & kSizeMask;
+    const uint64_t end = chain_end(seg);
     BlockRef run;  // the free block being grown by coalescing, if any
     uint64_t run_size = 0, prev_size = 0;
     auto close_run = [&] {
@@ -251,10 +320,15 @@ Allocator::WalkTotals Allocator::rebuild(uint32_t nsegs, const KeepFn& keep) {
 uint64_t Allocator::largest_free() const {
   if (!st_.fl_bitmap) return 0;
   uint32_t fl = log2_floor(st_.fl_bitmap);
+  if (fl >= kFlCount || !st_.sl_bitmap[fl])
+    corrupt("first-level bitmap names an empty class", BlockRef());
   uint32_t sl = 31u - static_cast<uint32_t>(__builtin_clz(st_.sl_bitmap[fl]));
   uint64_t best = 0;
-  for (uint64_t bits = st_.heads[fl][sl]; bits != BlockRef::kNilBits;) {
-    const BlockHeader* h = header(BlockRef::from_bits(bits));
+  const uint64_t limit = max_list_length();
+  uint64_t steps = 0;
+  for (uint64_t bits = st_.heads[fl][sl]; bits != BlockRef::kNilBits; ++steps) {
+    if (steps > limit) corrupt("a free list runs in a cycle", BlockRef::from_bits(bits));
+    const BlockHeader* h = free_block_at(bits, BlockRef());
     if (h->size() > best) best = h->size();
     bits = h->free_links.next;
   }
@@ -263,7 +337,7 @@ uint64_t Allocator::largest_free() const {
 
 void Allocator::for_each_block(uint32_t seg,
                                const std::function<void(BlockRef, const BlockHeader&)>& fn) const {
-  const uint64_t end = spans_[seg].size & kSizeMask;
+  const uint64_t end = chain_end(seg);
   for (uint64_t off = 0; off < end;) {
     BlockRef ref(seg, off);
     const BlockHeader* h = header(ref);
@@ -275,6 +349,8 @@ void Allocator::for_each_block(uint32_t seg,
 }
 
 void Allocator::verify(uint32_t nsegs) const {
+  if (nsegs > nspans_) corrupt("segment count past the table", BlockRef());
+  const uint64_t limit = max_list_length();
   uint64_t free_in_chain = 0;
   for (uint32_t seg = 0; seg < nsegs; ++seg) {
     uint64_t prev_size = 0;
@@ -282,7 +358,7 @@ void Allocator::verify(uint32_t nsegs) const {
     for_each_block(seg, [&](BlockRef ref, const BlockHeader& h) {
       if (h.prev_size != prev_size) corrupt("prev_size does not match", ref);
       if (!h.used() && prev_free) corrupt("two adjacent free blocks", ref);
-      if (h.used() && h.check != header_check(ref.off(), h.generation))
+      if (h.used() && h.check != check_of(ref, h.generation))
         corrupt("header check does not match", ref);
       if (!h.used()) ++free_in_chain;
       prev_free = !h.used();
@@ -296,9 +372,10 @@ void Allocator::verify(uint32_t nsegs) const {
       bool bit = (st_.sl_bitmap[fl] >> sl) & 1;
       if (bit != (bits != BlockRef::kNilBits)) corrupt("bitmap disagrees with list", BlockRef());
       uint64_t prev = BlockRef::kNilBits;
-      while (bits != BlockRef::kNilBits) {
+      for (uint64_t steps = 0; bits != BlockRef::kNilBits; ++steps) {
         BlockRef ref = BlockRef::from_bits(bits);
-        const BlockHeader* h = header(ref);
+        if (steps > limit) corrupt("a free list runs in a cycle", ref);
+        const BlockHeader* h = free_block_at(bits, BlockRef());
         uint32_t f, s;
         mapping_insert(h->size() / kAlign, f, s);
         if (h->used()) corrupt("used block on a free list", ref);

@@ -18,6 +18,15 @@
 // consistent state to another; everything else it writes is either invisible
 // until the commit (a new header inside a block not yet split) or recomputed
 // by the walk (`prev_size`, the lists).
+//
+// Untrusted words. Everything read from shared memory (free-list links, the
+// heads and bitmaps, block sizes, prev_size) is checked before it becomes a
+// pointer or an index: a link must name a mapped segment, be 64-aligned, lie
+// inside the segment and name a free block that links back; sizes must stay
+// inside their segment; walks along a list stop after as many steps as the
+// segments could hold blocks (a cycle). Anything else throws
+// CoreError(kPool) ("pool is corrupted"), never a wild read or write. The
+// checks are O(1) per link, so allocate and free stay O(1).
 #pragma once
 
 #include <cstdint>
@@ -53,7 +62,11 @@ struct UsedInit {
 
 class Allocator {
  public:
-  Allocator(AllocState& state, const SegmentSpan* spans) : st_(state), spans_(spans) {}
+  // `spans` has `nspans` entries; an entry of size 0 is no segment (not
+  // mapped, or retired). `check_key` is the pool's secret that keys the
+  // used blocks' `check` (header_check).
+  Allocator(AllocState& state, const SegmentSpan* spans, uint32_t nspans, uint64_t check_key)
+      : st_(state), spans_(spans), nspans_(nspans), key_(check_key) {}
 
   // Empties the index (a new pool).
   void reset();
@@ -78,8 +91,12 @@ class Allocator {
   // Returns a used block to the free lists, merging it with free neighbours.
   void free(BlockRef ref);
 
+  // The header at `ref`, which the caller has checked (or made itself).
   BlockHeader* header(BlockRef ref) const {
     return reinterpret_cast<BlockHeader*>(spans_[ref.seg()].base + ref.off());
+  }
+  uint64_t check_of(BlockRef ref, uint64_t generation) const {
+    return header_check(ref.off(), generation, key_);
   }
 
   // Decides the fate of a used block during a rebuild: true keeps it, false
@@ -114,6 +131,20 @@ class Allocator {
  private:
   void insert_free(BlockRef ref, uint64_t size);
   void remove_free(BlockRef ref, uint64_t size);
+  // The free block a link read from shared memory names, after checking
+  // that it is one (throws kPool otherwise). `from` is reported.
+  BlockHeader* free_block_at(uint64_t bits, BlockRef from) const;
+  // The end of segment `seg`'s chain; 0 for no segment.
+  uint64_t chain_end(uint32_t seg) const {
+    return seg < nspans_ && spans_[seg].base ? spans_[seg].size & kSizeMask : 0;
+  }
+  // A size-class index computed from a size read from shared memory.
+  static void class_of(uint64_t size, uint32_t& fl, uint32_t& sl, BlockRef at);
+  // Throws unless `ref`'s free-list neighbours link back to it (checked
+  // before remove_free's first store).
+  void check_links(BlockRef ref, uint64_t size) const;
+  // No list holds more blocks than the segments could: a longer walk is a cycle.
+  uint64_t max_list_length() const;
   BlockRef first_fit_in_class(uint64_t block_size) const;
   // The chain ends at the segment size rounded down to kAlign (see
   // format_segment): a segment whose size is not a multiple of 64 has a
@@ -124,6 +155,8 @@ class Allocator {
 
   AllocState& st_;
   const SegmentSpan* spans_;
+  uint32_t nspans_;
+  uint64_t key_;
 };
 
 }  // namespace pap

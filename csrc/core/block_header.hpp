@@ -113,7 +113,7 @@ struct alignas(64) BlockHeader {
   uint32_t pending;              // pickles sent but not loaded yet
   uint32_t flags;                // kFlag* | sender pid (see kSenderShift)
   uint64_t pending_deadline_ns;  // CLOCK_MONOTONIC time after which `pending` expires
-  uint64_t check;                // header_check(offset, generation) while used
+  uint64_t check;                // header_check(offset, generation, pool key) while used
 
   uint64_t size() const { return size_flags.load(std::memory_order_relaxed) & kSizeMask; }
   bool used() const { return size_flags.load(std::memory_order_relaxed) & kUsedBit; }
@@ -145,11 +145,27 @@ struct Block {
 
 // A used block's `check` ties its generation to its own offset, so that a
 // stale handle pointing at bytes that are now the middle of another block's
-// payload is refused unless those bytes happen to spell this exact value.
-inline uint64_t header_check(uint64_t off, uint64_t generation) {
-  uint64_t x = (off + 0x9E3779B97F4A7C15ull) ^ (generation * 0xBF58476D1CE4E5B9ull);
-  x ^= x >> 31;
-  return x ^ 0x7061702D626C6B31ull;  // "pap-blk1"
+// payload is refused unless those bytes spell this exact value. It is keyed
+// with the pool's random secret (ControlHeader::check_key, in the mode-0600
+// control segment): unkeyed, anyone who can choose an array's contents
+// (data from the network, say) could write a header that passes for a
+// block of any size at a stale handle's offset and so reach the arrays
+// after it. Without the key the 64-bit value cannot be predicted. This is
+// not a MAC against someone who reads headers (same-user processes, which
+// are trusted), only against someone who writes payload bytes blind.
+inline uint64_t header_check(uint64_t off, uint64_t generation, uint64_t key) {
+  uint64_t x = key ^ (off * 0x9E3779B97F4A7C15ull);
+  x ^= generation * 0xBF58476D1CE4E5B9ull;
+  // Two rounds of a 64-bit finalizer (murmur3's fmix64): every input bit
+  // reaches every output bit.
+  for (int i = 0; i < 2; ++i) {
+    x ^= x >> 33;
+    x *= 0xFF51AFD7ED558CCDull;
+    x ^= x >> 33;
+    x *= 0xC4CEB9FE1A85EC53ull;
+    x ^= x >> 33;
+  }
+  return x;
 }
 
 }  // namespace pap

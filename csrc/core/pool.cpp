@@ -19,6 +19,7 @@ Pool::Pool(std::string token, Mapping control)
       id_(PoolId::from_token(token_)),
       control_(std::move(control)),
       hdr_(reinterpret_cast<ControlHeader*>(control_.data())),
+      check_key_(hdr_->check_key),
       pid_(::getpid()),
       mappings_(new Mapping[BlockRef::kMaxSegments]) {}
 
@@ -104,11 +105,12 @@ std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& c
     h->pool_id = PoolId::from_token(token);
     h->created_realtime_ns = realtime_ns();
     fill_random(h->instance_id, sizeof h->instance_id);
+    fill_random(&h->check_key, sizeof h->check_key);
     if (root.pid > 0 && root.start_time != 0) h->root = root;
     h->config = config;
     h->state.store(kStateRunning);
     h->segment_count.store(0);
-    Allocator(h->alloc, nullptr).reset();
+    Allocator(h->alloc, nullptr, 0, 0).reset();
     h->counters = Counters{};
     h->counters.next_generation = 1;
     h->magic.store(kMagic, std::memory_order_release);
@@ -160,6 +162,10 @@ std::unique_ptr<Pool> Pool::attach_existing_as(const std::string& token, bool ob
     }
     if (h->layout_version != kLayoutVersion)
       throw CoreError(ErrorKind::kPool, "pool " + token + " has an incompatible layout");
+    // A file of ours under this name that holds another pool (a hard link).
+    if (!(h->pool_id == PoolId::from_token(token)))
+      throw CoreError(ErrorKind::kPool, "/dev/shm" + control_name(token) +
+                                            " holds another pool than " + token);
     if (h->state.load() == kStateDead && ++dead_seen < kStuckDead) {
       sleep_ms(1);  // its last process is removing it; it will be gone soon
       continue;

@@ -189,6 +189,9 @@ class Pool {
   Pool(std::string token, Mapping control);
 
   void ensure_mapped();
+  // The published segment count, checked against the table's size (it is
+  // shared memory): the one place it is read for use as a bound.
+  uint32_t published_segments() const;
   std::string segment_name(uint32_t index) const;
   bool all_mapped() const;
   bool retirements_seen() const;
@@ -200,7 +203,9 @@ class Pool {
   bool map_segment(uint32_t i, Mapping* out, uint64_t* nonce);
   uint32_t next_segment_number_locked() const;
   uint64_t retire_free_segments_locked(uint64_t wanted);
-  Allocator allocator() { return Allocator(alloc_state(), spans_); }
+  Allocator allocator() {
+    return Allocator(alloc_state(), spans_, BlockRef::kMaxSegments, check_key_);
+  }
   AllocState& alloc_state();
   ProcessTable& table();
   void claim_slot_or_throw();
@@ -235,6 +240,7 @@ class Pool {
   PoolId id_;
   Mapping control_;
   ControlHeader* hdr_;
+  uint64_t check_key_;  // ControlHeader::check_key, read once: it never changes
   uint32_t slot_ = 0;
   int pid_ = 0;  // getpid() is a system call: kept for add_pending's sender
   // The slot reserved for a child between before_fork and after_fork_*;

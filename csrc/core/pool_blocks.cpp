@@ -80,11 +80,14 @@ BlockHeader* Pool::checked_header(BlockRef ref, uint64_t generation) {
   const SegmentSpan& s = spans_[ref.seg()];
   if (s.size == 0)
     throw CoreError(ErrorKind::kStaleHandle, "handle names a segment the pool has given back");
-  if (ref.off() % kAlign != 0 || ref.off() + kHeaderSize > s.size)
+  const uint64_t end = s.size & kSizeMask;  // where the chain of blocks ends
+  if (ref.off() % kAlign != 0 || ref.off() + kHeaderSize > end)
     throw CoreError(ErrorKind::kInvalidHandle, "handle points outside its segment");
   BlockHeader* h = allocator().header(ref);
+  // The size is checked too: it bounds every view of the block (capacity).
   if (!h->used() || h->generation != generation ||
-      h->check != header_check(ref.off(), generation) || h->size() > s.size - ref.off())
+      h->check != header_check(ref.off(), generation, check_key_) || h->size() < kHeaderSize ||
+      h->size() > end - ref.off())
     throw CoreError(ErrorKind::kStaleHandle,
                     "the block this handle names has been freed (generation " +
                         std::to_string(generation) + ")");

@@ -24,12 +24,12 @@ std::vector<std::string> Pool::clean_stale(bool dry_run, const std::string& keep
     std::string token = token_of(n);
     if (!valid_token(token) || token == keep_token) continue;
     struct stat st;
-    if (::stat(("/dev/shm/" + n).c_str(), &st) != 0 || st.st_uid != ::geteuid()) continue;
+    if (!owned_segment_entry(n) || ::lstat(("/dev/shm/" + n).c_str(), &st) != 0) continue;
     Mapping m;
     try {
       if (!open_segment("/" + n, 0, 0, &m)) continue;
     } catch (const CoreError&) {
-      continue;  // not ours to judge (permissions, odd size)
+      continue;  // not ours to judge (another user's, wrong mode, odd size)
     }
     bool dead;
     if (m.size() < sizeof(ControlHeader)) {
@@ -38,6 +38,8 @@ std::vector<std::string> Pool::clean_stale(bool dry_run, const std::string& keep
       auto* h = reinterpret_cast<ControlHeader*>(m.data());
       if (h->magic.load(std::memory_order_acquire) != kMagic) {
         dead = ::time(nullptr) - st.st_mtime > 10;
+      } else if (h->layout_version != kLayoutVersion) {
+        continue;  // another build's layout: its table cannot be read here
       } else {
         // A pool whose program's root still runs is that program's to
         // remove (leave() may have kept it for the root).
@@ -63,8 +65,10 @@ std::vector<std::string> Pool::clean_stale(bool dry_run, const std::string& keep
         continue;
       }
     }
+    // Only our own files: another user may have put one under this pool's
+    // name (root could unlink it, sticky /dev/shm or not).
     for (const std::string& other : names)
-      if (other.compare(0, n.size(), n) == 0) {
+      if (other.compare(0, n.size(), n) == 0 && owned_segment_entry(other)) {
         removed.push_back(other);
         if (!dry_run) ::shm_unlink(("/" + other).c_str());  // best effort
       }
@@ -75,8 +79,8 @@ std::vector<std::string> Pool::clean_stale(bool dry_run, const std::string& keep
     std::string token = token_of(n);
     if (!valid_token(token) || token == keep_token) continue;
     struct stat st;
-    if (::stat(("/dev/shm/" + prefix + token).c_str(), &st) == 0) continue;
-    if (::stat(("/dev/shm/" + n).c_str(), &st) != 0 || st.st_uid != ::geteuid()) continue;
+    if (::lstat(("/dev/shm/" + prefix + token).c_str(), &st) == 0) continue;
+    if (!owned_segment_entry(n) || ::lstat(("/dev/shm/" + n).c_str(), &st) != 0) continue;
     bool listed = false;
     for (const auto& r : removed) listed |= r == n;
     if (listed || ::time(nullptr) - st.st_mtime <= 10) continue;

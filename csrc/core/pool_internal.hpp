@@ -22,8 +22,8 @@
 namespace pap {
 
 constexpr uint64_t kMagic = 0x31304C4F4F505041ull;  // "APPOOL01"
-// 2: instance_id, 3: root, 4: root_left, 5: segment numbers reused (same
-// layout, but a process of version 4 would read a reused number through its
+// 2: instance_id, 3: root, 4: root_left, 5: check_key, and segment numbers
+// reused (a process of version 4 would read a reused number through its
 // mapping of the retired segment).
 constexpr uint32_t kLayoutVersion = 5;
 constexpr uint32_t kStateRunning = 0;
@@ -66,6 +66,9 @@ struct ControlHeader {
   // repair is complete: a repair cut short (an error, another death) is
   // redone by the next owner.
   std::atomic<uint32_t> needs_repair;
+  // Random, drawn by the creator: keys every block's `check` (header_check).
+  // Secret because the file is mode 0600 and its owner is checked.
+  uint64_t check_key;
   alignas(64) LockWord lock;
   alignas(64) ProcessTable table;
   std::atomic<uint32_t> segment_count;
@@ -88,6 +91,7 @@ static_assert(std::atomic<uint64_t>::is_always_lock_free);
 // The layout is shared by every process of a pool, whatever build it runs:
 // a change must bump kLayoutVersion, and redraw docs/images/segment_layout.png
 // (docs/diagrams/make_diagrams.py draws these offsets).
+static_assert(offsetof(ControlHeader, check_key) == 112);
 static_assert(offsetof(ControlHeader, lock) == 128);
 static_assert(offsetof(ControlHeader, table) == 192);
 static_assert(offsetof(ControlHeader, segment_count) == 4288);

@@ -144,7 +144,7 @@ uint64_t Pool::maintain_locked(bool force_rebuild, const HolderMask& also_dead,
     }
     return true;
   };
-  uint32_t nsegs = hdr_->segment_count.load(std::memory_order_acquire);
+  uint32_t nsegs = published_segments();
   // The walk trusts the shared sizes, not this process's spans: a segment
   // retired by a process that died before bumping anything is skipped too.
   for (uint32_t i = 0; i < nsegs; ++i)
@@ -191,7 +191,7 @@ void Pool::snapshot_locked(PoolSnapshot* s) {
   s->created_realtime_ns = hdr_->created_realtime_ns;
   SnapshotBuilder b(monotonic_ns(), hdr_->config.transfer_timeout_ns);
   Allocator a = allocator();
-  const uint32_t nsegs = hdr_->segment_count.load(std::memory_order_acquire);
+  const uint32_t nsegs = published_segments();
   for (uint32_t seg = 0; seg < nsegs && seg < mapped_.load(std::memory_order_acquire); ++seg)
     if (spans_[seg].size != 0)
       a.for_each_block(seg, [&](BlockRef, const BlockHeader& h) { b.add_block(h); });
@@ -223,7 +223,7 @@ void Pool::stats_locked(PoolStats* out) {
 
 void Pool::verify() {
   Guard g(*this, Mode::kSlow);
-  uint32_t nsegs = hdr_->segment_count.load();
+  uint32_t nsegs = published_segments();
   Allocator a = allocator();
   a.verify(nsegs);
   Counters sum{};
@@ -263,7 +263,7 @@ Pool::BlockInfo Pool::inspect_block(BlockRef ref) {
                    h->holders,
                    h->pending,
                    h->flags & kFlagBits,
-                   h->check == header_check(ref.off(), h->generation)};
+                   h->check == header_check(ref.off(), h->generation, check_key_)};
 }
 
 void Pool::lock_forever() {

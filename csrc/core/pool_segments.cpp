@@ -18,6 +18,16 @@ bool Pool::all_mapped() const {
          hdr_->segment_count.load(std::memory_order_acquire);
 }
 
+uint32_t Pool::published_segments() const {
+  const uint32_t n = hdr_->segment_count.load(std::memory_order_acquire);
+  if (n > BlockRef::kMaxSegments || n < mapped_.load(std::memory_order_acquire))
+    throw CoreError(ErrorKind::kPool, "pool is corrupted: its segment count " + std::to_string(n) +
+                                          " is past the segment table (" +
+                                          std::to_string(BlockRef::kMaxSegments) +
+                                          ") or below what this process has mapped");
+  return n;
+}
+
 bool Pool::map_segment(uint32_t i, Mapping* out, uint64_t* nonce) {
   // Without the pool lock the number may be retired and reused while we
   // open it: (size, nonce) read again after the open must be unchanged, or
@@ -27,6 +37,10 @@ bool Pool::map_segment(uint32_t i, Mapping* out, uint64_t* nonce) {
   for (;;) {
     const uint64_t size = hdr_->segment_sizes[i].load(std::memory_order_acquire);
     if (size == 0) return false;
+    // Offsets are 48 bits (BlockRef); the file's size must match (open_segment).
+    if (size > (uint64_t{1} << 48))
+      throw CoreError(ErrorKind::kPool, "pool is corrupted: segment " + std::to_string(i) +
+                                            " has a size of " + std::to_string(size) + " bytes");
     const uint64_t n = hdr_->segment_nonces[i].load(std::memory_order_acquire);
     auto unchanged = [&] {
       return hdr_->segment_sizes[i].load(std::memory_order_acquire) == size &&
@@ -53,7 +67,7 @@ bool Pool::map_segment(uint32_t i, Mapping* out, uint64_t* nonce) {
 void Pool::ensure_mapped() {
   if (all_mapped()) return;
   std::lock_guard<std::mutex> local(local_mutex_);
-  uint32_t published = hdr_->segment_count.load(std::memory_order_acquire);
+  uint32_t published = published_segments();
   for (uint32_t i = mapped_.load(std::memory_order_relaxed); i < published; ++i) {
     Mapping m;
     uint64_t nonce = 0;
@@ -112,7 +126,7 @@ uint64_t Pool::retire_free_segments_locked(uint64_t wanted) {
   Counters& c = hdr_->counters;
   Allocator a = allocator();
   uint64_t released = 0;
-  uint32_t nsegs = hdr_->segment_count.load(std::memory_order_acquire);
+  uint32_t nsegs = published_segments();
   for (uint32_t i = 0; i < nsegs && released < wanted; ++i) {
     uint64_t size = hdr_->segment_sizes[i].load(std::memory_order_relaxed);
     if (size == 0) continue;
@@ -151,7 +165,7 @@ void Pool::grow_locked(uint64_t block_size, uint64_t requested) {
     if (c.capacity_bytes + size > cfg.max_bytes) throw_full(requested);
   }
   std::lock_guard<std::mutex> local(local_mutex_);
-  const uint32_t count = hdr_->segment_count.load(std::memory_order_relaxed);
+  const uint32_t count = published_segments();
   const uint32_t index = next_segment_number_locked();
   if (index >= BlockRef::kMaxSegments)
     throw CoreError(ErrorKind::kPoolFull, "the pool has reached its limit of " +

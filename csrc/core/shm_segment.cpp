@@ -143,19 +143,54 @@ CreateResult create_segment(const std::string& name, uint64_t size, Mapping* out
   return CreateResult::kCreated;
 }
 
+void check_own_segment(const std::string& name, const struct stat& st) {
+  // Another local user can create a file under one of our names first (they
+  // are visible in /dev/shm), or hand us a file of theirs through a link:
+  // mapping it would let them read and write our arrays. Only a regular
+  // file that this user owns and that nobody else may open is a segment.
+  auto refuse = [&](const std::string& why) {
+    throw CoreError(ErrorKind::kPool,
+                    "refusing to use /dev/shm" + name + ": " + why +
+                        " (pyarraypool makes every segment a regular file of its own user with "
+                        "mode 0600; another user may have made this one to read or change the "
+                        "pool's arrays)");
+  };
+  if (!S_ISREG(st.st_mode)) refuse("it is not a regular file");
+  if (st.st_uid != ::geteuid())
+    refuse("it is owned by uid " + std::to_string(st.st_uid) + ", not by this process's uid " +
+           std::to_string(::geteuid()));
+  if ((st.st_mode & 07777) != 0600) {
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+    refuse(std::string("its mode is ") + mode + ", not 0600");
+  }
+}
+
+bool owned_segment_entry(const std::string& entry) {
+  struct stat st;
+  return ::lstat(("/dev/shm/" + entry).c_str(), &st) == 0 && S_ISREG(st.st_mode) &&
+         st.st_uid == ::geteuid();
+}
+
 bool open_segment(const std::string& name, uint64_t expected_size, uint64_t min_size,
                   Mapping* out) {
   int raw;
   do {
-    raw = ::shm_open(name.c_str(), O_RDWR | O_CLOEXEC, 0);
+    // O_NOFOLLOW: a symbolic link under our name is refused (ELOOP), never
+    // followed to a file someone else chose.
+    raw = ::shm_open(name.c_str(), O_RDWR | O_NOFOLLOW | O_CLOEXEC, 0);
   } while (raw < 0 && errno == EINTR);
   if (raw < 0) {
     if (errno == ENOENT) return false;
+    if (errno == ELOOP)
+      throw CoreError(ErrorKind::kPool,
+                      "refusing to use /dev/shm" + name + ": it is a symbolic link");
     throw_os_error("shm_open " + name, errno);
   }
   Fd fd(raw);
   struct stat st;
   if (::fstat(fd.get(), &st) != 0) throw_os_error("fstat " + name, errno);
+  check_own_segment(name, st);  // on the descriptor: what we checked is what we map
   uint64_t size = static_cast<uint64_t>(st.st_size);
   if ((expected_size && size != expected_size) || size < min_size || size == 0)
     throw CoreError(ErrorKind::kPool,
@@ -170,11 +205,8 @@ void unlink_segment(const std::string& name) {
 }
 
 void unlink_all_quietly(const std::string& prefix) {
-  for (const std::string& n : list_segments(prefix)) {
-    struct stat st;
-    if (::stat(("/dev/shm/" + n).c_str(), &st) == 0 && st.st_uid == ::geteuid())
-      ::shm_unlink(("/" + n).c_str());
-  }
+  for (const std::string& n : list_segments(prefix))
+    if (owned_segment_entry(n)) ::shm_unlink(("/" + n).c_str());
 }
 
 std::vector<std::string> list_segments(const std::string& prefix) {

@@ -7,6 +7,8 @@
 // created with mode 0600.
 #pragma once
 
+#include <sys/stat.h>
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -61,8 +63,20 @@ enum class CreateResult { kCreated, kExists };
 CreateResult create_segment(const std::string& name, uint64_t size, Mapping* out);
 
 // Opens and maps an existing segment. Returns false if it does not exist.
-// `expected_size` 0 accepts any size of at least `min_size`.
+// `expected_size` 0 accepts any size of at least `min_size`. Every segment
+// is opened here, and only a regular file (not a symbolic link) owned by the
+// effective uid with mode exactly 0600 is mapped: anything else under one of
+// our names may be another user's, and throws kPool naming the file and what
+// is wrong with it (see docs/threat_model.md).
+
 bool open_segment(const std::string& name, uint64_t expected_size, uint64_t min_size, Mapping* out);
+
+// Throws kPool unless `st` (of the segment `name`) is a regular file of the
+// effective uid with mode 0600.
+void check_own_segment(const std::string& name, const struct stat& st);
+// True if /dev/shm/<entry> is a regular file (not followed if a link) of
+// the effective uid: the only entries a listing may unlink.
+bool owned_segment_entry(const std::string& entry);
 
 // Unlinks a segment; a missing one is not an error.
 void unlink_segment(const std::string& name);

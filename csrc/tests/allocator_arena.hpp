@@ -32,7 +32,11 @@ class Arena {
 
   void format();
 
-  Allocator alloc() { return Allocator(*state_, spans_.data()); }
+  // Any fixed key: the arena is no pool.
+  static constexpr uint64_t kCheckKey = 0x5EC7E7u;
+  Allocator alloc() {
+    return Allocator(*state_, spans_.data(), static_cast<uint32_t>(spans_.size()), kCheckKey);
+  }
   AllocState& state() { return *state_; }
   uint32_t nsegs() const { return static_cast<uint32_t>(spans_.size()); }
   const SegmentSpan& span(uint32_t i) const { return spans_[i]; }

@@ -50,6 +50,7 @@ enum class Area {
   kPoolProcesses,
   kPoolCrash,
   kPoolFork,
+  kPoolKeeper,
   kFinalChecks,  // last, and run whatever the arguments select
 };
 

@@ -196,6 +196,9 @@ class Pool {
   static Fate remove_if_abandoned(const std::string& token, const std::string& instance,
                                   bool dry_run, std::vector<std::string>* removed);
 
+  // This process created the pool (attach() made it rather than found it).
+  bool created() const { return created_; }
+
  private:
   class Guard;
   Pool(std::string token, Mapping control);
@@ -250,6 +253,7 @@ class Pool {
   bool fork_prepared_ = false;
   bool left_ = false;
   bool observer_ = false;  // see attach_observer
+  bool created_ = false;   // see created()
 
   // Local view of the data segments. Entries [0, mapped_) are valid and
   // never change; appends are serialized by local_mutex_, and readers (under

@@ -1,15 +1,19 @@
-// The one "abandoned? then remove" decision for one pool
-// (Pool::remove_if_abandoned, which clean_stale makes for each pool): a pool
-// is removed once every process of it is dead, never while one lives or
-// while its program's root may still need it.
+// The one "abandoned? then remove" decision (Pool::remove_if_abandoned) that
+// clean_stale and the pool's keeper share, and the keeper's loop
+// (core/keeper.hpp): a pool is removed once every process of it is dead,
+// never while one lives or while its program's root may still need it, and
+// the keeper ends when someone else removes the pool.
 
 #include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "core/keeper.hpp"
 #include "core/pool.hpp"
 #include "core/process_table.hpp"
 #include "harness.hpp"
@@ -64,6 +68,26 @@ class PoolUser {
   pid_t pid_ = -1;
   std::string instance_;
 };
+
+// Exit status of a keeper child: 10 removed, 11 gone.
+pid_t keeper(const std::string& tok, const std::string& instance) {
+  return spawn([&] {
+    KeeperEnd end = keep_pool(tok, instance, std::chrono::milliseconds(20));
+    return end == KeeperEnd::kRemoved ? 10 : 11;
+  });
+}
+
+// The exit status of `pid` if it ends within `seconds`, else -1.
+int wait_child_for(pid_t pid, double seconds) {
+  const auto t0 = Clock::now();
+  while (seconds_since(t0) < seconds) {
+    int status;
+    if (::waitpid(pid, &status, WNOHANG) == pid)
+      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    ::usleep(5000);
+  }
+  return -1;
+}
 
 TEST(pool_remove_if_abandoned) {
   std::vector<std::string> names;
@@ -125,6 +149,35 @@ TEST(pool_remove_if_abandoned_keeps_a_pool_for_a_live_root) {
   REQUIRE(p);
   p->leave();
   CHECK(shm_entries(tok).empty());
+}
+
+TEST(keeper_removes_the_pool_when_its_last_process_dies) {
+  const std::string tok = new_token();
+  PoolUser user(tok);
+  const std::string instance = user.instance();
+  REQUIRE(!instance.empty());
+  pid_t k = keeper(tok, instance);
+  CHECK_EQ(wait_child_for(k, 0.3), -1);  // the pool is in use: it keeps watching
+  CHECK_EQ(shm_entries(tok).size(), size_t{2});
+  CHECK_EQ(user.kill(), 128 + SIGKILL);
+  CHECK_EQ(wait_child_for(k, 2.0), 10);
+  CHECK(shm_entries(tok).empty());
+}
+
+TEST(keeper_ends_when_the_pool_is_removed_by_its_last_process) {
+  const std::string tok = new_token();
+  auto p = Pool::attach(tok, kCfg);
+  REQUIRE(p);
+  pid_t k = keeper(tok, p->instance_id());
+  CHECK_EQ(wait_child_for(k, 0.2), -1);
+  p->leave();  // the last process removes the pool itself
+  CHECK(shm_entries(tok).empty());
+  CHECK_EQ(wait_child_for(k, 2.0), 11);
+  // A new pool under the same name is another instance: not the keeper's.
+  Attached again(tok, kCfg);
+  pid_t stale = keeper(tok, p->instance_id());
+  CHECK_EQ(wait_child_for(stale, 2.0), 11);
+  CHECK_EQ(shm_entries(tok).size(), size_t{1});
 }
 
 }  // namespace

@@ -16,7 +16,16 @@ import textwrap
 import time
 
 import pytest
-from helpers import REPO, fresh_env, group_alive, my_pool_token, pool_files, run_python
+from helpers import (
+    REPO,
+    fresh_env,
+    group_alive,
+    kill_keeper,
+    my_pool_token,
+    pool_files,
+    remove_pool_files,
+    run_python,
+)
 
 # Control segment, or data segment <index>-<64-bit random part>.
 NAME = re.compile(r"^pyarraypool-[0-9a-f]{32}(-\d+-[0-9a-f]{16})?$")
@@ -107,11 +116,7 @@ def programs(tmp_path):
         p.kill()
         tokens.update(TOKEN_LINE.findall(p.out_path.read_text()))
     for t in tokens:
-        for name in pool_files(t):
-            try:
-                os.unlink("/dev/shm/" + name)
-            except FileNotFoundError:
-                pass
+        remove_pool_files(t)
 
 
 def describe(token: str) -> str:
@@ -254,6 +259,9 @@ def killed_program(programs) -> str:
     p = programs(KILLED)
     p.wait_for("^READY$")
     token = token_of(p.out_path.read_text())
+    # Every process of the program, its pool's keeper included (as killing
+    # a whole cgroup does): only then do its files stay (test_keeper.py).
+    kill_keeper(token)
     p.kill()
     programs.tokens.add(token)
     files = pool_files(token)
@@ -325,6 +333,7 @@ def test_clean_keeps_pools_of_live_programs(programs):
         assert live.finish() == 0, live.output()
         assert pool_files(live_token) == []
     finally:
+        kill_keeper(orphan_token, expect=False)   # else it removes the pool at once
         kill_group(worker)
     # The last process of the orphaned pool is dead now: it is a leftover.
     r = run_cli("clean")
@@ -388,6 +397,7 @@ def test_pool_with_a_pickle_in_flight_waits_for_the_programs_root(programs):
 
 def test_pool_kept_for_a_root_that_was_killed_is_cleaned(programs):
     p, token = sent_by_a_worker_that_left(programs)
+    kill_keeper(token)   # with the root: else the keeper removes the pool at once
     p.kill()
     files = pool_files(token)
     assert f"pyarraypool-{token}" in files

@@ -14,7 +14,7 @@ import textwrap
 import time
 
 import pytest
-from helpers import REPO, fresh_env, group_alive, my_pool_token, pool_files
+from helpers import REPO, fresh_env, group_alive, kill_keeper, my_pool_token, pool_files
 
 TOKEN_LINE = re.compile(r"^TOKEN ([0-9a-f]{32})$", re.M)
 
@@ -208,6 +208,7 @@ def test_stats_of_one_pool(program):
 def test_stats_shows_a_dead_program_and_clean_removes_it(program):
     p = program(BUSY)
     token = p.token
+    kill_keeper(token)   # with the program: else the keeper removes the pool at once
     p.kill()
     files = pool_files(token)
     assert f"pyarraypool-{token}" in files, files

@@ -35,7 +35,25 @@ void warn(PyObject* logger, const std::string& message, PyObject* event) {
   check(PyObject_Call(warning.get(), args.get(), kwargs.get()));
 }
 
+// logging.getLogger("pyarraypool").
+OwnedRef pyarraypool_logger() {
+  OwnedRef logging = check(PyImport_ImportModule("logging"));
+  return check(PyObject_CallMethod(logging.get(), "getLogger", "s", "pyarraypool"));
+}
+
 }  // namespace
+
+void log_debug(const std::string& message) noexcept {
+  if (is_finalizing()) return;
+  PyObject *type, *value, *traceback;
+  PyErr_Fetch(&type, &value, &traceback);
+  try {
+    check(PyObject_CallMethod(pyarraypool_logger().get(), "debug", "s", message.c_str()));
+  } catch (...) {
+    PyErr_Clear();
+  }
+  PyErr_Restore(type, value, traceback);
+}
 
 void log_pool_events(pap::Pool& p) noexcept {
   std::vector<pap::PoolEvent> events;
@@ -51,8 +69,7 @@ void log_pool_events(pap::Pool& p) noexcept {
   PyObject *type, *value, *traceback;
   PyErr_Fetch(&type, &value, &traceback);
   try {
-    OwnedRef logging = check(PyImport_ImportModule("logging"));
-    OwnedRef logger = check(PyObject_CallMethod(logging.get(), "getLogger", "s", "pyarraypool"));
+    OwnedRef logger = pyarraypool_logger();
     for (const pap::PoolEvent& e : events) {
       try {
         OwnedRef d = event_dict(e);

@@ -5,6 +5,8 @@
 // that may have run maintenance, the binding logs one warning per event.
 #pragma once
 
+#include <string>
+
 #include "binding/numpy_api.hpp"
 #include "core/pool.hpp"
 
@@ -14,6 +16,9 @@ namespace pyb {
 // dealloc or with an exception set: the pending exception is kept, and a
 // failure to log is swallowed (an event is not worth an error of its own).
 void log_pool_events(pap::Pool& p) noexcept;
+
+// A DEBUG record on the "pyarraypool" logger, with the same care (GIL held).
+void log_debug(const std::string& message) noexcept;
 
 // The cheap check to put after calls that may run maintenance.
 inline void report_pool_events(pap::Pool* p) noexcept {

@@ -6,6 +6,7 @@
 #include <new>
 #include <string>
 
+#include "binding/keeper.hpp"
 #include "binding/pool_logging.hpp"
 
 namespace pyb {
@@ -91,10 +92,16 @@ pap::Pool& ProcessPool::pool() {
   pap::PoolConfig cfg = creation_config_;
   EventReport report;  // attaching may take over a dead process's slot
   pap::ProgramRoot root = root_from_env();
+  bool created = false;
   without_gil([&] {
     std::lock_guard<std::mutex> once(attach_mutex_);
-    if (!pool_.load(std::memory_order_acquire)) publish(pap::Pool::attach(token, cfg, root));
+    if (!pool_.load(std::memory_order_acquire)) {
+      publish(pap::Pool::attach(token, cfg, root));
+      created = pool_owner_->created();
+    }
   });
+  // Whoever makes the pool starts its keeper, once (keeper.hpp).
+  if (created) start_keeper(*pool_owner_);
   return *pool_.load(std::memory_order_acquire);
 }
 
@@ -249,6 +256,7 @@ void ProcessPool::shutdown() {
     }
   }
   shut_down_ = true;  // whatever happens below, no hold is released after this
+  finish_keeper_start();
   if (pap::Pool* p = pool_.load()) {
     without_gil([&] { p->leave(); });
     report_pool_events(p);

@@ -128,6 +128,7 @@ std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& c
     }
     std::unique_ptr<Pool> p(new Pool(token, std::move(m)));
     p->slot_ = static_cast<uint32_t>(first_slot);
+    p->created_ = true;
     return p;
   }
   throw CoreError(ErrorKind::kPool, "could not attach to pool " + token);

@@ -184,6 +184,23 @@ class Pool {
   // data segments). Returns the names removed (or that would be).
   static std::vector<std::string> clean_stale(bool dry_run, const std::string& keep_token);
 
+  // The one decision, for one pool, of clean_stale and of the pool's keeper
+  // (core/keeper.hpp): is the pool `token` abandoned (no live process, and
+  // nothing kept for its program's root)? If so, removes its files (unless
+  // `dry_run`) and appends their names to `removed` (if not null).
+  // `instance` (32 hex digits, or empty for any): the pool instance the
+  // caller watches; another one under that name counts as kGone.
+  enum class Fate {
+    kInUse,    // a process (or the root) may still use it: left alone
+    kRemoved,  // abandoned: removed now (or would be, in a dry run)
+    kGone,     // no such pool (or instance), or not ours to judge
+  };
+  static Fate remove_if_abandoned(const std::string& token, const std::string& instance,
+                                  bool dry_run, std::vector<std::string>* removed);
+
+  // This process created the pool (attach() made it rather than found it).
+  bool created() const { return created_; }
+
  private:
   class Guard;
   Pool(std::string token, Mapping control);
@@ -250,6 +267,7 @@ class Pool {
   bool fork_prepared_ = false;
   bool left_ = false;
   bool observer_ = false;  // see attach_observer
+  bool created_ = false;   // see created()
 
   // Local view of the data segments. Entries [0, mapped_) are valid and
   // never change; appends are serialized by local_mutex_, and readers (under

@@ -51,6 +51,7 @@ enum class Area {
   kPoolCrash,
   kPoolFork,
   kCorruption,
+  kPoolKeeper,
   kFinalChecks,  // last, and run whatever the arguments select
 };
 

@@ -18,7 +18,6 @@ std::vector<std::string> Pool::clean_stale(bool dry_run, const std::string& keep
   const std::string prefix = kShmPrefix;
   std::vector<std::string> names = list_segments(prefix);
   auto token_of = [&](const std::string& n) { return n.substr(prefix.size(), kTokenHexLen); };
-  const uint64_t now = monotonic_ns();
   for (const std::string& n : names) {
     if (n.size() != prefix.size() + kTokenHexLen) continue;  // control segments only
     std::string token = token_of(n);
@@ -26,11 +25,20 @@ std::vector<std::string> Pool::clean_stale(bool dry_run, const std::string& keep
     struct stat st;
     if (::stat(("/dev/shm/" + n).c_str(), &st) != 0 || st.st_uid != ::geteuid()) continue;
     Mapping m;
+    UniqueFd fd;
     try {
-      if (!open_segment("/" + n, 0, 0, &m)) continue;
+      if (!open_segment("/" + n, 0, 0, &m, &fd)) continue;
     } catch (const CoreError&) {
       continue;  // not ours to judge (permissions, odd size)
     }
+    // Its processes are alive while they hold their slots' locks.
+    auto anyone_alive = [&](const ControlHeader* h) {
+      for (uint32_t i = 0; i < kMaxSlots; ++i)
+        if (uint64_t id = h->table.slots[i].id.load(std::memory_order_seq_cst);
+            id != 0 && !is_observer(id) && (id == kReleasingId || liveness::held_by_other(fd.get(), i)))
+          return true;
+      return false;
+    };
     bool dead;
     if (m.size() < sizeof(ControlHeader)) {
       dead = ::time(nullptr) - st.st_mtime > 10;
@@ -38,14 +46,15 @@ std::vector<std::string> Pool::clean_stale(bool dry_run, const std::string& keep
       auto* h = reinterpret_cast<ControlHeader*>(m.data());
       if (h->magic.load(std::memory_order_acquire) != kMagic) {
         dead = ::time(nullptr) - st.st_mtime > 10;
+      } else if (h->layout_version != kLayoutVersion) {
+        // Another version of pyarraypool made it: its processes' liveness
+        // is not ours to judge, and reading its table with our layout would
+        // call live processes dead.
+        continue;
       } else {
         // A pool whose program's root still runs is that program's to
         // remove (leave() may have kept it for the root).
-        dead = h->root_left.load() != 0 || !root_alive(h->root);
-        for (uint32_t i = 0; i < kMaxSlots && dead; ++i)
-          if (uint64_t id = h->table.slots[i].id.load();
-              id != 0 && !is_observer(id) && h->table.alive(i, now))
-            dead = false;
+        dead = (h->root_left.load() != 0 || !root_alive(h->root)) && !anyone_alive(h);
       }
     }
     if (!dead) continue;
@@ -54,10 +63,7 @@ std::vector<std::string> Pool::clean_stale(bool dry_run, const std::string& keep
       // process that attached meanwhile.
       auto* h = reinterpret_cast<ControlHeader*>(m.data());
       h->state.store(kStateDead, std::memory_order_seq_cst);
-      for (uint32_t i = 0; i < kMaxSlots && dead; ++i)
-        if (uint64_t id = h->table.slots[i].id.load(std::memory_order_seq_cst);
-            id != 0 && !is_observer(id) && h->table.alive(i, now))
-          dead = false;
+      dead = !anyone_alive(h);
       if (!dead) {
         h->state.store(kStateRunning, std::memory_order_seq_cst);
         continue;

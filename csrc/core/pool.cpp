@@ -43,20 +43,30 @@ bool Pool::slot_alive(uint32_t slot) const {
   return liveness::held_by_other(ctl_fd_.get(), slot);
 }
 
+void Pool::use_slot_page(int fd, uint32_t slot) {
+  // The slot's page of hold entries is reserved before anything is written
+  // there. A full /dev/shm does not keep a process out: its list then
+  // starts in a block of the pool, whose memory is reserved already.
+  uint32_t room = kInlineHolds;
+  try {
+    reserve_range(fd, slot_page_offset(slot), kSlotPageBytes);
+  } catch (const CoreError& e) {
+    if (e.kind() != ErrorKind::kPoolFull) throw;
+    room = 0;
+  }
+  table().slots[slot].inline_capacity.store(room, std::memory_order_release);
+}
+
 int Pool::claim_free_slot(int fd, uint64_t id) {
   for (uint32_t i = 0; i < kMaxSlots; ++i) {
     if (table().slots[i].id.load(std::memory_order_relaxed) != 0) continue;
     // The lock first, then the id: a slot whose id is set is always either
     // locked by its owner or dead, never "claimed but not locked yet".
     if (!liveness::lock_slot(fd, i)) continue;  // another process is claiming it
-    try {
-      // The slot's page of hold entries, before anything is written there.
-      reserve_range(fd, slot_page_offset(i), kSlotPageBytes);
-    } catch (...) {
-      liveness::unlock_slot(fd, i);
-      throw;
+    if (table().take(i, 0, id)) {
+      use_slot_page(fd, i);
+      return static_cast<int>(i);
     }
-    if (table().take(i, 0, id)) return static_cast<int>(i);
     liveness::unlock_slot(fd, i);
   }
   return -1;
@@ -82,7 +92,10 @@ int Pool::take_dead_slot(uint64_t id) {
       Guard g(*this, Mode::kSlow);
       maintain_locked(true, static_cast<int>(i), old);
     }
-    if (table().take(i, 0, id) || table().take(i, old, id)) return static_cast<int>(i);
+    if (table().take(i, 0, id) || table().take(i, old, id)) {
+      use_slot_page(ctl_fd_.get(), i);
+      return static_cast<int>(i);
+    }
     liveness::unlock_slot(ctl_fd_.get(), i);
   }
   return -1;
@@ -175,7 +188,6 @@ std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& c
     // see a published pool without a live process.
     if (!liveness::lock_slot(fd.get(), 0))
       throw_os_error("lock pool control segment", errno);
-    reserve_range(fd.get(), slot_page_offset(0), kSlotPageBytes);
     h->table.take(0, 0, slot_id(::getpid(), SlotKind::kActive));
     int linked = ::link(("/dev/shm" + tmp_name).c_str(), ("/dev/shm" + final_name).c_str());
     int link_errno = errno;
@@ -187,6 +199,7 @@ std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& c
     std::unique_ptr<Pool> p(new Pool(token, std::move(m)));
     p->ctl_fd_ = std::move(fd);
     p->slot_ = 0;
+    p->use_slot_page(p->ctl_fd_.get(), 0);
     return p;
   }
   throw CoreError(ErrorKind::kPool, "could not attach to pool " + token);

@@ -223,6 +223,9 @@ class Pool {
   void claim_slot_or_throw();
   // Claims a free slot for `id` through `fd`; -1 if none is free.
   int claim_free_slot(int fd, uint64_t id);
+  // Reserves the page of hold entries of a slot just claimed (or notes that
+  // /dev/shm had no room for it).
+  void use_slot_page(int fd, uint32_t slot);
   // Takes over a slot whose owner died (its holds are dropped first); -1 if
   // there is none. Never the slot of the lock's (dead) owner.
   int take_dead_slot(uint64_t id);
@@ -264,6 +267,7 @@ class Pool {
   std::optional<BlockRef> allocate_list_locked(uint32_t owner, uint32_t capacity);
   void rebuild_hold_index_locked();
   void drop_all_holds_locked();
+  void empty_hold_list_locked();
   bool copy_holds_to_child_locked(uint32_t child);
   UniqueFd open_control_fd() const;
   // A fork child that cannot hold what it inherited: detached, and its

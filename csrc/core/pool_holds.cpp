@@ -21,12 +21,13 @@ HoldEntry* Pool::hold_list(uint32_t slot, uint32_t* length, uint32_t* capacity) 
   if (bits == BlockRef::kNilBits) {
     // The slot's own page of the control segment (reserved when claimed).
     const uint32_t len = s.holds_length.load(std::memory_order_relaxed);
-    if (len > kInlineHolds)
+    const uint32_t room = s.inline_capacity.load(std::memory_order_acquire);
+    if (len > room || room > kInlineHolds)
       throw CoreError(ErrorKind::kPool, "process slot " + std::to_string(slot) +
                                             " has a hold list longer than its room: the pool's "
                                             "shared memory is corrupt");
     *length = len;
-    *capacity = kInlineHolds;
+    *capacity = room;
     return reinterpret_cast<HoldEntry*>(control_.data() + slot_page_offset(slot));
   }
   // Shared memory is input: the reference is checked like a handle's
@@ -65,7 +66,7 @@ std::optional<BlockRef> Pool::allocate_list_locked(uint32_t owner, uint32_t capa
   const BlockRef ref = a.allocate(block_size, UsedInit{c.next_generation, owner + 1, kFlagHoldList});
   if (ref.nil()) return std::nullopt;
   ++c.next_generation;
-  c.hold_list_bytes += a.header(ref)->size();
+  c.used_bytes += a.header(ref)->size();  // bookkeeping: used, though no array
   return ref;
 }
 
@@ -93,7 +94,7 @@ bool Pool::grow_hold_list_locked(uint32_t slot, uint32_t capacity, Mode mode) {
   s.holds_ref.store(ref->bits(), std::memory_order_release);
   if (old_bits != BlockRef::kNilBits) {
     const BlockRef old_ref = BlockRef::from_bits(old_bits);
-    hdr_->counters.hold_list_bytes -= allocator().header(old_ref)->size();
+    hdr_->counters.used_bytes -= allocator().header(old_ref)->size();
     allocator().free(old_ref);
   }
   return true;
@@ -106,7 +107,7 @@ bool Pool::reserve_hold_locked(Mode mode) {
   // While a fork is under way, entries are only appended, at the same
   // position in our list and the child's (see add_hold_locked).
   const bool room = len < cap || (child < 0 && !free_holds_.empty());
-  if (!room && !grow_hold_list_locked(slot_, 2 * cap, mode)) return false;
+  if (!room && !grow_hold_list_locked(slot_, std::max<uint32_t>(2 * cap, 64), mode)) return false;
   if (child >= 0) {
     hold_list(slot_, &len, &cap);
     uint32_t clen, ccap;
@@ -152,8 +153,25 @@ void Pool::drop_hold_locked(BlockRef ref, BlockHeader& h) {
     holds_.erase(ref.bits());
     free_holds_.push_back(entry);
     if (h.holders > 0) --h.holders;
+    if (holds_.size() == 0) empty_hold_list_locked();
   }
   free_if_unused(ref, h);
+}
+
+void Pool::empty_hold_list_locked() {
+  // Nothing held: start again at the top of the slot's page, and give back
+  // a list block (memory follows what is held). Not while a fork is under
+  // way: the child's list mirrors ours position by position.
+  if (child_slot_.load(std::memory_order_relaxed) >= 0) return;
+  ProcessSlot& s = table().slots[slot_];
+  free_holds_.clear();
+  s.holds_length.store(0, std::memory_order_relaxed);
+  const uint64_t bits = s.holds_ref.load(std::memory_order_relaxed);
+  if (bits == BlockRef::kNilBits || s.inline_capacity.load(std::memory_order_relaxed) == 0) return;
+  s.holds_ref.store(BlockRef::kNilBits, std::memory_order_release);
+  const BlockRef ref = BlockRef::from_bits(bits);
+  hdr_->counters.used_bytes -= allocator().header(ref)->size();
+  allocator().free(ref);
 }
 
 void Pool::drop_all_holds_locked() {
@@ -171,7 +189,7 @@ void Pool::drop_all_holds_locked() {
   s.holds_ref.store(BlockRef::kNilBits, std::memory_order_release);
   if (bits != BlockRef::kNilBits) {
     const BlockRef ref = BlockRef::from_bits(bits);
-    hdr_->counters.hold_list_bytes -= allocator().header(ref)->size();
+    hdr_->counters.used_bytes -= allocator().header(ref)->size();
     allocator().free(ref);
   }
   holds_.clear();

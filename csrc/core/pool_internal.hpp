@@ -35,9 +35,8 @@ struct Counters {
   uint64_t pending_transfers;
   uint64_t pending_blocks;
   uint64_t next_generation;
-  // Bytes of the blocks that hold processes' hold lists: not arrays, so not
-  // in used_bytes or live_blocks, but not free either.
-  uint64_t hold_list_bytes;
+  // used_bytes includes the blocks that hold processes' hold lists (once a
+  // list outgrows its slot's page); live_blocks counts only arrays.
   // No pending count expires before this time: maintenance skips its walk
   // until then unless a process died. Only ever moved earlier between walks.
   uint64_t next_expiry_ns;

@@ -185,7 +185,7 @@ uint64_t Pool::maintain_locked(bool force_rebuild, int also_dead, uint64_t also_
       // A list nobody names any more: a dead slot's, or the old one of a
       // list its owner was growing when it died.
       const bool named = named_lists.count(ref.bits()) != 0;
-      if (named) fresh.hold_list_bytes += size;
+      if (named) fresh.used_bytes += size;
       return named;
     }
     PoolEvent* credit = tally->credit_for(ref.bits());
@@ -282,7 +282,7 @@ void Pool::stats_locked(PoolStats* out) {
   s.segments = hdr_->segment_count.load();
   s.config = hdr_->config;
   s.processes = live_processes_locked(monotonic_ns(), &s.pids);
-  s.free_bytes = c.capacity_bytes - c.used_bytes - c.hold_list_bytes;
+  s.free_bytes = c.capacity_bytes - c.used_bytes;
   s.largest_free_block = allocator().largest_free();
 }
 
@@ -296,11 +296,8 @@ void Pool::verify() {
     sum.capacity_bytes += spans_[seg].size;
     a.for_each_block(seg, [&](BlockRef, const BlockHeader& h) {
       if (!h.used()) return;
-      if (h.flags & kFlagHoldList) {
-        sum.hold_list_bytes += h.size();
-        return;
-      }
       sum.used_bytes += h.size();
+      if (h.flags & kFlagHoldList) return;
       ++sum.live_blocks;
       sum.pending_transfers += h.pending;
       sum.pending_blocks += h.pending > 0;
@@ -329,7 +326,7 @@ void Pool::verify() {
   const Counters& c = hdr_->counters;
   if (sum.capacity_bytes != c.capacity_bytes || sum.used_bytes != c.used_bytes ||
       sum.live_blocks != c.live_blocks || sum.pending_transfers != c.pending_transfers ||
-      sum.pending_blocks != c.pending_blocks || sum.hold_list_bytes != c.hold_list_bytes)
+      sum.pending_blocks != c.pending_blocks)
     throw CoreError(ErrorKind::kPool, "pool counters disagree with the blocks");
 }
 

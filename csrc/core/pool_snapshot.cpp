@@ -11,7 +11,6 @@ void SnapshotBuilder::add_block(const BlockHeader& h) {
   const uint64_t size = h.size();
   if (size == 0) return;
   SizeClassStats& c = classes_[63 - __builtin_clzll(size)];
-  if (h.used() && (h.flags & kFlagHoldList)) return;  // bookkeeping, not arrays
   if (!h.used()) {
     ++c.free_blocks;
     c.free_bytes += size;

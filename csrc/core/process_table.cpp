@@ -70,6 +70,7 @@ bool ProcessTable::take(uint32_t slot, uint64_t from_id, uint64_t id) {
     return false;
   s.holds_ref.store(BlockRef::kNilBits, std::memory_order_relaxed);
   s.holds_length.store(0, std::memory_order_relaxed);
+  s.inline_capacity.store(0, std::memory_order_relaxed);
   s.exiting.store(0, std::memory_order_relaxed);
   s.id.store(id, std::memory_order_seq_cst);
   return true;

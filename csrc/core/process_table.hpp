@@ -31,6 +31,10 @@ struct alignas(64) ProcessSlot {
   // Entries [0, length) of the list may be in use (a dropped hold leaves a
   // nil entry below `length`). Under the pool lock.
   std::atomic<uint32_t> holds_length;
+  // Entries the slot's own page of the control segment has room for:
+  // kInlineHolds, or 0 if /dev/shm had no room for that page when the slot
+  // was claimed (the list then starts in a pool block).
+  std::atomic<uint32_t> inline_capacity;
   // Set by the owner as it exits normally: reclaiming what it held once it
   // is gone is routine, not a loss worth a warning.
   std::atomic<uint32_t> exiting;

@@ -49,14 +49,17 @@ def ensure_pool_name() -> str:
 def _leave_at_exit() -> None:
     # Leave the pool at exit, after multiprocessing has terminated and joined
     # its daemonic workers (finalizers with a negative priority run last):
-    # the last process of the program to leave unlinks every segment.
+    # the last process of the program to leave unlinks every segment. No
+    # hold is dropped here (threads may still use pool memory): the kernel
+    # ends our slot when the process is gone, and the others reclaim.
     # multiprocessing's finalizers run only in the process that made them,
     # so a forked child makes its own.
     mp_util.Finalize(None, _core._shutdown, exitpriority=-100)
 
 
 def _after_fork_child() -> None:
-    _core._after_fork_child()
+    # The child already owns its slot: the C extension's pthread_atfork
+    # handler adopted it inside fork(), before any Python code ran here.
     _leave_at_exit()
 
 
@@ -69,10 +72,6 @@ def _after_multiprocessing_fork(_module: object) -> None:
 def install_hooks() -> None:
     # fork(): the child must hold every block the parent holds at that
     # instant, before the parent can drop one (contract point 13).
-    os.register_at_fork(
-        before=_core._before_fork,
-        after_in_parent=_core._after_fork_parent,
-        after_in_child=_after_fork_child,
-    )
+    os.register_at_fork(before=_core._before_fork, after_in_child=_after_fork_child)
     mp_util.register_after_fork(_core, _after_multiprocessing_fork)
     _leave_at_exit()

@@ -549,9 +549,10 @@ try:
     with open(f"/dev/shm/pyarraypool-{token}", "r+b") as f:
         import mmap
         with mmap.mmap(f.fileno(), 0) as m:
-            slot = struct.pack("<QQ", (pid << 2) | 1, child_start)
+            # A slot: its id, then its hold list (nil: the slot's own page).
+            slot = struct.pack("<QQ", (pid << 2) | 1, 2**64 - 1)
             at = m.find(slot)
-            assert at >= 0 and at % 8 == 0 and m.find(slot, at + 1) == -1, at
+            assert at >= 0 and at % 64 == 0 and m.find(slot, at + 1) == -1, at
             m[at:at + 8] = struct.pack("<Q", (other.pid << 2) | 1)
 
     arr, took = bounded(lambda: pyarraypool.zeros(10))
@@ -572,9 +573,10 @@ print("OK")
 
 @pytest.mark.parametrize("hold_lock", [False, True], ids=["holding-blocks", "holding-lock"])
 def test_slot_whose_pid_was_reused_counts_as_dead(programs, hold_lock):
-    """A slot records its process's start time: a live process that has the
-    slot's pid but another start time is somebody else, and the slot's owner
-    is dead (its blocks and, if it held it, the lock are reclaimed)."""
+    """A slot's owner is alive while the kernel holds its lock, whatever pid
+    the slot names: a live process that has the slot's pid is somebody else,
+    and the slot's owner is dead (its blocks and, if it held it, the lock are
+    reclaimed)."""
     out = programs.run(f"HOLD_LOCK = {hold_lock}\n" + PID_REUSE)
     assert "OK" in out
     assert_left_nothing(out)

@@ -166,20 +166,6 @@ PyObject* before_fork(PyObject*, PyObject*) {
   });
 }
 
-PyObject* after_fork_parent(PyObject*, PyObject*) {
-  return boundary<PyObject*>(nullptr, [&] {
-    ProcessPool::get().after_fork_parent();
-    Py_RETURN_NONE;
-  });
-}
-
-PyObject* after_fork_child(PyObject*, PyObject*) {
-  return boundary<PyObject*>(nullptr, [&] {
-    ProcessPool::get().after_fork_child();
-    Py_RETURN_NONE;
-  });
-}
-
 PyObject* pool_token(PyObject*, PyObject*) {
   pap::Pool* p = ProcessPool::get().attached();
   if (!p) Py_RETURN_NONE;
@@ -274,18 +260,22 @@ PyObject* block_info(PyObject*, PyObject* arr) {
     auto* b = reinterpret_cast<BlockObject*>(block.get());
     pap::Pool& p = ProcessPool::get().pool();
     pap::Pool::BlockInfo info = without_gil([&] { return p.inspect_block(b->ref); });
-    // The holder mask as one Python int: bit i is process slot i.
-    OwnedRef holders = check(PyLong_FromUnsignedLongLong(info.holders.words[1]));
-    OwnedRef shift = check(PyLong_FromLong(64));
-    holders = check(PyNumber_Lshift(holders.get(), shift.get()));
-    OwnedRef low = check(PyLong_FromUnsignedLongLong(info.holders.words[0]));
-    holders = check(PyNumber_Or(holders.get(), low.get()));
+    // The live slots whose hold list names the block, as one Python int:
+    // bit i is process slot i.
+    OwnedRef holders = check(PyLong_FromLong(0));
+    OwnedRef one = check(PyLong_FromLong(1));
+    for (uint32_t slot : info.holder_slots) {
+      OwnedRef shift = check(PyLong_FromUnsignedLong(slot));
+      OwnedRef bit = check(PyNumber_Lshift(one.get(), shift.get()));
+      holders = check(PyNumber_Or(holders.get(), bit.get()));
+    }
     return Py_BuildValue(
-        "{s:O,s:K,s:K,s:K,s:K,s:O,s:I,s:I,s:O,s:I,s:K}", "used", info.used ? Py_True : Py_False,
+        "{s:O,s:K,s:K,s:K,s:K,s:O,s:I,s:I,s:I,s:O,s:I,s:K}", "used", info.used ? Py_True : Py_False,
         "segment", static_cast<unsigned long long>(b->ref.seg()), "offset",
         static_cast<unsigned long long>(b->ref.off()), "size",
         static_cast<unsigned long long>(info.size), "generation",
-        static_cast<unsigned long long>(info.generation), "holders", holders.get(), "pending",
+        static_cast<unsigned long long>(info.generation), "holders", holders.get(),
+        "holder_count", info.holders, "pending",
         info.pending, "flags", info.flags, "check_ok", info.check_ok ? Py_True : Py_False,
         "my_slot", p.slot(), "capacity", static_cast<unsigned long long>(b->capacity));
   });
@@ -345,8 +335,6 @@ PyMethodDef module_methods[] = {
      "    The pool cannot be attached.\n"},
     {"_shutdown", shutdown, METH_NOARGS, "Detach this process from the pool (at exit)."},
     {"_before_fork", before_fork, METH_NOARGS, nullptr},
-    {"_after_fork_parent", after_fork_parent, METH_NOARGS, nullptr},
-    {"_after_fork_child", after_fork_child, METH_NOARGS, nullptr},
     {"_pool_token", pool_token, METH_NOARGS, "Token of the attached pool, or None."},
     {"_pool_identity", pool_identity, METH_NOARGS,
      "The attached pool's identity: {'token', 'instance', 'boot_id'} (attaches if needed)."},

@@ -72,13 +72,13 @@ ProcessPool& ProcessPool::get() {
   // teardown at interpreter exit.
   static ProcessPool* instance = [] {
     auto* pp = new ProcessPool();
-    // In a fork child the event log is reset before anything else runs:
-    // Python's own after-fork hooks, and a release in them, come earlier than
-    // ours (_after_fork_child), and could log the parent's events or wait on
-    // a mutex another parent thread held at the fork.
-    pthread_atfork(nullptr, nullptr, [] {
-      if (pap::Pool* p = ProcessPool::get().attached()) p->reset_events_after_fork();
-    });
+    // fork() is finished in C, in pthread_atfork handlers: the child handler
+    // runs inside fork() itself, before any Python code of the child (the
+    // after-fork hooks of os.register_at_fork, a library's among them, may
+    // drop pool arrays, and must do so as the child, not as the parent).
+    pthread_atfork([] { ProcessPool::get().lock_for_fork(); },
+                   [] { ProcessPool::get().after_fork_parent(); },
+                   [] { ProcessPool::get().after_fork_child(); });
     return pp;
   }();
   return *instance;
@@ -258,11 +258,13 @@ void ProcessPool::shutdown() {
   shut_down_ = true;  // whatever happens below, no hold is released after this
   finish_keeper_start();
   if (pap::Pool* p = pool_.load()) {
-    without_gil([&] { p->leave(); });
+    // No hold is dropped: daemon threads, later exit handlers and copies
+    // running without the GIL may still touch pool memory until this
+    // process is gone. The kernel then drops our slot, and the pool's other
+    // processes take back what we held.
+    without_gil([&] { p->exit_process(); });
     report_pool_events(p);
   }
-  // Arrays that outlive this point keep their memory mapped (the mappings
-  // are never unmapped) but no longer count as holds.
   blocks_.clear();
   std::lock_guard<std::mutex> g(hold_mutex_);
   holds_.clear();
@@ -272,33 +274,52 @@ void ProcessPool::before_fork() {
   pap::Pool* p = attached();
   if (!p) return;
   fork_in_progress_ = true;
-  std::vector<std::pair<pap::BlockRef, uint64_t>> held;
-  held.reserve(blocks_.size());
-  for (const auto& [bits, b] : blocks_) {
-    held.emplace_back(b->ref, b->generation);
-    b->shared = true;  // the child holds it too
-  }
+  for (const auto& [bits, b] : blocks_) b->shared = true;  // the child holds it too
   // With the GIL held, although this may wait for the pool lock (its
   // holders never wait for the GIL, so this cannot deadlock): released here,
-  // another thread could put a block it allocated a moment before into
-  // blocks_ after `held` was made and before the child's slot is reserved.
-  // The child would inherit that _Block without holding its block, which
-  // the parent may then free and reuse.
-  p->before_fork(held);
+  // another thread could publish a block it allocated a moment before
+  // after the child's copy of our hold list is made but before the copying
+  // of later holds to the child starts. A failure is not fatal: the child
+  // then claims a slot of its own and holds what it inherited itself.
+  try {
+    p->before_fork();
+  } catch (const pap::CoreError&) {
+  }
+}
+
+void ProcessPool::lock_for_fork() {
+  // The last thing before the fork, after every Python before-fork hook (a
+  // hook that allocates must not find these taken): no thread may be
+  // half-way through changing the hold table or the core's local state at
+  // the instant the child's copy of this process is made.
+  if (pap::Pool* p = attached()) {
+    hold_mutex_.lock();
+    fork_locked_ = true;
+    p->lock_for_fork();
+  }
 }
 
 void ProcessPool::after_fork_parent() {
   fork_in_progress_ = false;
-  if (pap::Pool* p = attached()) p->after_fork_parent();
+  pap::Pool* p = pool_.load(std::memory_order_acquire);
+  if (p) p->after_fork_parent();
+  if (fork_locked_) hold_mutex_.unlock();
+  fork_locked_ = false;
 }
 
 void ProcessPool::after_fork_child() {
   fork_in_progress_ = false;
+  fork_locked_ = false;
   // Only the forking thread exists in the child: no other thread can hold
   // these mutexes' state there; start them afresh.
   new (&hold_mutex_) std::mutex();
   new (&attach_mutex_) std::mutex();
-  if (pap::Pool* p = attached()) p->after_fork_child();
+  if (pap::Pool* p = pool_.load(std::memory_order_acquire)) {
+    // The event log first: nothing below may log the parent's events or
+    // wait on its mutex as another parent thread left it.
+    p->reset_events_after_fork();
+    p->after_fork_child();  // catches its own errors: nothing may leave a fork handler
+  }
 }
 
 }  // namespace pyb

@@ -72,7 +72,10 @@ class ProcessPool {
   pap::Block attach_block(const pap::Handle& h, uint64_t lo, uint64_t hi);
 
   void shutdown();
+  // fork(): before_fork is the os.register_at_fork hook (GIL held); the
+  // others are pthread_atfork handlers.
   void before_fork();
+  void lock_for_fork();
   void after_fork_parent();
   void after_fork_child();
 
@@ -88,6 +91,7 @@ class ProcessPool {
   std::mutex attach_mutex_;  // one attachment, however many threads start at once
   bool shut_down_ = false;
   bool fork_in_progress_ = false;  // between before_fork and after_fork_*
+  bool fork_locked_ = false;       // hold_mutex_ taken by lock_for_fork
   pap::PoolConfig creation_config_;
   std::unordered_map<uint64_t, BlockObject*> blocks_;  // borrowed: removed on dealloc
 

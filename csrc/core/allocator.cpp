@@ -205,8 +205,9 @@ BlockRef Allocator::allocate(uint64_t block_size, const UsedInit& init) {
     insert_free(rest, have - size);
   }
   h->generation = init.generation;
-  h->holders = HolderMask{};
-  h->holders.set(init.holder_slot);
+  h->holders = 1;  // the allocating process (for a hold list: the list itself)
+  h->list_owner = init.list_owner;
+  h->unused_ = 0;
   h->pending = 0;
   h->flags = init.flags;
   h->pending_deadline_ns = 0;

@@ -56,7 +56,7 @@ struct SegmentSpan {
 // Fields given to a block as it becomes used, written before the commit.
 struct UsedInit {
   uint64_t generation;
-  uint32_t holder_slot;
+  uint32_t list_owner;  // BlockHeader::list_owner: 0 for an array's block
   uint32_t flags;
 };
 

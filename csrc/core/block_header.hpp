@@ -18,8 +18,10 @@ namespace pap {
 constexpr uint64_t kAlign = 64;
 constexpr uint64_t kHeaderSize = 64;
 
-// Number of process slots; a block records its holders as a bitmask of them.
-constexpr uint32_t kMaxSlots = 128;
+// Number of process slots. A block does not record which slots hold it,
+// only how many do (`holders`); each slot keeps its own list of the blocks
+// it holds (hold_list.hpp), so the table can be large.
+constexpr uint32_t kMaxSlots = 4096;
 
 // A block reference: segment index in the top 16 bits, byte offset in the low
 // 48 bits (offsets are multiples of 64, segments at most 2^48 bytes).
@@ -47,40 +49,14 @@ class BlockRef {
   uint64_t bits_;
 };
 
-// The set of process slots holding a block.
-struct HolderMask {
-  uint64_t words[kMaxSlots / 64];
-
-  bool test(uint32_t slot) const { return (words[slot / 64] >> (slot % 64)) & 1; }
-  void set(uint32_t slot) { words[slot / 64] |= uint64_t{1} << (slot % 64); }
-  void clear(uint32_t slot) { words[slot / 64] &= ~(uint64_t{1} << (slot % 64)); }
-  bool any() const {
-    for (uint64_t w : words)
-      if (w) return true;
-    return false;
-  }
-  uint32_t count() const {
-    uint32_t n = 0;
-    for (uint64_t w : words) n += static_cast<uint32_t>(__builtin_popcountll(w));
-    return n;
-  }
-  // Clears every slot of `mask`; returns true if any was set.
-  bool clear_all(const HolderMask& mask) {
-    bool hit = false;
-    for (size_t i = 0; i < kMaxSlots / 64; ++i) {
-      hit |= (words[i] & mask.words[i]) != 0;
-      words[i] &= ~mask.words[i];
-    }
-    return hit;
-  }
-};
-
 // Block flags (BlockHeader::flags): the low 8 bits are flags; the high 24
 // bits hold the pid of the process that made the block's newest pending
 // pickle (0 if none or unknown), for diagnostics only. Pids fit: Linux caps
 // pid_max at 2^22. It lives here because the 64-byte header has no room
 // left.
 constexpr uint32_t kFlagTransferRequired = 1;
+// The block is a process slot's hold list (hold_list.hpp), not an array.
+constexpr uint32_t kFlagHoldList = 2;
 constexpr uint32_t kFlagBits = 0xff;
 constexpr uint32_t kSenderShift = 8;
 inline uint32_t with_sender(uint32_t flags, int pid) {
@@ -108,7 +84,15 @@ struct alignas(64) BlockHeader {
       uint64_t next;  // BlockRef bits of the next free block of the same class
       uint64_t prev;  // BlockRef bits of the previous one
     } free_links;
-    HolderMask holders;  // processes holding the block (while used)
+    struct {
+      // How many process slots hold the block (while used). Derived: it
+      // equals the number of live slots whose hold list names the block,
+      // and repair recounts it from those lists.
+      uint32_t holders;
+      // For a hold list (kFlagHoldList): the slot that owns it, plus one.
+      uint32_t list_owner;
+      uint64_t unused_;
+    };
   };
   uint32_t pending;              // pickles sent but not loaded yet
   uint32_t flags;                // kFlag* | sender pid (see kSenderShift)

@@ -42,14 +42,26 @@ class LocalCache {
   // Empties the cache, handing each block to `release`.
   template <class F>
   void drain(F&& release) {
+    freeze();
+    drain_frozen(release);
+    thaw();
+  }
+  // Keeps the other threads out (take() and put() give up) until thaw():
+  // a fork empties the cache and copies this process's holds for the child
+  // meanwhile, and no block may move into the cache in between (the child
+  // would hold a block nothing of it refers to).
+  void freeze() {
     while (busy_.test_and_set(std::memory_order_acquire)) {
     }
+  }
+  void thaw() { busy_.clear(std::memory_order_release); }
+  template <class F>
+  void drain_frozen(F&& release) {
     for (uint32_t c = 0; c < kClasses; ++c) {
       for (uint8_t i = 0; i < count_[c]; ++i) release(entries_[c][i]);
       count_[c] = 0;
     }
     bytes_ = 0;
-    busy_.clear(std::memory_order_release);
   }
   // Forgets every entry without releasing it (a fork child: the entries
   // are its parent's).

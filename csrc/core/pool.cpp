@@ -3,10 +3,13 @@
 
 #include "core/pool_internal.hpp"
 
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <cstring>
 
 #include "core/errors.hpp"
@@ -38,43 +41,111 @@ PoolId Pool::instance() const {
   return id;
 }
 
-void Pool::claim_slot_or_throw() {
-  const uint64_t id = slot_id(::getpid(), my_kind());
-  ProcessTable::SlotFields mine;
-  mine.start_time = process_start_time(::getpid());
-  int s = table().claim(id, mine);
-  if (s >= 0) {
-    slot_ = static_cast<uint32_t>(s);
-    return;
+bool Pool::slot_alive(uint32_t slot) const {
+  if (slot >= kMaxSlots) return false;
+  if (slot == slot_ && !left_) return true;
+  const uint64_t id = hdr_->table.slots[slot].id.load(std::memory_order_acquire);
+  if (id == 0) return false;
+  if (id == kReleasingId) return true;  // being changed right now by a live process
+  return liveness::held_by_other(ctl_fd_.get(), slot);
+}
+
+void Pool::use_slot_page(int fd, uint32_t slot) {
+  // The slot's page of hold entries is reserved before anything is written
+  // there. A full /dev/shm does not keep a process out: its list then
+  // starts in a block of the pool, whose memory is reserved already.
+  uint32_t room = kInlineHolds;
+  try {
+    reserve_range(fd, slot_page_offset(slot), kSlotPageBytes);
+  } catch (const CoreError& e) {
+    if (e.kind() != ErrorKind::kPoolFull) throw;
+    room = 0;
   }
+  table().slots[slot].inline_capacity.store(room, std::memory_order_release);
+}
+
+int Pool::claim_free_slot(int fd, uint64_t id) {
+  for (uint32_t i = 0; i < kMaxSlots; ++i) {
+    if (table().slots[i].id.load(std::memory_order_relaxed) != 0) continue;
+    // The lock first, then the id: a slot whose id is set is always either
+    // locked by its owner or dead, never "claimed but not locked yet".
+    if (!liveness::lock_slot(fd, i)) continue;  // another process is claiming it
+    if (table().take(i, 0, id)) {
+      use_slot_page(fd, i);
+      return static_cast<int>(i);
+    }
+    liveness::unlock_slot(fd, i);
+  }
+  return -1;
+}
+
+int Pool::take_dead_slot(uint64_t id) {
+  for (uint32_t i = 0; i < kMaxSlots; ++i) {
+    const uint64_t old = table().slots[i].id.load(std::memory_order_acquire);
+    if (old == 0 || old == kReleasingId) continue;
+    if (!liveness::lock_slot(ctl_fd_.get(), i)) continue;  // its owner lives
+    // The owner is dead. If it died holding the pool lock, the lock's
+    // waiters must go on seeing that owner dead to take the lock over:
+    // leave its slot alone. A dead process never takes the lock again, so
+    // what the word says now is final for it.
+    if (futex_lock::owner_of(hdr_->lock.load(std::memory_order_acquire)) == i + 1) {
+      liveness::unlock_slot(ctl_fd_.get(), i);
+      continue;
+    }
+    // The slot is ours (we hold its byte); its hold list is still the dead
+    // owner's. Drop those holds, then make the slot ours in the table.
+    slot_ = i;
+    {
+      Guard g(*this, Mode::kSlow);
+      maintain_locked(true, static_cast<int>(i), old);
+    }
+    if (table().take(i, 0, id) || table().take(i, old, id)) {
+      use_slot_page(ctl_fd_.get(), i);
+      return static_cast<int>(i);
+    }
+    liveness::unlock_slot(ctl_fd_.get(), i);
+  }
+  return -1;
+}
+
+void Pool::claim_slot_or_throw() {
+  const uint64_t id = slot_id(pid_, my_kind());
+  int s = claim_free_slot(ctl_fd_.get(), id);
   // An observer takes only a free slot: taking a dead one over means
   // reclaiming its blocks, which is the pool's own processes' to do.
-  if (observer_)
+  if (s < 0 && observer_)
     throw CoreError(ErrorKind::kPool, "no free slot to look at the pool (limit " +
                                           std::to_string(kMaxSlots) + " processes)");
-  // Every slot is taken: take one whose owner is dead and clear its bits
-  // before holding anything. Never the lock owner's slot: a waiter must
-  // still see that owner as dead to repair after it.
-  uint32_t owner = futex_lock::owner_of(hdr_->lock.load(std::memory_order_relaxed));
-  uint64_t now = monotonic_ns();
-  uint64_t dead_owner = 0;
-  for (uint32_t i = 0; i < kMaxSlots && s < 0; ++i) {
-    uint64_t old = table().slots[i].id.load(std::memory_order_acquire);
-    if (old == 0 || old == kReleasingId || i + 1 == owner || table().alive(i, now)) continue;
-    if (table().take(i, old, id, mine)) {
-      s = static_cast<int>(i);
-      dead_owner = old;
-    }
-  }
+  if (s < 0) s = take_dead_slot(id);
   if (s < 0)
     throw CoreError(ErrorKind::kPool, "too many processes attached to the pool (limit " +
                                           std::to_string(kMaxSlots) + ")");
   slot_ = static_cast<uint32_t>(s);
-  HolderMask inherited{};
-  inherited.set(slot_);
-  Guard g(*this, Mode::kSlow);
-  maintain_locked(true, inherited, dead_owner);  // clears the dead owner's bits, now ours
 }
+
+namespace {
+
+// A new open file description of the file `fd` is open on (a dup() would
+// share the description, and with it its locks). /proc/self/fd reaches the
+// file even if it was unlinked; without /proc, the name must still lead to
+// the same file.
+UniqueFd reopen_description(int fd, const std::string& name) {
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+  int raw = ::open(path, O_RDWR | O_CLOEXEC);
+  if (raw < 0) raw = ::shm_open(name.c_str(), O_RDWR | O_CLOEXEC, 0);
+  if (raw < 0) throw_os_error("reopen " + name, errno);
+  UniqueFd out(raw);
+  struct stat mine, theirs;
+  if (::fstat(fd, &mine) != 0 || ::fstat(out.get(), &theirs) != 0 ||
+      mine.st_ino != theirs.st_ino || mine.st_dev != theirs.st_dev)
+    throw CoreError(ErrorKind::kPool, "the pool's control segment " + name + " was replaced");
+  return out;
+}
+
+}  // namespace
+
+UniqueFd Pool::open_control_fd() const { return reopen_description(ctl_fd_.get(), control_name(token_)); }
 
 std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& config,
                                    ProgramRoot root) {
@@ -97,7 +168,10 @@ std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& c
     const std::string tmp_name = final_name + ".init" + random_token().substr(0, 12);
     unlink_segment(tmp_name);
     Mapping m;
-    if (create_segment(tmp_name, kControlBytes, &m) == CreateResult::kExists) continue;
+    UniqueFd fd;
+    if (create_segment(tmp_name, kControlBytes, &m, &fd, kControlHeaderBytes) ==
+        CreateResult::kExists)
+      continue;
     auto* h = reinterpret_cast<ControlHeader*>(m.data());
     // The file is zero-filled: only non-zero fields need writing.
     h->layout_version = kLayoutVersion;
@@ -114,11 +188,15 @@ std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& c
     h->counters = Counters{};
     h->counters.next_generation = 1;
     h->magic.store(kMagic, std::memory_order_release);
+    // The slot locks go through a description of their own: the mapping
+    // keeps the description it was made from alive for as long as it
+    // exists, in fork children too, and a lock on it would outlive us.
+    fd = reopen_description(fd.get(), tmp_name);
     // Claim our slot before the pool becomes visible: a cleaner must never
     // see a published pool without a live process.
-    ProcessTable::SlotFields mine;
-    mine.start_time = process_start_time(::getpid());
-    const int first_slot = h->table.claim(slot_id(::getpid(), SlotKind::kActive), mine);
+    if (!liveness::lock_slot(fd.get(), 0))
+      throw_os_error("lock pool control segment", errno);
+    h->table.take(0, 0, slot_id(::getpid(), SlotKind::kActive));
     int linked = ::link(("/dev/shm" + tmp_name).c_str(), ("/dev/shm" + final_name).c_str());
     int link_errno = errno;
     unlink_segment(tmp_name);
@@ -127,7 +205,9 @@ std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& c
       throw_os_error("link " + final_name, link_errno);
     }
     std::unique_ptr<Pool> p(new Pool(token, std::move(m)));
-    p->slot_ = static_cast<uint32_t>(first_slot);
+    p->ctl_fd_ = std::move(fd);
+    p->slot_ = 0;
+    p->use_slot_page(p->ctl_fd_.get(), 0);
     p->created_ = true;
     return p;
   }
@@ -152,7 +232,8 @@ std::unique_ptr<Pool> Pool::attach_existing_as(const std::string& token, bool ob
   int dead_seen = 0;
   for (int attempt = 0; attempt < 2000; ++attempt) {
     Mapping m;
-    if (!open_segment(control_name(token), kControlBytes, 0, &m)) {
+    UniqueFd fd;
+    if (!open_segment(control_name(token), kControlBytes, 0, &m, &fd)) {
       return nullptr;
     }
     auto* h = reinterpret_cast<ControlHeader*>(m.data());
@@ -173,6 +254,8 @@ std::unique_ptr<Pool> Pool::attach_existing_as(const std::string& token, bool ob
     }
     std::unique_ptr<Pool> p(new Pool(token, std::move(m)));
     p->observer_ = observer;
+    // Not the mapping's description (see attach()).
+    p->ctl_fd_ = reopen_description(fd.get(), control_name(token));
     p->claim_slot_or_throw();
     // Pairs with leave(): the leaver marks the pool dead, then looks for
     // live slots; we claimed a slot, then look at the state. One of the two
@@ -181,8 +264,8 @@ std::unique_ptr<Pool> Pool::attach_existing_as(const std::string& token, bool ob
       const StuckDead settled =
           dead_seen >= kStuckDead ? p->settle_stuck_dead() : StuckDead::kRetry;
       if (settled == StuckDead::kRevived) return p;
-      p->table().release(p->slot_);
-      p->left_ = true;
+      p->table().release_if(p->slot_, slot_id(p->pid_, p->my_kind()));
+      p->left_ = true;  // and its descriptor, with the slot's lock, closes with it
       if (settled == StuckDead::kRemoved) return nullptr;
       sleep_ms(1);
       continue;
@@ -238,10 +321,8 @@ void Pool::leave_impl(bool unlink_if_last, LeaveStep die_at) {
   bool last = false;
   {
     Guard g(*this, Mode::kSlow);
-    HolderMask me{};
-    me.set(slot_);
     cache_.forget();  // the walk below drops our holds on cached blocks too
-    if (!observer_) maintain_locked(true, me);  // an observer holds nothing
+    drop_all_holds_locked();
     left_ = true;
     const bool root = is_me(hdr_->root);
     if (root) hdr_->root_left.store(1, std::memory_order_seq_cst);
@@ -258,7 +339,8 @@ void Pool::leave_impl(bool unlink_if_last, LeaveStep die_at) {
   // Our slot is freed only after the lock is released: killed while holding
   // the lock, we must still be found dead by the lock's waiters, never
   // replaced in our slot by a live newcomer that they would wait for.
-  table().release_if(slot_, slot_id(::getpid(), my_kind()));
+  table().release_if(slot_, slot_id(pid_, my_kind()));
+  liveness::unlock_slot(ctl_fd_.get(), slot_);
   if (last) {
     unlink_data_files(token_);
     step(LeaveStep::kDataUnlinked);
@@ -266,31 +348,69 @@ void Pool::leave_impl(bool unlink_if_last, LeaveStep die_at) {
   }
 }
 
-void Pool::before_fork(const std::vector<std::pair<BlockRef, uint64_t>>& held) {
-  Guard g(*this, Mode::kSlow);
-  local_mutex_.lock();  // released by after_fork_*: no thread may be mid-append at fork
-  fork_prepared_ = true;
-  child_slot_id_ = slot_id(::getpid(), SlotKind::kReserved);
-  ProcessTable::SlotFields reservation;
-  reservation.reserved_at_ns = monotonic_ns();
-  reservation.reserved_ticks = boot_ticks();
-  int reserved = table().claim(child_slot_id_, reservation);
-  if (reserved < 0) return;  // too many processes: the child attaches on its own
-  child_slot_.store(reserved, std::memory_order_relaxed);
-  for (const auto& [ref, gen] : held) {
-    BlockHeader* h = allocator().header(ref);
-    if (h->used() && h->generation == gen) h->holders.set(static_cast<uint32_t>(reserved));
+void Pool::exit_process() {
+  if (left_) return;
+  table().slots[slot_].exiting.store(1, std::memory_order_release);
+  bool last = false;
+  {
+    Guard g(*this, Mode::kSlow);
+    // Cached blocks are the exception: no array is left on them (their last
+    // one was released), so nothing can still touch them.
+    drain_cache_locked();
+    const bool root = is_me(hdr_->root);
+    if (root) hdr_->root_left.store(1, std::memory_order_seq_cst);
+    // The handshake of leave(), but keeping our slot and every hold: the
+    // kernel frees the slot when this process is gone, and only then may
+    // its blocks be reused.
+    hdr_->state.store(kStateDead, std::memory_order_seq_cst);
+    last = nobody_needs_pool_locked(root);
+    if (!last) hdr_->state.store(kStateRunning, std::memory_order_seq_cst);
+    left_ = true;
+  }
+  if (last) {
+    // Nobody can attach any more; our mappings stay valid until we are gone.
+    unlink_data_files(token_);
+    ::shm_unlink(control_name(token_).c_str());
   }
 }
 
-void Pool::after_fork_parent() {
-  const int reserved = child_slot_.exchange(-1);
-  if (reserved >= 0) {
-    // The child now exists (or the fork failed): its reservation lives as
-    // long as that child has not adopted it (ProcessTable::alive).
-    std::atomic<uint64_t>& t = table().slots[reserved].reserved_ticks;
-    t.store(t.load(std::memory_order_relaxed) | kForkReturned, std::memory_order_release);
+void Pool::before_fork() {
+  Guard g(*this, Mode::kSlow);
+  // The cache's blocks have no array left on them: they are freed, not
+  // copied to the child (which would hold them for nothing).
+  cache_.freeze();
+  struct Thaw {
+    LocalCache& c;
+    ~Thaw() { c.thaw(); }
+  } thaw{cache_};
+  cache_.drain_frozen([&](const Block& b) { drop_hold_locked(b.ref, *checked_header(b.ref, b.generation)); });
+  // The child's own open file description, locked on its byte now: the
+  // child inherits it and keeps it; we close our copy once fork() returns.
+  // So the reservation lives exactly as long as the child (or, if the fork
+  // fails, until we close it), and dies with an exec of the child.
+  UniqueFd fd = open_control_fd();
+  int reserved = claim_free_slot(fd.get(), slot_id(pid_, SlotKind::kReserved));
+  if (reserved < 0) {
+    maintain_locked(false);  // frees the slots of the dead
+    reserved = claim_free_slot(fd.get(), slot_id(pid_, SlotKind::kReserved));
   }
+  if (reserved < 0) return;  // too many processes: the child attaches on its own
+  if (!copy_holds_to_child_locked(static_cast<uint32_t>(reserved))) {
+    table().release_if(static_cast<uint32_t>(reserved), slot_id(pid_, SlotKind::kReserved));
+    return;  // no room for the child's list: it attaches on its own
+  }
+  child_fd_ = std::move(fd);
+  child_slot_.store(reserved, std::memory_order_relaxed);
+}
+
+void Pool::lock_for_fork() {
+  local_mutex_.lock();  // released by after_fork_*
+  fork_prepared_ = true;
+}
+
+void Pool::after_fork_parent() {
+  child_slot_.store(-1, std::memory_order_relaxed);
+  child_fd_.reset();  // the child has its own reference to it now
   if (fork_prepared_) local_mutex_.unlock();
   fork_prepared_ = false;
 }
@@ -299,28 +419,35 @@ void Pool::after_fork_child() {
   pid_ = ::getpid();
   cache_.forget();  // the parent's blocks, held by the parent
   const int reserved = child_slot_.exchange(-1);
-  const bool prepared = fork_prepared_;
+  if (fork_prepared_) new (&local_mutex_) std::mutex();  // its owner is the parent's thread
   fork_prepared_ = false;
-  if (prepared) local_mutex_.unlock();
-  ProcessTable::SlotFields mine;
-  mine.start_time = process_start_time(::getpid());
-  // The reservation names the parent; it may have expired and been freed
-  // if this child was stopped for a long time between fork and now.
-  if (prepared && reserved >= 0 &&
-      table().take(static_cast<uint32_t>(reserved), child_slot_id_,
-                   slot_id(::getpid(), SlotKind::kActive), mine)) {
-    slot_ = static_cast<uint32_t>(reserved);
+  // Whatever happens next, the parent's description (and its lock) is not
+  // ours to keep: it must die with the parent.
+  if (left_) {
+    ctl_fd_.reset();
+    child_fd_.reset();
     return;
   }
-  // No reservation: the parent's slot is not ours to use. Attach afresh
-  // (inherited blocks are then unprotected); if even that fails, this
-  // process is detached and every operation raises.
+  if (reserved >= 0 && child_fd_) {
+    ctl_fd_ = std::move(child_fd_);
+    slot_ = static_cast<uint32_t>(reserved);
+    table().slots[slot_].id.store(slot_id(pid_, SlotKind::kActive), std::memory_order_seq_cst);
+    holds_stale_ = true;  // our list is a copy of the parent's, with later additions
+    return;
+  }
+  // No reservation: a slot of our own, then a hold on every block we
+  // inherited that still exists (rebuild_hold_index_locked, kRehold).
   try {
+    UniqueFd mine = open_control_fd();
+    ctl_fd_ = std::move(mine);
     claim_slot_or_throw();
+    rehold_inherited_ = true;
+    holds_stale_ = true;
   } catch (...) {
-    left_ = true;
-    throw;
+    ctl_fd_.reset();
+    detach_inherited("no free process slot");
   }
 }
 
 }  // namespace pap
+

@@ -7,14 +7,16 @@
 // and every lock hold is short and free of system calls in the common case.
 //
 // Lifetime protocol (the invariant every operation keeps):
-//   a used block stays used while  holders.any() || pending > 0
-// where `holders` has one bit per process slot holding the block (a process
-// sets its bit once, however many Python objects it has on the block) and
-// `pending` counts pickles made with transfer_required that have not been
-// loaded. The last operation that makes the condition false frees the block
-// in the same critical section. A dead process's bits are cleared by the
-// survivor that notices it is dead; expired pending counts are dropped after
-// `transfer_timeout`.
+//   a used block stays used while  holders > 0 || pending > 0
+// where `holders` counts the process slots holding the block (a process
+// holds a block once, however many Python objects it has on it, and names
+// it in its hold list, hold_list.hpp) and `pending` counts pickles made with
+// transfer_required that have not been loaded. The last operation that
+// makes the condition false frees the block in the same critical section.
+// A process is alive while the kernel holds its lock on its slot's byte of
+// the control file (liveness.hpp); a dead process's holds are dropped by
+// the survivor that notices, from its hold list; expired pending counts are
+// dropped after `transfer_timeout`.
 #pragma once
 
 #include <atomic>
@@ -29,6 +31,8 @@
 #include "core/block_header.hpp"
 #include "core/futex_lock.hpp"
 #include "core/handle.hpp"
+#include "core/hold_list.hpp"
+#include "core/liveness.hpp"
 #include "core/local_cache.hpp"
 #include "core/pool_events.hpp"
 #include "core/process_table.hpp"
@@ -146,6 +150,13 @@ class Pool {
   // Detaches this process: drops all its holds and its slot; the last
   // process of the pool unlinks every segment when `unlink_if_last`.
   void leave(bool unlink_if_last = true);
+  // At process exit: drops no hold (other threads, daemon threads and
+  // later exit handlers may still touch pool memory until the process is
+  // gone; the kernel then drops its slot lock, and survivors reclaim what
+  // it held without a warning). If no other process needs the pool, it
+  // unlinks every segment now; mappings stay valid until the process ends.
+  // Every later operation of this process raises.
+  void exit_process();
   bool left() const { return left_; }
   // Test hook for crash tests: leave() as the last process would, but
   // SIGKILL this process at `at`, the steps where a SIGTERM (Pool.terminate()
@@ -153,13 +164,26 @@ class Pool {
   enum class LeaveStep { kNone, kMarkedDead, kUnlocked, kDataUnlinked };
   [[noreturn]] void die_while_leaving(LeaveStep at);
 
-  // fork(): before_fork reserves a slot for the child and, under the pool
-  // lock, marks it as a holder of every block in `held`; it returns holding
-  // the local mutex (no thread may be mid-way through mapping a segment at
-  // the fork), which exactly one of the after_fork_* releases.
-  void before_fork(const std::vector<std::pair<BlockRef, uint64_t>>& held);
+  // fork(): before_fork reserves a slot for the child (locked through a
+  // new open file description of the control file, which the child keeps)
+  // and, under the pool lock, gives it a copy of this process's hold list;
+  // blocks this process takes until the fork is over are copied too.
+  // after_fork_child runs in a pthread_atfork child handler,
+  // before any other code of the child: the child owns its slot before
+  // anything can release an array in it. Without a reservation (the
+  // reservation failed, or the fork did not go through before_fork) the
+  // child claims a slot of its own and takes a hold on every block it
+  // inherited that still exists; a child that cannot even do that is
+  // detached and its inherited pool memory made inaccessible, never used
+  // unprotected.
+  void before_fork();
+  // A pthread_atfork prepare handler: takes the local mutex (no thread may
+  // be mid-way through mapping a segment at the fork).
+  void lock_for_fork();
   void after_fork_parent();
   void after_fork_child();
+  // Whether the owner of `slot` is alive (this process's own slot: true).
+  bool slot_alive(uint32_t slot) const;
 
   // Checks every allocator and accounting invariant (tests, debug).
   void verify();
@@ -173,7 +197,8 @@ class Pool {
     bool used;
     uint64_t size;  // whole block, header included
     uint64_t generation;
-    HolderMask holders;
+    uint32_t holders;                   // the count in the header
+    std::vector<uint32_t> holder_slots;  // live slots whose hold list names it
     uint32_t pending;
     uint32_t flags;
     bool check_ok;
@@ -226,6 +251,14 @@ class Pool {
   AllocState& alloc_state();
   ProcessTable& table();
   void claim_slot_or_throw();
+  // Claims a free slot for `id` through `fd`; -1 if none is free.
+  int claim_free_slot(int fd, uint64_t id);
+  // Reserves the page of hold entries of a slot just claimed (or notes that
+  // /dev/shm had no room for it).
+  void use_slot_page(int fd, uint32_t slot);
+  // Takes over a slot whose owner died (its holds are dropped first); -1 if
+  // there is none. Never the slot of the lock's (dead) owner.
+  int take_dead_slot(uint64_t id);
   static std::unique_ptr<Pool> attach_existing_as(const std::string& token, bool observer);
   // A pool marked dead long after its marker should have removed it or
   // marked it running again: that process was killed in between. We finish
@@ -244,8 +277,35 @@ class Pool {
   // `also_dead` slots are treated as dead owners'; `also_dead_id`, if not 0,
   // is the id their dead owner had (for the reclaim event; 0: no event, as
   // when a process leaves).
-  uint64_t maintain_locked(bool force_rebuild, const HolderMask& also_dead,
-                           uint64_t also_dead_id = 0);
+  uint64_t maintain_locked(bool force_rebuild, int also_dead = -1, uint64_t also_dead_id = 0);
+  // Hold lists (pool_holds.cpp). All under the lock.
+  // Room for one more entry in this process's list (and in the child's
+  // while a fork is under way); false if a list block cannot be had
+  // without growing the pool (kFast) or at all (kSlow: after growing).
+  bool reserve_hold_locked(Mode mode);
+  // Names the block in this process's list (and the child's during a
+  // fork) and counts the holds. Needs reserve_hold_locked() first.
+  void add_hold_locked(BlockRef ref, uint64_t generation, BlockHeader& h, bool counted);
+  // Drops this process's hold on the block; frees it if unused.
+  void drop_hold_locked(BlockRef ref, BlockHeader& h);
+  // The list of `slot` if it checks out (nullptr if it has none); throws
+  // kPool if the slot names something that is not its list.
+  HoldEntry* hold_list(uint32_t slot, uint32_t* length, uint32_t* capacity);
+  // The block an entry names, if it is still that used array block.
+  BlockHeader* held_block(const HoldEntry& e);
+  bool grow_hold_list_locked(uint32_t slot, uint32_t capacity, Mode mode);
+  std::optional<BlockRef> allocate_list_locked(uint32_t owner, uint32_t capacity);
+  void rebuild_hold_index_locked();
+  void drop_all_holds_locked();
+  void empty_hold_list_locked();
+  bool copy_holds_to_child_locked(uint32_t child);
+  UniqueFd open_control_fd() const;
+  // A fork child that cannot hold what it inherited: detached, and its
+  // mappings of pool memory made inaccessible. Says why on stderr.
+  void detach_inherited(const char* why) noexcept;
+  // The used block `ref` with this generation, checked like a handle's
+  // (mapped segment, inside it, used, generation and check); else nullptr.
+  BlockHeader* find_header(BlockRef ref, uint64_t generation);
   void stats_locked(PoolStats* s);
   void snapshot_locked(PoolSnapshot* s);
   uint32_t live_processes_locked(uint64_t now, std::vector<int>* pids, bool count_me = true);
@@ -260,10 +320,23 @@ class Pool {
   uint64_t check_key_;  // ControlHeader::check_key, read once: it never changes
   uint32_t slot_ = 0;
   int pid_ = 0;  // getpid() is a system call: kept for add_pending's sender
+  // This process's own open file description of the control file, whose
+  // lock on byte slot_ says it is alive (liveness.hpp). O_CLOEXEC.
+  UniqueFd ctl_fd_;
+  // This process's holds: block -> entry of its hold list, the entries
+  // below the list's length that are free, and whether the index must be
+  // rebuilt from the shared list (a fork child, at its first locked call).
+  HoldIndex holds_;
+  std::vector<uint32_t> free_holds_;
+  bool holds_stale_ = false;
+  // A fork child without a reservation: hold again what the index
+  // (inherited from the parent) names, at the first locked call.
+  bool rehold_inherited_ = false;
   // The slot reserved for a child between before_fork and after_fork_*;
-  // blocks allocated or attached meanwhile are marked for it too.
+  // blocks allocated or attached meanwhile go into its hold list too, at
+  // the same position as in ours. Its lock is held through child_fd_.
   std::atomic<int> child_slot_{-1};
-  uint64_t child_slot_id_ = 0;  // the reservation's id
+  UniqueFd child_fd_;
   bool fork_prepared_ = false;
   bool left_ = false;
   bool observer_ = false;  // see attach_observer

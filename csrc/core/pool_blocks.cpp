@@ -21,11 +21,14 @@ std::optional<Block> Pool::allocate(uint64_t bytes, bool transfer_required, Mode
     if (auto b = cache_.take(bytes, transfer_required ? kFlagTransferRequired : 0u)) return b;
   Guard g(*this, mode);
   if (!g.held()) return std::nullopt;
+  // Room in our hold list first: once the block is ours, naming it there
+  // must not fail.
+  if (!reserve_hold_locked(mode)) return std::nullopt;
   if (auto b = allocate_locked(block_size, transfer_required)) return b;
   if (mode == Mode::kFast) return std::nullopt;
   // Out of room: first take back what dead processes and expired pickles
   // hold, then grow by a segment.
-  if (maintain_locked(false, HolderMask{}) > 0)
+  if (maintain_locked(false) > 0)
     if (auto b = allocate_locked(block_size, transfer_required)) return b;
   grow_locked(block_size, bytes);
   if (auto b = allocate_locked(block_size, transfer_required)) return b;
@@ -34,15 +37,13 @@ std::optional<Block> Pool::allocate(uint64_t bytes, bool transfer_required, Mode
 
 std::optional<Block> Pool::allocate_locked(uint64_t block_size, bool transfer_required) {
   Counters& c = hdr_->counters;
-  UsedInit init{c.next_generation, slot_, transfer_required ? kFlagTransferRequired : 0u};
+  UsedInit init{c.next_generation, 0, transfer_required ? kFlagTransferRequired : 0u};
   Allocator a = allocator();
   BlockRef ref = a.allocate(block_size, init);
   if (ref.nil()) return std::nullopt;
   ++c.next_generation;
   BlockHeader* h = a.header(ref);
-  // Another thread is forking: the child inherits this block's arrays too.
-  if (int child = child_slot_.load(std::memory_order_relaxed); child >= 0)
-    h->holders.set(static_cast<uint32_t>(child));
+  add_hold_locked(ref, init.generation, *h, /*counted=*/true);
   c.used_bytes += h->size();
   ++c.live_blocks;
   return Block{ref, init.generation, h->payload(), h->capacity(), init.flags};
@@ -74,7 +75,24 @@ void Pool::throw_full(uint64_t bytes) {
           " (before the program first uses the pool), or drop arrays and load pending pickles");
 }
 
+BlockHeader* Pool::find_header(BlockRef ref, uint64_t generation) {
+  if (ref.seg() >= mapped_.load(std::memory_order_acquire)) return nullptr;
+  const SegmentSpan& s = spans_[ref.seg()];
+  const uint64_t end = s.size & kSizeMask;  // where the chain of blocks ends
+  if (s.size == 0 || ref.off() % kAlign != 0 || ref.off() + kHeaderSize > end) return nullptr;
+  BlockHeader* h = allocator().header(ref);
+  // The size is checked too: it bounds every view of the block (capacity).
+  // A hold list is no array: no handle may name one.
+  if (!h->used() || h->generation != generation || (h->flags & kFlagHoldList) ||
+      h->check != header_check(ref.off(), generation, check_key_) || h->size() < kHeaderSize ||
+      h->size() > end - ref.off())
+    return nullptr;
+  return h;
+}
+
 BlockHeader* Pool::checked_header(BlockRef ref, uint64_t generation) {
+  if (BlockHeader* h = find_header(ref, generation)) return h;
+  // Why not, in the words the caller's user needs.
   if (ref.seg() >= mapped_.load(std::memory_order_acquire))
     throw CoreError(ErrorKind::kStaleHandle, "handle names a segment this pool does not have");
   const SegmentSpan& s = spans_[ref.seg()];
@@ -83,19 +101,12 @@ BlockHeader* Pool::checked_header(BlockRef ref, uint64_t generation) {
   const uint64_t end = s.size & kSizeMask;  // where the chain of blocks ends
   if (ref.off() % kAlign != 0 || ref.off() + kHeaderSize > end)
     throw CoreError(ErrorKind::kInvalidHandle, "handle points outside its segment");
-  BlockHeader* h = allocator().header(ref);
-  // The size is checked too: it bounds every view of the block (capacity).
-  if (!h->used() || h->generation != generation ||
-      h->check != header_check(ref.off(), generation, check_key_) || h->size() < kHeaderSize ||
-      h->size() > end - ref.off())
-    throw CoreError(ErrorKind::kStaleHandle,
-                    "the block this handle names has been freed (generation " +
-                        std::to_string(generation) + ")");
-  return h;
+  throw CoreError(ErrorKind::kStaleHandle, "the block this handle names has been freed (generation " +
+                                               std::to_string(generation) + ")");
 }
 
 void Pool::free_if_unused(BlockRef ref, BlockHeader& h) {
-  if (h.holders.any() || h.pending > 0) return;
+  if (h.holders > 0 || h.pending > 0) return;
   Counters& c = hdr_->counters;
   c.used_bytes -= h.size();
   --c.live_blocks;
@@ -110,18 +121,14 @@ bool Pool::release_unshared(const Block& b, Mode mode) {
 
 void Pool::drain_cache_locked() {
   cache_.drain([&](const Block& b) {
-    BlockHeader* h = checked_header(b.ref, b.generation);
-    h->holders.clear(slot_);
-    free_if_unused(b.ref, *h);
+    drop_hold_locked(b.ref, *checked_header(b.ref, b.generation));
   });
 }
 
 bool Pool::release(BlockRef ref, uint64_t generation, Mode mode) {
   Guard g(*this, mode);
   if (!g.held()) return false;
-  BlockHeader* h = checked_header(ref, generation);
-  h->holders.clear(slot_);
-  free_if_unused(ref, *h);
+  drop_hold_locked(ref, *checked_header(ref, generation));
   return true;
 }
 
@@ -171,9 +178,13 @@ std::optional<Block> Pool::attach_block(const Handle& hd, uint64_t lo, uint64_t 
     throw CoreError(ErrorKind::kInvalidHandle,
                     "handle describes bytes [" + std::to_string(lo) + ", " + std::to_string(hi) +
                         ") outside its block of " + std::to_string(h->capacity()) + " bytes");
-  h->holders.set(slot_);
-  if (int child = child_slot_.load(std::memory_order_relaxed); child >= 0)
-    h->holders.set(static_cast<uint32_t>(child));  // a fork is under way
+  if (!holds_.find(hd.ref.bits())) {
+    // Held once per process, however many arrays it has on the block.
+    if (!reserve_hold_locked(mode)) return std::nullopt;
+    // A kSlow reservation may have grown the pool: look again.
+    h = checked_header(hd.ref, hd.generation);
+    add_hold_locked(hd.ref, hd.generation, *h, /*counted=*/false);
+  }
   if ((hd.flags & kHandleFlagTransferRequired) && h->pending > 0) {
     Counters& c = hdr_->counters;
     --h->pending;

@@ -25,11 +25,25 @@ Pool::Fate Pool::remove_if_abandoned(const std::string& token, const std::string
   if (!owned_segment_entry(name) || ::lstat(("/dev/shm/" + name).c_str(), &st) != 0)
     return Fate::kGone;  // another user's, or not there
   Mapping m;
+  UniqueFd fd;
   try {
-    if (!open_segment("/" + name, 0, 0, &m)) return Fate::kGone;
+    if (!open_segment("/" + name, 0, 0, &m, &fd)) return Fate::kGone;
   } catch (const CoreError&) {
     return Fate::kGone;  // not ours to judge (another user's, wrong mode, odd size)
   }
+  // Its processes are alive while the kernel holds their slots' locks
+  // (liveness.hpp); one that has run its exit has left already.
+  auto anyone_alive = [&](const ControlHeader* hdr) {
+    for (uint32_t i = 0; i < kMaxSlots; ++i) {
+      const ProcessSlot& slot = hdr->table.slots[i];
+      const uint64_t id = slot.id.load(std::memory_order_seq_cst);
+      if (id == 0 || is_observer(id)) continue;
+      if (id == kReleasingId) return true;
+      if (!slot.exiting.load(std::memory_order_acquire) && liveness::held_by_other(fd.get(), i))
+        return true;
+    }
+    return false;
+  };
   // A control segment still being built (its creator died before publishing
   // it) has no valid header: abandoned once it is old enough.
   auto* h = m.size() >= sizeof(ControlHeader) ? reinterpret_cast<ControlHeader*>(m.data()) : nullptr;
@@ -39,28 +53,20 @@ Pool::Fate Pool::remove_if_abandoned(const std::string& token, const std::string
   // Another build's layout: its table cannot be read here, and reading it
   // with ours would call live processes dead.
   if (h && h->layout_version != kLayoutVersion) return Fate::kInUse;
-  const uint64_t now = monotonic_ns();
   bool dead;
   if (!h) {
     dead = ::time(nullptr) - st.st_mtime > 10;
   } else {
     // A pool whose program's root still runs is that program's to
     // remove (leave() may have kept it for the root).
-    dead = h->root_left.load() != 0 || !root_alive(h->root);
-    for (uint32_t i = 0; i < kMaxSlots && dead; ++i)
-      if (uint64_t id = h->table.slots[i].id.load();
-          id != 0 && !is_observer(id) && h->table.alive(i, now))
-        dead = false;
+    dead = (h->root_left.load() != 0 || !root_alive(h->root)) && !anyone_alive(h);
   }
   if (!dead) return Fate::kInUse;
   if (h && !dry_run) {
     // The same handshake as leave(): mark it dead, then look again for a
     // process that attached meanwhile.
     h->state.store(kStateDead, std::memory_order_seq_cst);
-    for (uint32_t i = 0; i < kMaxSlots && dead; ++i)
-      if (uint64_t id = h->table.slots[i].id.load(std::memory_order_seq_cst);
-          id != 0 && !is_observer(id) && h->table.alive(i, now))
-        dead = false;
+    dead = !anyone_alive(h);
     if (!dead) {
       h->state.store(kStateRunning, std::memory_order_seq_cst);
       return Fate::kInUse;

@@ -16,6 +16,7 @@
 
 #include "core/errors.hpp"
 #include "core/futex_lock.hpp"
+#include "core/hold_list.hpp"
 #include "core/pool.hpp"
 #include "core/process_table.hpp"
 
@@ -24,8 +25,9 @@ namespace pap {
 constexpr uint64_t kMagic = 0x31304C4F4F505041ull;  // "APPOOL01"
 // 2: instance_id, 3: root, 4: root_left, 5: check_key, and segment numbers
 // reused (a process of version 4 would read a reused number through its
-// mapping of the retired segment).
-constexpr uint32_t kLayoutVersion = 5;
+// mapping of the retired segment), 6: kernel-held liveness, hold lists, 4096
+// process slots.
+constexpr uint32_t kLayoutVersion = 6;
 constexpr uint32_t kStateRunning = 0;
 constexpr uint32_t kStateDead = 1;  // being removed by its last process or a cleaner
 
@@ -36,6 +38,8 @@ struct Counters {
   uint64_t pending_transfers;
   uint64_t pending_blocks;
   uint64_t next_generation;
+  // used_bytes includes the blocks that hold processes' hold lists (once a
+  // list outgrows its slot's page); live_blocks counts only arrays.
   // No pending count expires before this time: maintenance skips its walk
   // until then unless a process died. Only ever moved earlier between walks.
   uint64_t next_expiry_ns;
@@ -94,13 +98,24 @@ static_assert(std::atomic<uint64_t>::is_always_lock_free);
 static_assert(offsetof(ControlHeader, check_key) == 112);
 static_assert(offsetof(ControlHeader, lock) == 128);
 static_assert(offsetof(ControlHeader, table) == 192);
-static_assert(offsetof(ControlHeader, segment_count) == 4288);
-static_assert(offsetof(ControlHeader, alloc) == 69888);
-static_assert(offsetof(ControlHeader, counters) == 80296);
-static_assert(sizeof(ControlHeader) == 80384);
+static_assert(offsetof(ControlHeader, segment_count) == 262336);
+static_assert(offsetof(ControlHeader, alloc) == 327936);
+static_assert(offsetof(ControlHeader, counters) == 338344);
+static_assert(sizeof(ControlHeader) == 338432);
 
 inline constexpr uint64_t kPage = 4096;
-inline constexpr uint64_t kControlBytes = (sizeof(ControlHeader) + kPage - 1) & ~(kPage - 1);
+// The control segment: the header, then one page per process slot that
+// holds the slot's first kInlineHolds hold entries (hold_list.hpp). Only the
+// header's pages are reserved when the pool is made; a slot's page is
+// reserved when a process first claims that slot, so a pool costs memory
+// for the slots that were ever used, not for all 4096.
+inline constexpr uint64_t kControlHeaderBytes = (sizeof(ControlHeader) + kPage - 1) & ~(kPage - 1);
+inline constexpr uint64_t kSlotPageBytes = kPage;
+inline constexpr uint32_t kInlineHolds = kSlotPageBytes / sizeof(HoldEntry);
+inline constexpr uint64_t kControlBytes = kControlHeaderBytes + uint64_t{kMaxSlots} * kSlotPageBytes;
+inline constexpr uint64_t slot_page_offset(uint32_t slot) {
+  return kControlHeaderBytes + uint64_t{slot} * kSlotPageBytes;
+}
 inline constexpr uint64_t kLargeRound = 2u << 20;
 
 inline uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
@@ -117,15 +132,17 @@ void sleep_ms(int ms);
 // Waits for a creator to publish the header; false if it never does.
 bool wait_initialized(const ControlHeader* h, int ms);
 
+// The lock word names its owner by slot + 1; the kernel says whether that
+// slot's owner lives.
 class TableProbe : public OwnerProbe {
  public:
-  explicit TableProbe(const ProcessTable& t) : t_(t) {}
+  explicit TableProbe(const Pool& p) : p_(p) {}
   bool owner_alive(uint32_t owner) override {
-    return owner == 0 || owner > kMaxSlots || t_.alive(owner - 1, monotonic_ns());
+    return owner == 0 || owner > kMaxSlots || p_.slot_alive(owner - 1);
   }
 
  private:
-  const ProcessTable& t_;
+  const Pool& p_;
 };
 
 // Everything of the pool in /dev/shm: data segments, orphans of a process
@@ -145,7 +162,7 @@ class Pool::Guard {
   // no repair, for a pool that may be half removed (settle_stuck_dead).
   struct LockOnly {};
   Guard(Pool& p, LockOnly) : p_(p) {
-    TableProbe probe(p.hdr_->table);
+    TableProbe probe(p);
     if (futex_lock::lock(p.hdr_->lock, p.slot_ + 1, probe) == Acquired::kFromDeadOwner)
       p.hdr_->needs_repair.store(1, std::memory_order_relaxed);  // by the next full Guard
     held_ = true;
@@ -159,13 +176,13 @@ class Pool::Guard {
       held_ = true;
       // A segment was published or retired meanwhile: (un)mapping is a
       // system call, for kSlow.
-      if (!p.all_mapped() || !p.retirements_seen() ||
+      if (!p.all_mapped() || !p.retirements_seen() || p.holds_stale_ ||
           p.hdr_->needs_repair.load(std::memory_order_relaxed))
         release();
       return;
     }
     p.ensure_mapped();
-    TableProbe probe(p.hdr_->table);
+    TableProbe probe(p);
     Acquired how = futex_lock::lock(p.hdr_->lock, me, probe);
     held_ = true;
     if (how == Acquired::kFromDeadOwner) p.hdr_->needs_repair.store(1, std::memory_order_relaxed);
@@ -176,9 +193,10 @@ class Pool::Guard {
         // The owner may have died in leave() between marking the pool dead
         // and finding us alive: we are, so the pool runs on.
         p.hdr_->state.store(kStateRunning, std::memory_order_seq_cst);
-        p.maintain_locked(true, HolderMask{});
+        p.maintain_locked(true);
         p.hdr_->needs_repair.store(0, std::memory_order_relaxed);
       }
+      if (p.holds_stale_) p.rebuild_hold_index_locked();
     } catch (...) {
       release();
       throw;

@@ -8,6 +8,8 @@
 #include <chrono>
 #include <memory>
 #include <thread>
+#include <unordered_map>
+#include <unordered_set>
 
 #include "core/errors.hpp"
 #include "core/pool_snapshot.hpp"
@@ -15,13 +17,16 @@
 
 namespace pap {
 
-uint32_t Pool::live_processes_locked(uint64_t now, std::vector<int>* pids, bool count_me) {
+uint32_t Pool::live_processes_locked(uint64_t, std::vector<int>* pids, bool count_me) {
   uint32_t n = 0;
   for (uint32_t i = 0; i < kMaxSlots; ++i) {
     uint64_t id = table().slots[i].id.load(std::memory_order_seq_cst);
     if (id == 0 || is_observer(id)) continue;
     if (i == slot_ && !count_me) continue;
-    if (i != slot_ && !table().alive(i, now)) continue;
+    // A process past its exit_process() has left: it only keeps its holds
+    // until it is gone, and never needs the pool again.
+    if (table().slots[i].exiting.load(std::memory_order_acquire) && i != slot_) continue;
+    if (!slot_alive(i)) continue;
     ++n;
     if (pids && slot_kind(id) == SlotKind::kActive) pids->push_back(slot_pid(id));
   }
@@ -31,29 +36,21 @@ uint32_t Pool::live_processes_locked(uint64_t now, std::vector<int>* pids, bool 
 namespace {
 
 // What one maintenance walk takes back, gathered for its PoolEvents: per
-// dead slot, and per sender of expired pickles. Fixed-size: the walk runs
-// inside the allocator's rebuild, where nothing may throw.
+// dead slot, and per sender of expired pickles. Filled before the
+// allocator's rebuild; during it (where nothing may throw) only counters
+// change.
 struct ReclaimTally {
   static constexpr int kSenders = 8;
-  uint64_t timeout_ns;
-  HolderMask reported{};             // dead slots whose reclaim is reported
-  uint64_t ids[kMaxSlots] = {};      // their owners' ids
-  PoolEvent held[kMaxSlots] = {};    // per dead slot
+  uint64_t timeout_ns = 0;
+  std::vector<PoolEvent> held;            // one per dead slot, in `dead` order
+  std::vector<bool> reported;             // whether that reclaim is worth a warning
+  std::unordered_map<uint64_t, size_t> first_holder;  // block -> its first dead holder
   PoolEvent expired[kSenders] = {};  // per sender; the last one merges the rest
   int senders = 0;
 
-  // Counts block `h` (before its dead holders are cleared); returns the
-  // event its freeing would be credited to.
-  PoolEvent* reclaim(const BlockHeader& h, uint64_t size) {
-    PoolEvent* first = nullptr;
-    for (uint32_t w = 0; w < kMaxSlots / 64; ++w)
-      for (uint64_t bits = h.holders.words[w] & reported.words[w]; bits; bits &= bits - 1) {
-        PoolEvent& e = held[w * 64 + static_cast<uint32_t>(__builtin_ctzll(bits))];
-        ++e.blocks;
-        e.bytes += size;
-        if (!first) first = &e;
-      }
-    return first;
+  PoolEvent* credit_for(uint64_t ref_bits) {
+    auto it = first_holder.find(ref_bits);
+    return it == first_holder.end() ? nullptr : &held[it->second];
   }
   PoolEvent* expire(const BlockHeader& h, uint64_t size, uint64_t now) {
     const int pid = sender_of(h.flags);
@@ -77,13 +74,8 @@ struct ReclaimTally {
     return e;
   }
   void report(EventLog& log) {
-    for (uint32_t i = 0; i < kMaxSlots; ++i) {
-      if (!reported.test(i) || held[i].blocks == 0) continue;
-      held[i].kind = PoolEvent::Kind::kReclaim;
-      held[i].pid = slot_pid(ids[i]);
-      held[i].reserved = slot_kind(ids[i]) == SlotKind::kReserved;
-      log.push(held[i]);
-    }
+    for (size_t i = 0; i < held.size(); ++i)
+      if (reported[i] && held[i].blocks != 0) log.push(held[i]);
     for (int i = 0; i < senders; ++i) {
       expired[i].kind = PoolEvent::Kind::kExpiry;
       expired[i].timeout_ns = timeout_ns;
@@ -94,48 +86,118 @@ struct ReclaimTally {
 
 }  // namespace
 
-uint64_t Pool::maintain_locked(bool force_rebuild, const HolderMask& also_dead,
-                               uint64_t also_dead_id) {
+uint64_t Pool::maintain_locked(bool force_rebuild, int also_dead, uint64_t also_dead_id) {
   const uint64_t now = monotonic_ns();
-  HolderMask dead = also_dead;
-  uint64_t dead_ids[kMaxSlots] = {};  // the id each slot had when judged dead
+  struct SlotRef {
+    uint32_t slot;
+    uint64_t id;
+  };
+  std::vector<SlotRef> dead, live;
+  if (also_dead >= 0) dead.push_back({static_cast<uint32_t>(also_dead), also_dead_id});
   for (uint32_t i = 0; i < kMaxSlots; ++i) {
-    uint64_t id = table().slots[i].id.load(std::memory_order_acquire);
-    if (i == slot_ || id == 0 || also_dead.test(i)) continue;
-    if (!table().alive(i, now)) {
-      dead.set(i);
-      dead_ids[i] = id;
-    }
+    const uint64_t id = table().slots[i].id.load(std::memory_order_acquire);
+    if (id == 0 || static_cast<int>(i) == also_dead) continue;
+    // kReleasingId: a live process is changing the slot; its list (if any)
+    // is still its own.
+    if (slot_alive(i))
+      live.push_back({i, id});
+    else
+      dead.push_back({i, id});
   }
   Counters& c = hdr_->counters;
-  if (!force_rebuild && !dead.any() && (c.pending_blocks == 0 || now < c.next_expiry_ns)) return 0;
+  if (!force_rebuild && dead.empty() && (c.pending_blocks == 0 || now < c.next_expiry_ns)) return 0;
 
-  // Heap, not stack: it is a few KiB and maintenance is rare.
+  // Every list is checked before anything changes: a slot that names
+  // something other than its list means the shared memory is corrupt, and
+  // nothing is freed on its word.
+  struct List {
+    HoldEntry* entries;
+    uint32_t length;
+  };
+  auto list_of = [&](uint32_t slot) {
+    uint32_t len, cap;
+    HoldEntry* e = hold_list(slot, &len, &cap);
+    return List{e, e ? len : 0};
+  };
+  std::vector<List> live_lists, dead_lists;
+  std::unordered_set<uint64_t> named_lists;  // list blocks of live slots
+  for (const SlotRef& s : live) {
+    if (s.id == kReleasingId) {
+      // Mid-change: its list is named by the slot all the same.
+      const uint64_t bits = table().slots[s.slot].holds_ref.load(std::memory_order_acquire);
+      if (bits != BlockRef::kNilBits) named_lists.insert(bits);
+      continue;
+    }
+    live_lists.push_back(list_of(s.slot));
+    if (live_lists.back().entries)
+      named_lists.insert(table().slots[s.slot].holds_ref.load(std::memory_order_relaxed));
+  }
+  for (const SlotRef& s : dead) dead_lists.push_back(s.id == kReleasingId ? List{} : list_of(s.slot));
+
   auto tally = std::make_unique<ReclaimTally>();
   tally->timeout_ns = hdr_->config.transfer_timeout_ns;
-  for (uint32_t i = 0; i < kMaxSlots; ++i) {
-    const uint64_t id = dead_ids[i] ? dead_ids[i] : also_dead.test(i) ? also_dead_id : 0;
-    if (id == 0 || id == kReleasingId) continue;
-    tally->reported.set(i);
-    tally->ids[i] = id;
+  for (size_t d = 0; d < dead.size(); ++d) {
+    PoolEvent e;
+    e.kind = PoolEvent::Kind::kReclaim;
+    e.pid = slot_pid(dead[d].id);
+    e.reserved = slot_kind(dead[d].id) == SlotKind::kReserved;
+    const List& l = dead_lists[d];
+    for (uint32_t i = 0; i < l.length; ++i) {
+      if (const BlockHeader* h = held_block(l.entries[i])) {
+        ++e.blocks;
+        e.bytes += h->size();
+        tally->first_holder.emplace(l.entries[i].ref_bits, d);
+      }
+    }
+    tally->held.push_back(e);
+    // A process that exited normally left its holds for us on purpose (it
+    // could not drop them while its threads might still run): routine.
+    // A leaver's own slot (also_dead_id 0) is no event either.
+    const bool exited = table().slots[dead[d].slot].exiting.load(std::memory_order_acquire) != 0;
+    tally->reported.push_back(!exited && dead[d].id != 0 && dead[d].id != kReleasingId &&
+                              !(static_cast<int>(dead[d].slot) == also_dead && also_dead_id == 0));
   }
+
+  // Recount every block's holders from the live lists: the counts are
+  // derived, so whatever a dead process left half done is undone here.
+  const uint32_t nsegs = published_segments();
+  // The walk trusts the shared sizes, not this process's spans: a segment
+  // retired by a process that died before bumping anything is skipped too.
+  for (uint32_t i = 0; i < nsegs; ++i)
+    if (hdr_->segment_sizes[i].load(std::memory_order_acquire) == 0) spans_[i].size = 0;
+  Allocator a = allocator();
+  for (uint32_t seg = 0; seg < nsegs && seg < mapped_.load(std::memory_order_acquire); ++seg)
+    if (spans_[seg].size != 0)
+      a.for_each_block(seg, [&](BlockRef ref, const BlockHeader& h) {
+        if (h.used() && !(h.flags & kFlagHoldList)) a.header(ref)->holders = 0;
+      });
+  for (const List& l : live_lists)
+    for (uint32_t i = 0; i < l.length; ++i)
+      if (BlockHeader* h = held_block(l.entries[i])) ++h->holders;
+
   const uint64_t used_before = c.used_bytes;
   Counters fresh{};
   fresh.next_generation = c.next_generation;
   fresh.next_expiry_ns = ~uint64_t{0};
-  auto keep = [&](BlockRef, BlockHeader& h) {
+  auto keep = [&](BlockRef ref, BlockHeader& h) {
     const uint64_t size = h.size();
-    PoolEvent* credit = tally->reclaim(h, size);
-    h.holders.clear_all(dead);
+    if (h.flags & kFlagHoldList) {
+      // A list nobody names any more: a dead slot's, or the old one of a
+      // list its owner was growing when it died.
+      const bool named = named_lists.count(ref.bits()) != 0;
+      if (named) fresh.used_bytes += size;
+      return named;
+    }
+    PoolEvent* credit = tally->credit_for(ref.bits());
     if (h.pending > 0 && now >= h.pending_deadline_ns) {
       credit = tally->expire(h, size, now);
       h.pending = 0;
     }
-    if (!h.holders.any() && h.pending == 0) {
+    if (h.holders == 0 && h.pending == 0) {
       if (credit) credit->freed_bytes += size;
       return false;
     }
-    fresh.used_bytes += h.size();
+    fresh.used_bytes += size;
     ++fresh.live_blocks;
     fresh.pending_transfers += h.pending;
     if (h.pending > 0) {
@@ -144,17 +206,12 @@ uint64_t Pool::maintain_locked(bool force_rebuild, const HolderMask& also_dead,
     }
     return true;
   };
-  uint32_t nsegs = published_segments();
-  // The walk trusts the shared sizes, not this process's spans: a segment
-  // retired by a process that died before bumping anything is skipped too.
-  for (uint32_t i = 0; i < nsegs; ++i)
-    if (hdr_->segment_sizes[i].load(std::memory_order_acquire) == 0) spans_[i].size = 0;
-  allocator().rebuild(nsegs, keep);
+  a.rebuild(nsegs, keep);
   for (uint32_t i = 0; i < nsegs; ++i)
     fresh.capacity_bytes += hdr_->segment_sizes[i].load(std::memory_order_relaxed);
   c = fresh;
-  for (uint32_t i = 0; i < kMaxSlots; ++i)
-    if (dead_ids[i] != 0) table().release_if(i, dead_ids[i]);
+  for (const SlotRef& s : dead)
+    if (s.id != kReleasingId && s.slot != slot_) table().release_if(s.slot, s.id);
   tally->report(events_);
   return used_before > c.used_bytes ? used_before - c.used_bytes : 0;
 }
@@ -164,13 +221,13 @@ uint64_t Pool::collect() {
   const uint64_t used_before = hdr_->counters.used_bytes;
   drain_cache_locked();
   const uint64_t cached = used_before - hdr_->counters.used_bytes;
-  return observer_ ? cached : cached + maintain_locked(false, HolderMask{});
+  return observer_ ? cached : cached + maintain_locked(false);
 }
 
 PoolStats Pool::stats() {
   Guard g(*this, Mode::kSlow);
   drain_cache_locked();  // this process's accounting is exact
-  if (!observer_) maintain_locked(false, HolderMask{});
+  if (!observer_) maintain_locked(false);
   PoolStats s;
   stats_locked(&s);
   return s;
@@ -179,7 +236,7 @@ PoolStats Pool::stats() {
 PoolSnapshot Pool::snapshot() {
   Guard g(*this, Mode::kSlow);
   drain_cache_locked();
-  if (!observer_) maintain_locked(false, HolderMask{});
+  if (!observer_) maintain_locked(false);
   PoolSnapshot s;
   snapshot_locked(&s);
   return s;
@@ -196,11 +253,19 @@ void Pool::snapshot_locked(PoolSnapshot* s) {
     if (spans_[seg].size != 0)
       a.for_each_block(seg, [&](BlockRef, const BlockHeader& h) { b.add_block(h); });
   // Live slots only: maintenance has just freed the dead ones' (stats_locked
-  // has the same view in `pids`).
-  const uint64_t now = monotonic_ns();
+  // has the same view in `pids`). What each holds comes from its list.
   for (uint32_t i = 0; i < kMaxSlots; ++i) {
     const uint64_t id = table().slots[i].id.load(std::memory_order_acquire);
-    if (id != 0 && !is_observer(id) && (i == slot_ || table().alive(i, now))) b.add_slot(i, id);
+    if (id == 0 || id == kReleasingId || is_observer(id) || !slot_alive(i)) continue;
+    uint64_t blocks = 0, bytes = 0;
+    uint32_t len, cap;
+    const HoldEntry* list = hold_list(i, &len, &cap);
+    for (uint32_t e = 0; list && e < len; ++e)
+      if (const BlockHeader* h = held_block(list[e])) {
+        ++blocks;
+        bytes += h->size();
+      }
+    b.add_slot(i, id, blocks, bytes);
   }
   b.finish(s);
 }
@@ -232,13 +297,32 @@ void Pool::verify() {
     a.for_each_block(seg, [&](BlockRef, const BlockHeader& h) {
       if (!h.used()) return;
       sum.used_bytes += h.size();
+      if (h.flags & kFlagHoldList) return;
       ++sum.live_blocks;
       sum.pending_transfers += h.pending;
       sum.pending_blocks += h.pending > 0;
-      if (!h.holders.any() && h.pending == 0)
+      if (h.holders == 0 && h.pending == 0)
         throw CoreError(ErrorKind::kPool, "a used block has no holder and no pending pickle");
     });
   }
+  // Each block's count is the number of lists that name it: the live
+  // slots', and those of dead slots nobody has reclaimed yet.
+  std::unordered_map<uint64_t, uint32_t> named;
+  for (uint32_t i = 0; i < kMaxSlots; ++i) {
+    const uint64_t id = table().slots[i].id.load(std::memory_order_acquire);
+    if (id == 0 || id == kReleasingId) continue;
+    uint32_t len, cap;
+    const HoldEntry* list = hold_list(i, &len, &cap);
+    for (uint32_t e = 0; list && e < len; ++e)
+      if (held_block(list[e])) ++named[list[e].ref_bits];
+  }
+  for (uint32_t seg = 0; seg < nsegs; ++seg)
+    a.for_each_block(seg, [&](BlockRef ref, const BlockHeader& h) {
+      if (!h.used() || (h.flags & kFlagHoldList)) return;
+      auto it = named.find(ref.bits());
+      if (h.holders != (it == named.end() ? 0 : it->second))
+        throw CoreError(ErrorKind::kPool, "a block's holder count disagrees with the hold lists");
+    });
   const Counters& c = hdr_->counters;
   if (sum.capacity_bytes != c.capacity_bytes || sum.used_bytes != c.used_bytes ||
       sum.live_blocks != c.live_blocks || sum.pending_transfers != c.pending_transfers ||
@@ -257,10 +341,23 @@ Pool::BlockInfo Pool::inspect_block(BlockRef ref) {
       ref.off() + kHeaderSize > spans_[ref.seg()].size)
     throw CoreError(ErrorKind::kInvalidHandle, "no such block");
   const BlockHeader* h = allocator().header(ref);
+  std::vector<uint32_t> holder_slots;
+  for (uint32_t i = 0; i < kMaxSlots && h->used(); ++i) {
+    const uint64_t id = table().slots[i].id.load(std::memory_order_acquire);
+    if (id == 0 || id == kReleasingId || !slot_alive(i)) continue;
+    uint32_t len, cap;
+    const HoldEntry* list = hold_list(i, &len, &cap);
+    for (uint32_t e = 0; list && e < len; ++e)
+      if (list[e].ref_bits == ref.bits() && list[e].generation == h->generation) {
+        holder_slots.push_back(i);
+        break;
+      }
+  }
   return BlockInfo{h->used(),
                    h->size(),
                    h->generation,
                    h->holders,
+                   std::move(holder_slots),
                    h->pending,
                    h->flags & kFlagBits,
                    h->check == header_check(ref.off(), h->generation, check_key_)};
@@ -268,7 +365,7 @@ Pool::BlockInfo Pool::inspect_block(BlockRef ref) {
 
 void Pool::lock_forever() {
   ensure_mapped();
-  TableProbe probe(table());
+  TableProbe probe(*this);
   futex_lock::lock(hdr_->lock, slot_ + 1, probe);
 }
 

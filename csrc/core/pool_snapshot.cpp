@@ -18,12 +18,6 @@ void SnapshotBuilder::add_block(const BlockHeader& h) {
   }
   ++c.used_blocks;
   c.used_bytes += size;
-  for (uint32_t w = 0; w < kMaxSlots / 64; ++w)
-    for (uint64_t bits = h.holders.words[w]; bits; bits &= bits - 1) {
-      const uint32_t slot = w * 64 + static_cast<uint32_t>(__builtin_ctzll(bits));
-      ++slot_blocks_[slot];
-      slot_bytes_[slot] += size;
-    }
   if (h.pending > 0) {
     PendingTransfer t;
     t.block_size = size;
@@ -37,8 +31,15 @@ void SnapshotBuilder::add_block(const BlockHeader& h) {
   }
 }
 
-void SnapshotBuilder::add_slot(uint32_t slot, uint64_t id) {
-  if (slot < kMaxSlots) slot_ids_[slot] = id;
+void SnapshotBuilder::add_slot(uint32_t slot, uint64_t id, uint64_t blocks, uint64_t bytes) {
+  if (id == 0 || id == kReleasingId) return;
+  ProcessUsage u;
+  u.pid = slot_pid(id);
+  u.slot = slot;
+  u.reserved = slot_kind(id) == SlotKind::kReserved;
+  u.blocks = blocks;
+  u.bytes = bytes;
+  processes_.push_back(u);
 }
 
 void SnapshotBuilder::finish(PoolSnapshot* out) const {
@@ -50,18 +51,7 @@ void SnapshotBuilder::finish(PoolSnapshot* out) const {
     copy.min_size = uint64_t{1} << i;
     out->size_classes.push_back(copy);
   }
-  out->processes.clear();
-  for (uint32_t s = 0; s < kMaxSlots; ++s) {
-    const uint64_t id = slot_ids_[s];
-    if (id == 0 || id == kReleasingId) continue;
-    ProcessUsage u;
-    u.pid = slot_pid(id);
-    u.slot = s;
-    u.reserved = slot_kind(id) == SlotKind::kReserved;
-    u.blocks = slot_blocks_[s];
-    u.bytes = slot_bytes_[s];
-    out->processes.push_back(u);
-  }
+  out->processes = processes_;
   std::stable_sort(out->processes.begin(), out->processes.end(),
                    [](const ProcessUsage& a, const ProcessUsage& b) { return a.bytes > b.bytes; });
   out->pending = pending_;

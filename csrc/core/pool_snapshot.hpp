@@ -61,8 +61,9 @@ class SnapshotBuilder {
   SnapshotBuilder(uint64_t now_ns, uint64_t transfer_timeout_ns)
       : now_(now_ns), timeout_(transfer_timeout_ns) {}
   void add_block(const BlockHeader& h);
-  // A claimed slot with its id (see process_table.hpp); only these appear.
-  void add_slot(uint32_t slot, uint64_t id);
+  // A live slot with its id (see process_table.hpp) and what its hold list
+  // names; only these appear.
+  void add_slot(uint32_t slot, uint64_t id, uint64_t blocks, uint64_t bytes);
   void finish(PoolSnapshot* out) const;
 
  private:
@@ -70,9 +71,7 @@ class SnapshotBuilder {
   uint64_t now_;
   uint64_t timeout_;
   SizeClassStats classes_[kClasses] = {};
-  uint64_t slot_blocks_[kMaxSlots] = {};
-  uint64_t slot_bytes_[kMaxSlots] = {};
-  uint64_t slot_ids_[kMaxSlots] = {};
+  std::vector<ProcessUsage> processes_;
   std::vector<PendingTransfer> pending_;
 };
 

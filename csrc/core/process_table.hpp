@@ -1,12 +1,11 @@
 // The table of processes attached to a pool, in shared memory.
 //
-// A process claims a slot with a CAS and is then named by it: in the lock
-// word (slot + 1) and in every block it holds (a bit of the block's holder
-// mask). When a process dies without detaching (SIGKILL, os._exit in a
-// forked worker), its slot stays claimed; any survivor can tell that it is
-// dead and reclaim what it held. Pids are reused by the kernel, so a slot
-// records the process start time as well, and a pid whose start time differs
-// is a different, newer process: the slot's owner is dead.
+// A process owns a slot while it holds the lock on the slot's byte of the
+// control file (liveness.hpp); `id` only says what kind of owner it is and
+// which pid it had (for people, never to judge liveness). When a process
+// dies without detaching (SIGKILL, os._exit, exec), the kernel drops its
+// lock, and any survivor can tell that the slot's owner is gone and reclaim
+// what the slot's hold list (hold_list.hpp) says it held.
 #pragma once
 
 #include <sys/types.h>
@@ -19,21 +18,29 @@
 
 namespace pap {
 
-struct ProcessSlot {
-  // 0 when free; otherwise (pid << 2) | kind.
+struct alignas(64) ProcessSlot {
+  // 0 when free; otherwise (pid << 2) | kind. The pid is the owner's as it
+  // saw itself, possibly in another pid namespace: for diagnostics only.
   std::atomic<uint64_t> id;
-  // The owner's start time (clock ticks since boot, /proc/PID/stat field
-  // 22); 0 until the owner has written it.
-  std::atomic<uint64_t> start_time;
-  // For kReserved: CLOCK_MONOTONIC ns when the parent reserved it.
-  std::atomic<uint64_t> reserved_at_ns;
-  // For kReserved: boot time in clock ticks (the unit of /proc start times)
-  // when the parent reserved it, with kForkReturned set once fork() has
-  // returned in the parent. From then on the child exists or is dead.
-  std::atomic<uint64_t> reserved_ticks;
+  // The slot's hold list (hold_list.hpp): BlockRef bits of the block that
+  // stores it, nil if none yet. One store switches a slot to a grown list,
+  // so the slot names a whole list at every instant; the block itself
+  // records its owner (BlockHeader::list_owner), so a stale reference is
+  // recognised. Written under the pool lock.
+  std::atomic<uint64_t> holds_ref;
+  // Entries [0, length) of the list may be in use (a dropped hold leaves a
+  // nil entry below `length`). Under the pool lock.
+  std::atomic<uint32_t> holds_length;
+  // Entries the slot's own page of the control segment has room for:
+  // kInlineHolds, or 0 if /dev/shm had no room for that page when the slot
+  // was claimed (the list then starts in a pool block).
+  std::atomic<uint32_t> inline_capacity;
+  // Set by the owner as it exits normally: reclaiming what it held once it
+  // is gone is routine, not a loss worth a warning.
+  std::atomic<uint32_t> exiting;
 };
 
-constexpr uint64_t kForkReturned = uint64_t{1} << 63;
+static_assert(sizeof(ProcessSlot) == 64);
 
 enum class SlotKind : uint64_t {
   kActive = 1,    // owned by the process `pid`
@@ -45,7 +52,7 @@ enum class SlotKind : uint64_t {
   kObserver = 3,
 };
 
-// A slot's id while a live process frees it (pid 0 is never a process).
+// A slot's id while its fields change (pid 0 is never a process).
 constexpr uint64_t kReleasingId = 3;
 
 inline uint64_t slot_id(pid_t pid, SlotKind kind) {
@@ -57,42 +64,23 @@ inline bool is_observer(uint64_t id) {
   return id != kReleasingId && slot_kind(id) == SlotKind::kObserver;
 }
 
-// A fork child adopts its reserved slot at once; a reservation older than
-// this belongs to a fork that failed or a child that died before adopting.
-constexpr uint64_t kReservationGraceNs = 30'000'000'000ull;
-
 struct ProcessTable {
   ProcessSlot slots[kMaxSlots];
 
-  // What a slot records besides its id.
-  struct SlotFields {
-    uint64_t start_time = 0;
-    uint64_t reserved_at_ns = 0;
-    uint64_t reserved_ticks = 0;
-  };
-  // Claims a free slot for `id` and returns its index, or -1 if none is free.
-  int claim(uint64_t id, const SlotFields& fields);
-  // Moves `slot` from `from_id` to `id` with `fields`; false if the slot no
-  // longer holds `from_id`. The new id appears only with its fields written.
-  bool take(uint32_t slot, uint64_t from_id, uint64_t id, const SlotFields& fields);
-  // Frees a slot (its holdings must already be reclaimed).
-  void release(uint32_t slot);
-  // Frees a slot only if it still holds `expected_id`: between judging an
-  // owner dead and freeing its slot, another process may have taken the
-  // slot over (see Pool::claim_slot_or_throw), and must keep it.
+  // Moves `slot` from `from_id` to `id` with an empty hold list; false if
+  // the slot no longer holds `from_id`. The caller holds the slot's byte
+  // lock (or, for from_id == 0, is about to own a free slot it locked).
+  bool take(uint32_t slot, uint64_t from_id, uint64_t id);
+  // Frees a slot if it still holds `expected_id` (its holds must already
+  // be dropped): between judging an owner dead and freeing its slot,
+  // another process may have taken the slot over, and must keep it.
   bool release_if(uint32_t slot, uint64_t expected_id);
-  // True unless the slot's owner is certainly gone. Reads /proc.
-  bool alive(uint32_t slot, uint64_t now_ns) const;
 };
 
 // Start time of a process, or 0 if it cannot be read. Also reports whether
 // the process is a zombie (dead but not yet reaped), which counts as dead.
+// Used only for the program's root (ProgramRoot), which may never attach.
 uint64_t process_start_time(pid_t pid, bool* zombie = nullptr);
-// Boot time now, in the clock ticks of /proc start times.
-uint64_t boot_ticks();
-// Whether `parent` has a live (non-zombie) child started at or after
-// `since_ticks` that no slot of `table` names. Scans /proc.
-bool has_unregistered_child(const struct ProcessTable& table, pid_t parent, uint64_t since_ticks);
 uint64_t monotonic_ns();
 // /proc/sys/kernel/random/boot_id without its newline ("" if unreadable):
 // names this boot of this host (or container's kernel), so that two

@@ -15,21 +15,6 @@
 namespace pap {
 namespace {
 
-// Closes a file descriptor when the scope ends.
-class Fd {
- public:
-  explicit Fd(int fd) : fd_(fd) {}
-  ~Fd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  int get() const { return fd_; }
-
- private:
-  int fd_;
-};
-
 void* map_fd(int fd, uint64_t size, const std::string& name) {
   void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (p == MAP_FAILED) throw_os_error("mmap " + name, errno);
@@ -102,7 +87,9 @@ uint64_t random_u64() {
   return v;
 }
 
-CreateResult create_segment(const std::string& name, uint64_t size, Mapping* out) {
+CreateResult create_segment(const std::string& name, uint64_t size, Mapping* out,
+                            UniqueFd* fd_out, uint64_t reserve_bytes) {
+  if (reserve_bytes == 0 || reserve_bytes > size) reserve_bytes = size;
   int raw;
   do {
     raw = ::shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
@@ -113,7 +100,7 @@ CreateResult create_segment(const std::string& name, uint64_t size, Mapping* out
       throw CoreError(ErrorKind::kPoolFull, "cannot create " + name + ": /dev/shm is full", errno);
     throw_os_error("shm_open " + name, errno);
   }
-  Fd fd(raw);
+  UniqueFd fd(raw);
   try {
     // A umask can only remove bits; make the mode exactly 0600 regardless.
     if (::fchmod(fd.get(), 0600) != 0) throw_os_error("fchmod " + name, errno);
@@ -128,11 +115,12 @@ CreateResult create_segment(const std::string& name, uint64_t size, Mapping* out
     // a full /dev/shm kills the process with SIGBUS at the first touch.
     int e;
     do {
-      e = ::posix_fallocate(fd.get(), 0, static_cast<off_t>(size));
+      e = ::posix_fallocate(fd.get(), 0, static_cast<off_t>(reserve_bytes));
     } while (e == EINTR);
     if (e == ENOSPC || e == ENOMEM || e == EFBIG)
       throw CoreError(ErrorKind::kPoolFull,
-                      "/dev/shm has no room for a segment of " + std::to_string(size) + " bytes",
+                      "/dev/shm has no room for a segment of " + std::to_string(reserve_bytes) +
+                          " bytes",
                       e);
     if (e != 0 && e != EOPNOTSUPP && e != EINVAL) throw_os_error("fallocate " + name, e);
     *out = Mapping(map_fd(fd.get(), size, name), size);
@@ -140,6 +128,7 @@ CreateResult create_segment(const std::string& name, uint64_t size, Mapping* out
     ::shm_unlink(name.c_str());
     throw;
   }
+  if (fd_out) *fd_out = std::move(fd);
   return CreateResult::kCreated;
 }
 
@@ -172,8 +161,19 @@ bool owned_segment_entry(const std::string& entry) {
          st.st_uid == ::geteuid();
 }
 
+void reserve_range(int fd, uint64_t offset, uint64_t bytes) {
+  int e;
+  do {
+    e = ::posix_fallocate(fd, static_cast<off_t>(offset), static_cast<off_t>(bytes));
+  } while (e == EINTR);
+  if (e == ENOSPC || e == ENOMEM || e == EFBIG)
+    throw CoreError(ErrorKind::kPoolFull,
+                    "/dev/shm has no room for " + std::to_string(bytes) + " more bytes", e);
+  if (e != 0 && e != EOPNOTSUPP && e != EINVAL) throw_os_error("fallocate", e);
+}
+
 bool open_segment(const std::string& name, uint64_t expected_size, uint64_t min_size,
-                  Mapping* out) {
+                  Mapping* out, UniqueFd* fd_out) {
   int raw;
   do {
     // O_NOFOLLOW: a symbolic link under our name is refused (ELOOP), never
@@ -187,7 +187,7 @@ bool open_segment(const std::string& name, uint64_t expected_size, uint64_t min_
                       "refusing to use /dev/shm" + name + ": it is a symbolic link");
     throw_os_error("shm_open " + name, errno);
   }
-  Fd fd(raw);
+  UniqueFd fd(raw);
   struct stat st;
   if (::fstat(fd.get(), &st) != 0) throw_os_error("fstat " + name, errno);
   check_own_segment(name, st);  // on the descriptor: what we checked is what we map
@@ -196,6 +196,7 @@ bool open_segment(const std::string& name, uint64_t expected_size, uint64_t min_
     throw CoreError(ErrorKind::kPool,
                     "segment " + name + " has an unexpected size " + std::to_string(size));
   *out = Mapping(map_fd(fd.get(), size, name), size);
+  if (fd_out) *fd_out = std::move(fd);
   return true;
 }
 

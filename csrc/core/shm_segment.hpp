@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "core/liveness.hpp"
+
 namespace pap {
 
 constexpr const char* kShmPrefix = "pyarraypool-";
@@ -60,16 +62,24 @@ enum class CreateResult { kCreated, kExists };
 // Creates a segment of `size` bytes with O_EXCL and mode 0600, reserves its
 // pages (so that a full /dev/shm fails here with ENOSPC rather than with
 // SIGBUS on first touch), and maps it. Throws kPoolFull on ENOSPC/ENOMEM.
-CreateResult create_segment(const std::string& name, uint64_t size, Mapping* out);
+// `fd_out`, if given, keeps the (O_CLOEXEC) descriptor. `reserve_bytes`,
+// if not 0, reserves only the first bytes; the rest is reserved later with
+// reserve_range() before it is first touched.
+CreateResult create_segment(const std::string& name, uint64_t size, Mapping* out,
+                            UniqueFd* fd_out = nullptr, uint64_t reserve_bytes = 0);
+// Reserves the pages of [offset, offset + bytes) of a segment (kPoolFull if
+// /dev/shm has no room for them).
+void reserve_range(int fd, uint64_t offset, uint64_t bytes);
 
 // Opens and maps an existing segment. Returns false if it does not exist.
 // `expected_size` 0 accepts any size of at least `min_size`. Every segment
 // is opened here, and only a regular file (not a symbolic link) owned by the
 // effective uid with mode exactly 0600 is mapped: anything else under one of
 // our names may be another user's, and throws kPool naming the file and what
-// is wrong with it (see docs/threat_model.md).
-
-bool open_segment(const std::string& name, uint64_t expected_size, uint64_t min_size, Mapping* out);
+// is wrong with it (see docs/threat_model.md). `fd_out`, if given, keeps the
+// (O_CLOEXEC) descriptor.
+bool open_segment(const std::string& name, uint64_t expected_size, uint64_t min_size, Mapping* out,
+                  UniqueFd* fd_out = nullptr);
 
 // Throws kPool unless `st` (of the segment `name`) is a regular file of the
 // effective uid with mode 0600.

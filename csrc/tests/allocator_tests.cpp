@@ -61,7 +61,7 @@ TEST(allocator_random_ops_against_model) {
         CHECK(h->used());
         CHECK_EQ(h->generation, generation);
         CHECK_EQ(h->check, header_check(r.off(), generation, Arena::kCheckKey));
-        CHECK(h->holders.test(3) && h->holders.count() == 1);
+        CHECK(h->holders == 1 && h->list_owner == 3);
         CHECK(h->pending == 0 && h->flags == 0);
         uintptr_t begin = reinterpret_cast<uintptr_t>(h), end = begin + h->size();
         auto next = ranges.lower_bound(begin);

@@ -25,7 +25,8 @@ TEST(pool_fork_hooks) {
   const uint64_t word = 0xfeedfacecafebeefull;
   fill_pattern(b->payload, b->capacity, word);
   Pipe go;
-  p->before_fork({{b->ref, b->generation}});
+  p->before_fork();
+  p->lock_for_fork();
   std::fflush(nullptr);
   pid_t pid = ::fork();
   if (pid == 0) {

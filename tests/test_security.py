@@ -469,13 +469,23 @@ def test_a_file_squatting_the_next_segment_name_is_never_mapped(other_python, vi
 # pool's own checks (owner, mode, kind) do.
 
 REQUIRE_ROOT_ENV = "PYARRAYPOOL_REQUIRE_ROOT_TESTS"
-CONTROL_BYTES = 81920                     # kControlBytes (pool_internal.hpp)
-LAYOUT_VERSION = int(re.search(r"kLayoutVersion = (\d+)", open(
-    os.path.join(REPO, "csrc", "core", "pool_internal.hpp")).read()).group(1))
-# ControlHeader offsets (the static_asserts of pool_internal.hpp).
-OFF_NEEDS_REPAIR, OFF_SEGMENT_COUNT, OFF_SEGMENT_SIZES = 108, 4288, 4296
+_POOL_INTERNAL = open(os.path.join(REPO, "csrc", "core", "pool_internal.hpp")).read()
+LAYOUT_VERSION = int(re.search(r"kLayoutVersion = (\d+)", _POOL_INTERNAL).group(1))
+
+
+def _layout(what: str) -> int:
+    """A ControlHeader offset or size, from the static_asserts of pool_internal.hpp."""
+    return int(re.search(rf"static_assert\({what} == (\d+)\)", _POOL_INTERNAL).group(1))
+
+
+# ControlHeader offsets; kControlBytes: the header's pages, then one page per
+# process slot (4096 of them).
+OFF_NEEDS_REPAIR = 108
+OFF_SEGMENT_COUNT = _layout(r"offsetof\(ControlHeader, segment_count\)")
+OFF_SEGMENT_SIZES = OFF_SEGMENT_COUNT + 8
 OFF_NONCES = OFF_SEGMENT_SIZES + 8 * 4096
-OFF_ALLOC = 69888
+OFF_ALLOC = _layout(r"offsetof\(ControlHeader, alloc\)")
+CONTROL_BYTES = -(-_layout(r"sizeof\(ControlHeader\)") // 4096) * 4096 + 4096 * 4096
 MAGIC = 0x31304C4F4F505041
 
 

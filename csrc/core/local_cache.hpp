@@ -43,8 +43,8 @@ class LocalCache {
   template <class F>
   void drain(F&& release) {
     freeze();
+    Thawed thawed{*this};  // also when `release` throws (a corrupt pool)
     drain_frozen(release);
-    thaw();
   }
   // Keeps the other threads out (take() and put() give up) until thaw():
   // a fork empties the cache and copies this process's holds for the child
@@ -55,13 +55,22 @@ class LocalCache {
     }
   }
   void thaw() { busy_.clear(std::memory_order_release); }
+  // thaw() when the scope ends.
+  struct Thawed {
+    LocalCache& cache;
+    ~Thawed() { cache.thaw(); }
+  };
+  // Empties the cache first, then hands each block to `release`: if one
+  // throws, the cache is empty all the same, never half drained.
   template <class F>
   void drain_frozen(F&& release) {
+    uint32_t n = 0;
     for (uint32_t c = 0; c < kClasses; ++c) {
-      for (uint8_t i = 0; i < count_[c]; ++i) release(entries_[c][i]);
+      for (uint8_t i = 0; i < count_[c]; ++i) drained_[n++] = entries_[c][i];
       count_[c] = 0;
     }
     bytes_ = 0;
+    for (uint32_t i = 0; i < n; ++i) release(drained_[i]);
   }
   // Forgets every entry without releasing it (a fork child: the entries
   // are its parent's).
@@ -79,6 +88,7 @@ class LocalCache {
   std::atomic_flag busy_ = ATOMIC_FLAG_INIT;
   uint8_t count_[kClasses] = {};
   Block entries_[kClasses][kPerClass] = {};
+  Block drained_[kClasses * kPerClass] = {};  // drain_frozen's copy (no allocation there)
   uint64_t bytes_ = 0;
 };
 

@@ -379,10 +379,7 @@ void Pool::before_fork() {
   // The cache's blocks have no array left on them: they are freed, not
   // copied to the child (which would hold them for nothing).
   cache_.freeze();
-  struct Thaw {
-    LocalCache& c;
-    ~Thaw() { c.thaw(); }
-  } thaw{cache_};
+  LocalCache::Thawed thawed{cache_};
   cache_.drain_frozen([&](const Block& b) { drop_hold_locked(b.ref, *checked_header(b.ref, b.generation)); });
   // The child's own open file description, locked on its byte now: the
   // child inherits it and keeps it; we close our copy once fork() returns.

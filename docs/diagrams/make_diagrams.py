@@ -338,9 +338,7 @@ def segment_layout(out: Path) -> None:
         if off:
             ax.text(x + 0.03, yp + 0.95, off, fontsize=7.5, color="#555555", va="bottom")
         x += w
-    ax.text(
-        x - 0.03, yp + 0.95, "17117184", fontsize=7.5, color="#555555", va="bottom", ha="right"
-    )
+    ax.text(x - 0.03, yp + 0.95, "17117184", fontsize=7.5, color="#555555", va="bottom", ha="right")
     note(
         ax,
         0.3,
@@ -418,7 +416,10 @@ def segment_layout(out: Path) -> None:
         ("28–31\nlist_owner:\nhold list's\nslot + 1", 1.2),
         ("32–39\nunused", 0.85),
         ("40–43\npending\npickles", 0.95),
-        ("44–47\nflags (low 8:\ntransfer_required,\nhold list); newest\npending sender\npid (high 24)", 1.55),
+        (
+            "44–47\nflags (low 8:\ntransfer_required,\nhold list); newest\npending sender\npid (high 24)",
+            1.55,
+        ),
         ("48–55\npending\ndeadline (ns)", 1.15),
         ("56–63\ncheck = keyed\nhash(offset,\ngen)", 1.2),
     ]
@@ -549,9 +550,7 @@ def liveness_locks(out: Path) -> None:
         [("its lock description:\nclosed by the kernel", "white")],
     )
     ax.plot([11.4, bx[3]], [yp, yb], color="#a33", ls=":", lw=1.3)
-    ax.text(
-        11.5, yp + 0.12, "lock gone", fontsize=8, color="#a33", va="bottom"
-    )
+    ax.text(11.5, yp + 0.12, "lock gone", fontsize=8, color="#a33", va="bottom")
 
     # The rules.
     yt = H - 5.1
@@ -630,7 +629,12 @@ def hold_lists(out: Path) -> None:
         return ends
 
     ya = slot_y[0] + 0.5
-    e0 = entries(ya, "slot 0's page (256 entries)", ["[0] A, generation 7", "[1] nil (dropped)", "[2] B, generation 9"], C_PARENT)
+    e0 = entries(
+        ya,
+        "slot 0's page (256 entries)",
+        ["[0] A, generation 7", "[1] nil (dropped)", "[2] B, generation 9"],
+        C_PARENT,
+    )
     yl = slot_y[1] + 0.5
     e1 = entries(
         yl,
@@ -639,7 +643,12 @@ def hold_lists(out: Path) -> None:
         C_WORKER,
     )
     yc = slot_y[2] + 0.5
-    e2 = entries(yc, "slot 2's page: the parent's copy", ["[0] A, generation 7", "[1] nil (dropped)", "[2] B, generation 9"], C_POOL)
+    e2 = entries(
+        yc,
+        "slot 2's page: the parent's copy",
+        ["[0] A, generation 7", "[1] nil (dropped)", "[2] B, generation 9"],
+        C_POOL,
+    )
     for i, first in enumerate([ya, yl, yc]):
         arrow(ax, sx + sw, slot_y[i], lx, first - eh / 2, rad=0.0)
 
@@ -654,7 +663,9 @@ def hold_lists(out: Path) -> None:
     bpos = {}
     for k, (title, body, y) in blocks.items():
         box(ax, bxx, y, bw, bh, "", C_SHM)
-        ax.text(bxx + bw / 2, y + 0.52, title, fontsize=8.6, weight="bold", ha="center", va="center")
+        ax.text(
+            bxx + bw / 2, y + 0.52, title, fontsize=8.6, weight="bold", ha="center", va="center"
+        )
         ax.text(bxx + bw / 2, y + 0.2, body, fontsize=8.4, ha="center", va="center")
         bpos[k] = (bxx, y + bh / 2)
 
@@ -848,11 +859,19 @@ def futex_lock(out: Path) -> None:
     exit_to_held(y2, "a CAS succeeded")
     down(y1 - bh / 2, y2 + bh / 2, "failed")
     y3 = y2 - 1.15
-    node(y3, "set the contended bit, then futex_wait until\nthe slice's deadline (10 ms, CLOCK_MONOTONIC)")
+    node(
+        y3,
+        "set the contended bit, then futex_wait until\nthe slice's deadline (10 ms, CLOCK_MONOTONIC)",
+    )
     exit_to_held(y3, "woken, word reads 0:\nCAS 0 → me | contended")
     down(y2 - bh / 2, y3 + bh / 2, "still taken")
     y4 = y3 - 1.2
-    node(y4, "a whole slice, word unchanged: is the owner\nalive? (F_OFD_GETLK on its slot's byte)", C_SHM, h=0.7)
+    node(
+        y4,
+        "a whole slice, word unchanged: is the owner\nalive? (F_OFD_GETLK on its slot's byte)",
+        C_SHM,
+        h=0.7,
+    )
     down(y3 - bh / 2, y4 + 0.35, "timed out")
     # alive: back to waiting
     lx = cx - bw / 2 - 0.3

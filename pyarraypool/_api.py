@@ -405,6 +405,6 @@ def stats(detail: bool = False) -> PoolStats:
     Raises
     ------
     PoolError
-        The pool cannot be attached (for example, 128 processes already are).
+        The pool cannot be attached (for example, 4096 processes already are).
     """
     return stats_from_dict(_core._stats(detail))

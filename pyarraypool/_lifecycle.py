@@ -49,9 +49,10 @@ def ensure_pool_name() -> str:
 def _leave_at_exit() -> None:
     # Leave the pool at exit, after multiprocessing has terminated and joined
     # its daemonic workers (finalizers with a negative priority run last):
-    # the last process of the program to leave unlinks every segment. No
-    # hold is dropped here (threads may still use pool memory): the kernel
-    # ends our slot when the process is gone, and the others reclaim.
+    # a process that leaves while no other process that has not left needs
+    # the pool unlinks every segment. No hold is dropped here (threads may
+    # still use pool memory): the kernel ends our slot when the process is
+    # gone, and the others reclaim.
     # multiprocessing's finalizers run only in the process that made them,
     # so a forked child makes its own.
     mp_util.Finalize(None, _core._shutdown, exitpriority=-100)

@@ -348,7 +348,8 @@ PyMethodDef module_methods[] = {
      "Test hook: hold the pool lock for the given seconds (crash tests kill inside it)."},
     {"_test_block_info", block_info, METH_O,
      "Test hook: the header of the block an array lives in (used, size, generation, holders "
-     "as an int bitmask of process slots, pending, flags, check_ok, my_slot)."},
+     "as an int bitmask of the live slots whose hold list names it, holder_count as the "
+     "header says, pending, flags, check_ok, my_slot)."},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -358,7 +359,7 @@ int add_exceptions(PyObject* m) {
     ex.pool_error = PyErr_NewExceptionWithDoc(
         "pyarraypool.PoolError",
         "Base class of pyarraypool's errors. Raised itself when the pool cannot be attached\n"
-        "(128 processes already are, the pool is damaged) or when configure() conflicts\n"
+        "(4096 processes already are, the pool is damaged) or when configure() conflicts\n"
         "with the settings of the running pool.",
         nullptr, nullptr);
     if (!ex.pool_error) return -1;

@@ -96,10 +96,11 @@ class ProcessPool {
   std::unordered_map<uint64_t, BlockObject*> blocks_;  // borrowed: removed on dealloc
 
   // This process's holds per block: live BlockObjects plus attaches whose
-  // BlockObject is not made yet. The pool's holder bit is cleared only when
-  // this reaches 0 under hold_mutex_, so a thread releasing the last object
-  // (with the GIL released, in kSlow) cannot clear the bit another thread
-  // has just re-taken by loading a handle. Never held while calling into
+  // BlockObject is not made yet. The pool's hold (hold list entry and
+  // holder count) is dropped only when this reaches 0 under hold_mutex_, so
+  // a thread releasing the last object (with the GIL released, in kSlow)
+  // cannot drop the hold another thread has just re-taken by loading a
+  // handle. Never held while calling into
   // Python; lock order: hold_mutex_, then the pool lock.
   std::mutex hold_mutex_;
   std::unordered_map<uint64_t, uint32_t> holds_;

@@ -5,8 +5,8 @@
 // no other process can attach to it or hold it. Freeing it and allocating
 // the same size again is the commonest pattern of all (temporaries in a
 // loop), and going through the shared lock and allocator for it makes every
-// process bounce the same cache lines. So such a block stays used, with
-// this process's holder bit, in a small local cache, and the next
+// process bounce the same cache lines. So such a block stays used, still
+// named in this process's hold list, in a small local cache, and the next
 // allocation of its size class takes it back without touching shared
 // memory at all.
 //

@@ -2,7 +2,9 @@
 
 Every fact drawn here comes from the C++ core: the offsets of the control
 segment (csrc/core/pool_internal.hpp, ControlHeader), the block header
-(csrc/core/block_header.hpp), the handle (csrc/core/handle.hpp), the lock
+(csrc/core/block_header.hpp), the process slots (csrc/core/process_table.hpp),
+liveness (csrc/core/liveness.hpp), hold lists (csrc/core/hold_list.hpp,
+pool_holds.cpp), the handle (csrc/core/handle.hpp), the lock
 (csrc/core/futex_lock.*) and the lifetime protocol (csrc/core/pool.hpp).
 The PNGs are committed, so `make docs` never needs to draw them.
 
@@ -167,8 +169,8 @@ def lifetime_sequence(out: Path) -> None:
         y,
         "out = pyarraypool.empty(shape)",
         C_WORKER,
-        "allocate: set bit W",
-        "{W}",
+        "allocate: W's hold list names it",
+        "1 (W)",
         0,
     )
 
@@ -184,7 +186,7 @@ def lifetime_sequence(out: Path) -> None:
         "return out  →  pickled:\nout.__reduce__()",
         C_WORKER,
         "pending + 1, deadline = now + transfer_timeout",
-        "{W}",
+        "1 (W)",
         1,
     )
 
@@ -206,8 +208,8 @@ def lifetime_sequence(out: Path) -> None:
         y,
         "the worker drops `out`\n(its _Block is deallocated)",
         C_WORKER,
-        "clear bit W: still used, a pickle is pending",
-        "{ }",
+        "W drops its hold: still used, a pickle is pending",
+        "0",
         1,
     )
 
@@ -218,8 +220,8 @@ def lifetime_sequence(out: Path) -> None:
         y,
         "unpickle → _rebuild(handle, dtype):\nchecks pool id, generation, bounds",
         C_POOL,
-        "set bit P and pending − 1 in one critical section",
-        "{P}",
+        "P's list names it; holders + 1, pending − 1 at once",
+        "1 (P)",
         0,
         w=3.0,
     )
@@ -235,8 +237,8 @@ def lifetime_sequence(out: Path) -> None:
         y,
         "the parent drops its\nlast array on the block",
         C_PARENT,
-        "clear bit P: no holder, nothing pending",
-        "{ }",
+        "P drops its hold: no holder, nothing pending",
+        "0",
         0,
         w=2.6,
     )
@@ -270,56 +272,86 @@ def lifetime_sequence(out: Path) -> None:
 
 
 def segment_layout(out: Path) -> None:
-    W, H = 13.0, 8.6
+    W, H = 13.0, 10.2
     fig, ax = new_axes(W, H)
-    heading(ax, H, "Control segment  /dev/shm/pyarraypool-<token>   (80 KiB, mode 0600)")
+    heading(
+        ax,
+        H,
+        "Control segment  /dev/shm/pyarraypool-<token>   (17,117,184 bytes, sparse; mode 0600)",
+    )
     # (label, byte offset, drawn width, color)
     parts = [
         (
-            "header\nmagic, layout version,\npool id, instance id,\nprogram root (pid,\nstart time), settings,\nstate, needs_repair",
+            "header\nmagic, layout version 6,\npool id, instance id,\nprogram root (pid,\nstart time), settings,\nstate, needs_repair,\ncheck key",
             "0",
-            2.1,
+            2.0,
             C_PARENT,
         ),
-        ("lock word\n(own cache\nline)", "128", 1.1, C_WARN),
+        ("lock word\n(own cache\nline)", "128", 1.05, C_WARN),
         (
-            "process table\n128 slots × 32 B:\nid = pid<<2 | kind,\nstart time, reservation",
+            "process table\n4096 slots × 64 B:\nid = pid<<2 | kind,\nhold list ref + length,\ninline capacity, exiting",
             "192",
-            2.3,
+            2.45,
             C_WORKER,
         ),
         (
             "segment table\ncount; size and name\nnonce of each of up to\n4096 data segments;\nretired epoch",
-            "4288",
-            2.5,
+            "262336",
+            2.45,
             C_POOL,
         ),
         (
             "allocator index (TLSF)\nfirst-level bitmap,\n40 second-level bitmaps,\n40 × 32 free-list heads",
-            "69888",
-            2.6,
+            "327936",
+            2.5,
             C_SHM,
         ),
-        ("counters\ncapacity, used,\nlive blocks, pending,\nnext generation", "80296", 1.8, C_FREE),
+        (
+            "counters\ncapacity, used,\nlive blocks, pending,\nnext generation,\nnext expiry",
+            "338344",
+            1.85,
+            C_FREE,
+        ),
     ]
-    x, y0, h = 0.3, H - 2.55, 1.75
+    x, y0, h = 0.3, H - 2.65, 1.85
     for label, off, w, color in parts:
         box(ax, x, y0, w, h, label, color, size=8.2)
         ax.text(x + 0.03, y0 + h + 0.05, off, fontsize=7.5, color="#555555", va="bottom")
         x += w
     ax.text(
-        x - 0.03, y0 + h + 0.05, "80384", fontsize=7.5, color="#555555", va="bottom", ha="right"
+        x - 0.03, y0 + h + 0.05, "338432", fontsize=7.5, color="#555555", va="bottom", ha="right"
     )
+
+    # The slot pages after the header.
+    yp = y0 - 1.25
+    pages = [
+        ("(padding to\na page)", "338432", 1.3, C_FREE),
+        ("slot 0's page\n256 hold entries\n{block ref, generation}", "339968", 2.35, C_WORKER),
+        ("slot 1's page\n256 hold entries", "344064", 2.0, C_WORKER),
+        ("slot 2's page\n(never claimed:\nno memory)", "348160", 2.0, "white"),
+        ("…", "", 1.2, "white"),
+        ("slot 4095's page", "17113088", 2.0, "white"),
+    ]
+    x = 0.3
+    for label, off, w, color in pages:
+        box(ax, x, yp, w, 0.9, label, color, size=8.2)
+        if off:
+            ax.text(x + 0.03, yp + 0.95, off, fontsize=7.5, color="#555555", va="bottom")
+        x += w
+    ax.text(x - 0.03, yp + 0.95, "17117184", fontsize=7.5, color="#555555", va="bottom", ha="right")
     note(
         ax,
         0.3,
-        y0 - 0.25,
-        "Byte offsets from csrc/core/pool_internal.hpp (ControlHeader); not to scale. "
-        "Everything from the allocator index down is read and written only under the lock.",
+        yp - 0.12,
+        "Byte offsets from csrc/core/pool_internal.hpp (ControlHeader, slot_page_offset); not to scale. "
+        "Everything from the allocator index down, and the hold entries, are\nread and written only under the lock. "
+        "Creation reserves the header's 83 pages (fallocate); a slot's 4 KiB page is reserved when a process "
+        "first claims that slot,\nso a pool costs memory for the slots ever used. A list longer than 256 "
+        "entries moves to a pool block (see the hold-list picture).",
         size=8,
     )
 
-    ys = H - 4.05
+    ys = H - 5.65
     ax.text(
         0.3,
         ys + 0.55,
@@ -339,13 +371,15 @@ def segment_layout(out: Path) -> None:
     hs = 0.75
     cells = [
         ("hdr", 0.55, C_WARN),
-        ("payload (array A)", 3.0, C_SHM),
+        ("payload (array A)", 2.7, C_SHM),
         ("hdr", 0.55, C_WARN),
-        ("payload (B)", 1.4, C_SHM),
+        ("payload (B)", 1.2, C_SHM),
         ("hdr", 0.55, C_WARN),
-        ("free block (on a TLSF free list)", 3.6, C_FREE),
+        ("free block (on a TLSF free list)", 3.1, C_FREE),
         ("hdr", 0.55, C_WARN),
-        ("payload", 1.45, C_SHM),
+        ("a hold list\n(kFlagHoldList)", 1.5, C_WORKER),
+        ("hdr", 0.55, C_WARN),
+        ("payload", 0.9, C_SHM),
     ]
     x = 0.3
     for label, w, color in cells:
@@ -375,28 +409,291 @@ def segment_layout(out: Path) -> None:
         va="center",
     )
     fields = [
-        ("0–7\nsize | used bit\n(commit word)", 1.8),
-        ("8–15\nsize of the\nprevious block", 1.35),
-        ("16–23\ngeneration\n(unique per\nallocation)", 1.45),
-        ("24–39\nholders: 1 bit per process slot\n(free block: free-list links)", 2.65),
-        ("40–43\npending\npickles", 1.0),
-        ("44–47\nflags (low 8 bits);\nnewest pending\npickle's sender\npid (high 24)", 1.65),
-        ("48–55\npending\ndeadline (ns)", 1.3),
-        ("56–63\ncheck =\nhash(offset, gen)", 1.4),
+        ("0–7\nsize | used bit\n(commit word)", 1.45),
+        ("8–15\nsize of the\nprevious block", 1.25),
+        ("16–23\ngeneration\n(unique per\nallocation)", 1.2),
+        ("24–27\nholders:\nhow many slots\nhold it", 1.3),
+        ("28–31\nlist_owner:\nhold list's\nslot + 1", 1.2),
+        ("32–39\nunused", 0.85),
+        ("40–43\npending\npickles", 0.95),
+        (
+            "44–47\nflags (low 8:\ntransfer_required,\nhold list); newest\npending sender\npid (high 24)",
+            1.55,
+        ),
+        ("48–55\npending\ndeadline (ns)", 1.15),
+        ("56–63\ncheck = keyed\nhash(offset,\ngen)", 1.2),
     ]
     x = 0.3
     for label, w in fields:
-        box(ax, x, yh, w, 1.1, label, C_WARN, size=8.2)
+        box(ax, x, yh, w, 1.1, label, C_WARN, size=7.8)
         x += w
+    ax.text(
+        0.3 + 1.45 + 1.25 + 1.2 + 1.3 + 0.6,
+        yh - 0.02,
+        "free block: bytes 24–39 are its free-list links (next, prev)",
+        fontsize=7.8,
+        color="#555555",
+        va="top",
+        ha="center",
+    )
     note(
         ax,
         0.3,
-        yh - 0.12,
-        "A used block stays used while holders ≠ 0 or pending > 0. The fields are changed only "
+        yh - 0.3,
+        "A used block stays used while holders > 0 or pending > 0. The fields are changed only "
         "under the pool lock, except the size word, whose single stores are the allocator's commit points.",
         size=8,
     )
     save(fig, "segment_layout.png", out)
+
+
+# --- 2b. liveness ---------------------------------------------------------------------
+
+
+def liveness_locks(out: Path) -> None:
+    W, H = 13.0, 7.75
+    fig, ax = new_axes(W, H)
+    heading(
+        ax,
+        H,
+        "Who is alive: an OFD write lock on one byte of the control file per slot (csrc/core/liveness.*)",
+    )
+    # The control file's first bytes, as lock ranges.
+    yb, cw = H - 1.55, 0.95
+    x0 = 3.2
+    ax.text(
+        0.3,
+        yb + 0.22,
+        "control file, byte\n(lock range = slot)",
+        fontsize=8.5,
+        va="center",
+    )
+    states = [
+        ("0", C_WORKER),
+        ("1", C_WORKER),
+        ("2", C_WORKER),
+        ("3", "white"),
+        ("4", "white"),
+        ("…", "white"),
+        ("4095", "white"),
+    ]
+    for i, (label, color) in enumerate(states):
+        box(ax, x0 + i * cw, yb, cw, 0.45, label, color, size=8.5)
+    ax.text(
+        x0 + 7 * cw + 0.2,
+        yb + 0.22,
+        "green: locked by a live process\nwhite: no lock (free or dead slot)",
+        fontsize=8,
+        va="center",
+    )
+    bx = {i: x0 + (i + 0.5) * cw for i in range(7)}
+
+    # Processes, each with its descriptions of the control file; the locks
+    # are drawn from the top of the process to its byte.
+    def process(x, y, w, title, color, descs):
+        hgt = 0.5 + 0.55 * len(descs)
+        box(ax, x, y - hgt, w, hgt, "", color, rounded=True)
+        ax.text(x + 0.12, y - 0.22, title, fontsize=9, weight="bold", va="center")
+        for k, (text, dcolor) in enumerate(descs):
+            dy = y - 0.55 - 0.55 * k
+            box(ax, x + 0.15, dy - 0.4, w - 0.3, 0.45, text, dcolor, size=7.8)
+
+    def lock(x, y, byte, label, ls="-"):
+        arrow(ax, x, y, bx[byte], yb, ls=ls)
+        ax.text(x + 0.08, y + 0.12, label, fontsize=8, color=C_ARROW, va="bottom")
+
+    yp = yb - 1.15
+    process(
+        0.3,
+        yp,
+        3.3,
+        "parent, slot 0",
+        C_PARENT,
+        [
+            ("A: mapped (mmap), never locked", "white"),
+            ("B (O_CLOEXEC): locks byte 0", C_WORKER),
+            ("C: locks byte 1 for the child it forks", C_WORKER),
+        ],
+    )
+    lock(1.4, yp, 0, "B")
+    lock(3.0, yp, 1, "C", ls="--")
+    process(
+        3.9,
+        yp,
+        2.7,
+        "fork child, slot 1",
+        C_WORKER,
+        [
+            ("A: inherited with the mapping", "white"),
+            ("C: inherited, now its own", C_WORKER),
+        ],
+    )
+    lock(5.1, yp, 1, "C")
+    process(
+        6.9,
+        yp,
+        2.9,
+        "worker (spawned), slot 2",
+        C_WORKER,
+        [
+            ("its own mapped description", "white"),
+            ("its own lock description", C_WORKER),
+        ],
+    )
+    lock(8.2, yp, 2, "")
+    process(
+        10.1,
+        yp,
+        2.6,
+        "killed, slot 3",
+        C_WARN,
+        [("its lock description:\nclosed by the kernel", "white")],
+    )
+    ax.plot([11.4, bx[3]], [yp, yb], color="#a33", ls=":", lw=1.3)
+    ax.text(11.5, yp + 0.12, "lock gone", fontsize=8, color="#a33", va="bottom")
+
+    # The rules.
+    yt = H - 5.1
+    rules = [
+        (
+            "Alive",
+            "A slot's owner is alive exactly while its byte is locked. Any process asks with F_OFD_GETLK "
+            "through its own description;\nthe kernel answers. No pid is looked up: pid namespaces and "
+            "pid reuse do not enter into it. If the kernel cannot answer, the owner counts as alive.",
+        ),
+        (
+            "Dead",
+            "The kernel drops an OFD lock when the last descriptor of its description closes: at death "
+            "(SIGKILL, os._exit, a crash)\nand at exec (O_CLOEXEC). The slot's id stays set, its byte "
+            "unlocked: a survivor sees that and reclaims what the slot's hold list names.",
+        ),
+        (
+            "Why B and not A",
+            "A shared mapping keeps the description it was made from alive, in fork children too: a lock "
+            "on A would outlive the process.\nSo A is only mapped and B is only locked; nothing locks "
+            "through a description that was ever mapped.",
+        ),
+        (
+            "fork",
+            "Before the fork the parent opens C, locks the child's byte through it and copies its hold list "
+            "to that slot. The child inherits\nA, B and C; inside fork() (pthread_atfork) it closes its "
+            "copy of B and keeps C; the parent closes its copy of C. The reservation lives\nexactly as long "
+            "as the child, and ends with its exec.",
+        ),
+    ]
+    for title, body in rules:
+        ax.text(0.3, yt, title, fontsize=9.5, weight="bold", va="top")
+        ax.text(2.1, yt, body, fontsize=8.4, va="top")
+        yt -= 0.2 + 0.19 * (body.count("\n") + 1)
+    save(fig, "liveness_locks.png", out)
+
+
+# --- 2c. hold lists --------------------------------------------------------------------
+
+
+def hold_lists(out: Path) -> None:
+    W, H = 13.0, 8.7
+    fig, ax = new_axes(W, H)
+    heading(
+        ax,
+        H,
+        "What each process holds: hold lists in the slots, a holder count in each block (csrc/core/hold_list.hpp)",
+    )
+    # Slots (left).
+    sx, sw, sh = 0.3, 3.3, 0.95
+    slots = [
+        ("slot 0  parent, pid 100", "holds_ref = nil (its page)\nholds_length = 3", C_PARENT),
+        ("slot 1  worker, pid 107", "holds_ref = block L\nholds_length = 300", C_WORKER),
+        ("slot 2  child of 100 (reserved)", "holds_ref = nil (its page)\nholds_length = 3", C_POOL),
+    ]
+    ytop = H - 1.2
+    ax.text(sx, ytop + 0.15, "process table (64 B per slot)", fontsize=9.5, weight="bold")
+    slot_y = []
+    for i, (title, body, color) in enumerate(slots):
+        y = ytop - (i + 1) * (sh + 0.9)
+        box(ax, sx, y, sw, sh, "", color)
+        ax.text(sx + 0.1, y + sh - 0.2, title, fontsize=8.6, weight="bold", va="center")
+        ax.text(sx + 0.1, y + 0.33, body, fontsize=8.2, va="center")
+        slot_y.append(y + sh / 2)
+
+    # Lists (middle): two slot pages and one list block.
+    lx, lw, eh = 4.5, 3.3, 0.34
+
+    def entries(y, title, rows, color):
+        ax.text(lx, y + 0.12, title, fontsize=8.6, weight="bold", va="bottom")
+        ends = []
+        for k, text in enumerate(rows):
+            ey = y - (k + 1) * eh
+            box(ax, lx, ey, lw, eh, text, color if text != "nil (dropped)" else C_FREE, size=8)
+            ends.append((lx + lw, ey + eh / 2))
+        return ends
+
+    ya = slot_y[0] + 0.5
+    e0 = entries(
+        ya,
+        "slot 0's page (256 entries)",
+        ["[0] A, generation 7", "[1] nil (dropped)", "[2] B, generation 9"],
+        C_PARENT,
+    )
+    yl = slot_y[1] + 0.5
+    e1 = entries(
+        yl,
+        "block L: kFlagHoldList, list_owner = 2 (≥ 512 entries)",
+        ["[0] A, generation 7", "[1] C, generation 12", "… [299]"],
+        C_WORKER,
+    )
+    yc = slot_y[2] + 0.5
+    e2 = entries(
+        yc,
+        "slot 2's page: the parent's copy",
+        ["[0] A, generation 7", "[1] nil (dropped)", "[2] B, generation 9"],
+        C_POOL,
+    )
+    for i, first in enumerate([ya, yl, yc]):
+        arrow(ax, sx + sw, slot_y[i], lx, first - eh / 2, rad=0.0)
+
+    # Blocks (right).
+    bxx, bw, bh = 9.3, 3.3, 0.75
+    blocks = {
+        "A": ("block A  (generation 7)", "holders = 3   (slots 0, 1, 2)", H - 2.4),
+        "B": ("block B  (generation 9)", "holders = 2   (slots 0, 2)", H - 4.4),
+        "C": ("block C  (generation 12)", "holders = 1   (slot 1)", H - 6.4),
+    }
+    ax.text(bxx, H - 1.05, "array blocks (headers)", fontsize=9.5, weight="bold")
+    bpos = {}
+    for k, (title, body, y) in blocks.items():
+        box(ax, bxx, y, bw, bh, "", C_SHM)
+        ax.text(
+            bxx + bw / 2, y + 0.52, title, fontsize=8.6, weight="bold", ha="center", va="center"
+        )
+        ax.text(bxx + bw / 2, y + 0.2, body, fontsize=8.4, ha="center", va="center")
+        bpos[k] = (bxx, y + bh / 2)
+
+    def link(p, k, color=C_ARROW):
+        arrow(ax, p[0], p[1], bpos[k][0], bpos[k][1], color=color)
+
+    link(e0[0], "A")
+    link(e0[2], "B")
+    link(e1[0], "A", "#2b6e2b")
+    link(e1[1], "C", "#2b6e2b")
+    link(e2[0], "A", "#6a3d9a")
+    link(e2[2], "B", "#6a3d9a")
+
+    note(
+        ax,
+        0.3,
+        1.2,
+        "A process names a block in its list once, however many arrays it has on it, in the same critical "
+        "section that changes the block's count. A dropped hold leaves a nil entry,\n"
+        "reused by the next hold. A list starts in the slot's own 4 KiB page (256 entries of 16 B); once that is "
+        "full it moves to a pool block (kFlagHoldList) that doubles as\nneeded, switched by one store of "
+        "holds_ref; when the process holds nothing it goes back to the page. The counts are derived: repair "
+        "recounts every block from\nthe live slots' lists, and a dead slot's list says what to take back. Every "
+        "entry is checked against its block (segment, offset, used, generation) before it is\nbelieved. A fork "
+        "child's list starts as a copy of its parent's, at the same positions.",
+        size=8.4,
+    )
+    save(fig, "hold_lists.png", out)
 
 
 # --- 3. the handle ------------------------------------------------------------------
@@ -562,11 +859,19 @@ def futex_lock(out: Path) -> None:
     exit_to_held(y2, "a CAS succeeded")
     down(y1 - bh / 2, y2 + bh / 2, "failed")
     y3 = y2 - 1.15
-    node(y3, "set the contended bit, then\nfutex_wait(word, 10 ms)")
+    node(
+        y3,
+        "set the contended bit, then futex_wait until\nthe slice's deadline (10 ms, CLOCK_MONOTONIC)",
+    )
     exit_to_held(y3, "woken, word reads 0:\nCAS 0 → me | contended")
     down(y2 - bh / 2, y3 + bh / 2, "still taken")
     y4 = y3 - 1.2
-    node(y4, "slept 10 ms, word unchanged:\nis the owner alive? (process table)", C_SHM, h=0.7)
+    node(
+        y4,
+        "a whole slice, word unchanged: is the owner\nalive? (F_OFD_GETLK on its slot's byte)",
+        C_SHM,
+        h=0.7,
+    )
     down(y3 - bh / 2, y4 + 0.35, "timed out")
     # alive: back to waiting
     lx = cx - bw / 2 - 0.3
@@ -590,7 +895,7 @@ def futex_lock(out: Path) -> None:
     node(
         y6,
         "repair (needs_repair is set first, so a repair\ncut short is redone by the next owner):\n"
-        "rebuild the allocator index and counters from the\nsegments; clear dead slots' bits; free their slots",
+        "rebuild the allocator index and counters from the\nsegments; recount holders from the live hold lists;\nfree what dead slots alone held, and their slots",
         C_WARN,
         h=1.05,
     )
@@ -600,9 +905,14 @@ def futex_lock(out: Path) -> None:
     xt = 8.95
     texts = [
         (
-            "Liveness probe (process_table.cpp)",
-            "The owner is dead when /proc/<pid> is gone, is a\nzombie, or has another start time than the one its\n"
-            "slot recorded (the pid was reused by a newer process).",
+            "Liveness probe (liveness.cpp)",
+            "The owner is alive while the kernel holds its lock\non its slot's byte of the control file; it drops it\n"
+            "when the process dies or execs. No pid is looked up.",
+        ),
+        (
+            "The deadline",
+            "A slice ends at a CLOCK_MONOTONIC deadline that\nwake-ups and EINTR do not move: a signal every\n"
+            "millisecond cannot put off the probe for ever.",
         ),
         (
             "Unlock",
@@ -636,13 +946,13 @@ def refcount_states(out: Path) -> None:
     heading(
         ax,
         H,
-        "A block's life: holders (one bit per process slot) and pending (pickles not yet loaded)",
+        "A block's life: holders (how many process slots hold it) and pending (pickles not yet loaded)",
     )
     ax.text(
         0.3,
         H - 0.7,
-        "A used block stays used while holders ≠ ∅ or pending > 0; the operation that makes "
-        "both false frees it in the same critical section.",
+        "A used block stays used while holders > 0 or pending > 0; the operation that makes "
+        "both zero frees it in the same critical section.",
         fontsize=9,
         va="center",
     )
@@ -651,9 +961,9 @@ def refcount_states(out: Path) -> None:
     pos = {"free": (1.9, 6.2), "held": (6.5, 8.0), "both": (6.5, 4.4), "flight": (11.0, 6.2)}
     labels = {
         "free": ("free", "on a TLSF free list"),
-        "held": ("held", "holders ≠ ∅, pending = 0"),
-        "both": ("held and in flight", "holders ≠ ∅, pending > 0"),
-        "flight": ("in flight only", "holders = ∅, pending > 0"),
+        "held": ("held", "holders > 0, pending = 0"),
+        "both": ("held and in flight", "holders > 0, pending > 0"),
+        "flight": ("in flight only", "holders = 0, pending > 0"),
     }
     colors = {"free": C_FREE, "held": C_WORKER, "both": C_POOL, "flight": C_SHM}
     for k, (x, y) in pos.items():
@@ -674,7 +984,7 @@ def refcount_states(out: Path) -> None:
     label(
         1.75,
         7.85,
-        "allocate: empty, zeros,\nmake_transferable\n(the allocator's bit,\na new generation)",
+        "allocate: empty, zeros,\nmake_transferable\n(holders = 1, the allocator's;\na new generation)",
     )
     # held -> free
     edge((hx - sw / 2, hy - 0.3), (fx + 0.6, fy + sh / 2))
@@ -683,8 +993,8 @@ def refcount_states(out: Path) -> None:
     label(
         hx,
         hy + 0.95,
-        "another process loads a handle, or a fork child inherits: set its bit\n"
-        "a process drops its last array while others remain: clear its bit\n"
+        "another process loads a handle, or a fork child inherits: holders + 1, named in its hold list\n"
+        "a process drops its last array while others remain: holders − 1, its entry cleared\n"
         "pickling with transfer_required=False: nothing changes",
     )
     # held -> both
@@ -701,7 +1011,7 @@ def refcount_states(out: Path) -> None:
     label(
         hx + 0.6,
         6.2,
-        "a load sets the loader's bit\nand consumes the last\npending count; or the\n"
+        "a load adds the loader's\nhold and consumes the last\npending count; or the\n"
         "pending count expires",
         ha="left",
     )
@@ -713,7 +1023,7 @@ def refcount_states(out: Path) -> None:
     label(
         10.85,
         7.85,
-        "a process loads a handle:\nits bit set, pending − 1\n"
+        "a process loads a handle:\nholders + 1, pending − 1\n"
         "(held and in flight while\npending stays > 0)",
     )
     # flight -> free, under everything
@@ -729,11 +1039,10 @@ def refcount_states(out: Path) -> None:
         ax,
         0.3,
         2.2,
-        "Dead processes. A process killed without leaving keeps its slot and its bits. The survivor "
-        "that notices (after taking the lock from a dead owner,\nin collect(), stats(), or when the pool is out "
-        "of room) clears every dead slot's bit in every block, drops expired pending counts, frees\nwhat is "
-        "left unused and releases the dead slots. Dead means: the slot's pid is gone, is a zombie, or has "
-        "another start time.",
+        "Dead processes. A process that is gone keeps its slot and its hold list (every process leaves them so at exit). The survivor that notices (after\n"
+        "taking the lock from a dead owner, in collect(), stats(), when the pool is out of room, or taking a dead slot over) recounts every block's holders\n"
+        "from the live slots' lists, drops expired pending counts, frees what is left unused and releases the dead slots. Dead means: the kernel no\n"
+        "longer holds the slot's lock on its byte of the control file.",
         size=8.4,
     )
     note(
@@ -756,6 +1065,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     lifetime_sequence(args.out)
     segment_layout(args.out)
+    liveness_locks(args.out)
+    hold_lists(args.out)
     handle_format(args.out)
     futex_lock(args.out)
     refcount_states(args.out)

@@ -290,7 +290,8 @@ class HeapArena {
   HeapArena(const HeapArena&) = delete;
   HeapArena& operator=(const HeapArena&) = delete;
 
-  Allocator alloc() { return Allocator(*state_, &span_); }
+  // One segment; any key for the block check (nothing here is shared).
+  Allocator alloc() { return Allocator(*state_, &span_, 1, 0x5EC7E7u); }
 
  private:
   unsigned char* region_ = nullptr;

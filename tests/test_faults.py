@@ -91,11 +91,13 @@ class Programs:
         self.tokens: set[str] = set()
         self.count = 0
 
-    def run(self, code: str, *, timeout: float = 60, env: dict[str, str] | None = None):
+    def run(self, code: str, *, timeout: float = 60, env: dict[str, str] | None = None,
+            head: str = ""):
+        """`head` (dedented) runs before the prelude, hence before `import pyarraypool`."""
         self.count += 1
         base = self.tmp_path / f"prog{self.count}"
         script = base.with_suffix(".py")
-        script.write_text(PRELUDE + textwrap.dedent(code))
+        script.write_text(textwrap.dedent(head) + PRELUDE + textwrap.dedent(code))
         with open(f"{base}.out", "w+") as out, open(f"{base}.err", "w+") as err:
             proc = subprocess.Popen([sys.executable, str(script)], env=env or fresh_env(),
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=err,

@@ -433,16 +433,26 @@ void Pool::after_fork_child() {
     return;
   }
   // No reservation: a slot of our own, then a hold on every block we
-  // inherited that still exists (rebuild_hold_index_locked, kRehold).
+  // inherited that still exists (rebuild_hold_index_locked), taken here,
+  // before any code of the child can read an inherited array: until then
+  // the parent may drop its hold and the pool hand the block to another
+  // array. A block already freed is seen (used bit, generation) and the
+  // child is detached.
   try {
     UniqueFd mine = open_control_fd();
     ctl_fd_ = std::move(mine);
     claim_slot_or_throw();
     rehold_inherited_ = true;
     holds_stale_ = true;
+    Guard g(*this, Mode::kSlow);
+  } catch (const CoreError& e) {
+    // Our slot, if we claimed one, ends with its descriptor; survivors
+    // reclaim whatever we held of it.
+    ctl_fd_.reset();
+    if (!left_) detach_inherited(e.what());
   } catch (...) {
     ctl_fd_.reset();
-    detach_inherited("no free process slot");
+    if (!left_) detach_inherited("out of memory");
   }
 }
 

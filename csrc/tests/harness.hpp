@@ -52,6 +52,7 @@ enum class Area {
   kPoolFork,
   kCorruption,
   kPoolKeeper,
+  kPoolLiveness,
   kFinalChecks,  // last, and run whatever the arguments select
 };
 

@@ -298,7 +298,7 @@ Pool::StuckDead Pool::settle_stuck_dead() {
 }
 
 bool Pool::nobody_needs_pool_locked(bool leaver_is_root) {
-  if (live_processes_locked(monotonic_ns(), nullptr, /*count_me=*/false) != 0) return false;
+  if (another_process_alive_locked()) return false;
   // Pickles in flight with nobody attached: their receiver may be the
   // program's root, which attaches on first use. Keep the pool for it;
   // its own exit (or a cleaner, once it is gone) removes the pool.

@@ -308,6 +308,9 @@ class Pool {
   BlockHeader* find_header(BlockRef ref, uint64_t generation);
   void stats_locked(PoolStats* s);
   void snapshot_locked(PoolSnapshot* s);
+  // Whether a process other than this one still uses the pool (a live,
+  // non-exiting, non-observer slot).
+  bool another_process_alive_locked();
   uint32_t live_processes_locked(uint64_t now, std::vector<int>* pids, bool count_me = true);
   [[noreturn]] void throw_full(uint64_t bytes);
   // What uses the pool, for error messages (walks every block).

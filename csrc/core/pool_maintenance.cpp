@@ -17,6 +17,19 @@
 
 namespace pap {
 
+bool Pool::another_process_alive_locked() {
+  // Stops at the first one: each question to the kernel walks the file's
+  // list of locks, so counting them all, as every one of thousands of
+  // processes leaves, would cost the square of their number.
+  for (uint32_t i = 0; i < kMaxSlots; ++i) {
+    const uint64_t id = table().slots[i].id.load(std::memory_order_seq_cst);
+    if (id == 0 || is_observer(id) || i == slot_) continue;
+    if (table().slots[i].exiting.load(std::memory_order_acquire)) continue;  // has left
+    if (slot_alive(i)) return true;
+  }
+  return false;
+}
+
 uint32_t Pool::live_processes_locked(uint64_t, std::vector<int>* pids, bool count_me) {
   uint32_t n = 0;
   for (uint32_t i = 0; i < kMaxSlots; ++i) {

@@ -28,8 +28,6 @@ Pool::Pool(std::string token, Mapping control)
 
 Pool::~Pool() = default;
 
-AllocState& Pool::alloc_state() { return hdr_->alloc; }
-ProcessTable& Pool::table() { return hdr_->table; }
 PoolConfig Pool::config() const { return hdr_->config; }
 std::string Pool::instance_id() const {
   return to_hex(hdr_->instance_id, sizeof hdr_->instance_id);
@@ -62,6 +60,7 @@ void Pool::use_slot_page(int fd, uint32_t slot) {
     room = 0;
   }
   table().slots[slot].inline_capacity.store(room, std::memory_order_release);
+  my_list_ = nullptr;  // the room of a slot just claimed: look again
 }
 
 int Pool::claim_free_slot(int fd, uint64_t id) {

@@ -291,6 +291,8 @@ class Pool {
   // The list of `slot` if it checks out (nullptr if it has none); throws
   // kPool if the slot names something that is not its list.
   HoldEntry* hold_list(uint32_t slot, uint32_t* length, uint32_t* capacity);
+  // hold_list(slot_), remembered while the slot names the same list.
+  HoldEntry* my_list(uint32_t* length, uint32_t* capacity);
   // The block an entry names, if it is still that used array block.
   BlockHeader* held_block(const HoldEntry& e);
   bool grow_hold_list_locked(uint32_t slot, uint32_t capacity, Mode mode);
@@ -330,6 +332,10 @@ class Pool {
   // below the list's length that are free, and whether the index must be
   // rebuilt from the shared list (a fork child, at its first locked call).
   HoldIndex holds_;
+  HoldEntry* my_list_ = nullptr;  // see my_list()
+  uint64_t my_list_bits_ = 0;
+  uint32_t my_list_slot_ = 0;
+  uint32_t my_list_capacity_ = 0;
   std::vector<uint32_t> free_holds_;
   bool holds_stale_ = false;
   // A fork child without a reservation: hold again what the index

@@ -53,6 +53,26 @@ HoldEntry* Pool::hold_list(uint32_t slot, uint32_t* length, uint32_t* capacity) 
   return reinterpret_cast<HoldEntry*>(const_cast<BlockHeader*>(h)->payload());
 }
 
+HoldEntry* Pool::my_list(uint32_t* length, uint32_t* capacity) {
+  // This process's own list, checked once and then remembered for as long
+  // as the slot names the same place (allocate and release pass here).
+  const ProcessSlot& s = table().slots[slot_];
+  const uint64_t bits = s.holds_ref.load(std::memory_order_acquire);
+  if (my_list_ && bits == my_list_bits_ && slot_ == my_list_slot_) {
+    *length = s.holds_length.load(std::memory_order_relaxed);
+    *capacity = my_list_capacity_;
+    if (*length > *capacity)
+      throw CoreError(ErrorKind::kPool, "this process's hold list is longer than its room: the "
+                                        "pool's shared memory is corrupt");
+    return my_list_;
+  }
+  my_list_ = hold_list(slot_, length, capacity);
+  my_list_bits_ = bits;
+  my_list_slot_ = slot_;
+  my_list_capacity_ = *capacity;
+  return my_list_;
+}
+
 BlockHeader* Pool::held_block(const HoldEntry& e) {
   if (e.ref_bits == BlockRef::kNilBits) return nullptr;
   BlockHeader* h = find_header(BlockRef::from_bits(e.ref_bits), e.generation);
@@ -102,14 +122,14 @@ bool Pool::grow_hold_list_locked(uint32_t slot, uint32_t capacity, Mode mode) {
 
 bool Pool::reserve_hold_locked(Mode mode) {
   uint32_t len, cap;
-  hold_list(slot_, &len, &cap);
+  my_list(&len, &cap);
   const int child = child_slot_.load(std::memory_order_relaxed);
   // While a fork is under way, entries are only appended, at the same
   // position in our list and the child's (see add_hold_locked).
   const bool room = len < cap || (child < 0 && !free_holds_.empty());
   if (!room && !grow_hold_list_locked(slot_, std::max<uint32_t>(2 * cap, 64), mode)) return false;
   if (child >= 0) {
-    hold_list(slot_, &len, &cap);
+    my_list(&len, &cap);
     uint32_t clen, ccap;
     hold_list(static_cast<uint32_t>(child), &clen, &ccap);
     if (ccap < cap && !grow_hold_list_locked(static_cast<uint32_t>(child), cap, mode)) return false;
@@ -119,7 +139,7 @@ bool Pool::reserve_hold_locked(Mode mode) {
 
 void Pool::add_hold_locked(BlockRef ref, uint64_t generation, BlockHeader& h, bool counted) {
   uint32_t len, cap;
-  HoldEntry* mine = hold_list(slot_, &len, &cap);
+  HoldEntry* mine = my_list(&len, &cap);
   const int child = child_slot_.load(std::memory_order_relaxed);
   uint32_t entry;
   if (child < 0 && !free_holds_.empty()) {
@@ -148,7 +168,7 @@ void Pool::drop_hold_locked(BlockRef ref, BlockHeader& h) {
   if (const HoldRef* r = holds_.find(ref.bits())) {
     const uint32_t entry = r->entry;
     uint32_t len, cap;
-    HoldEntry* mine = hold_list(slot_, &len, &cap);
+    HoldEntry* mine = my_list(&len, &cap);
     if (entry < len) mine[entry].ref_bits = BlockRef::kNilBits;
     holds_.erase(ref.bits());
     free_holds_.push_back(entry);

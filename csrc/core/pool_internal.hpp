@@ -153,6 +153,10 @@ class TableProbe : public OwnerProbe {
 void unlink_data_files(const std::string& token);
 void unlink_pool_files(const std::string& token);
 
+// On every allocate and release: inline, not a call.
+inline AllocState& Pool::alloc_state() { return hdr_->alloc; }
+inline ProcessTable& Pool::table() { return hdr_->table; }
+
 // Holds the pool lock for a scope. In kFast it only tries once and also
 // gives up if this process has not mapped every published segment (mapping
 // is a system call); check held() before using the pool.

@@ -54,7 +54,7 @@ void Pool::use_slot_page(int fd, uint32_t slot) {
   // starts in a block of the pool, whose memory is reserved already.
   uint32_t room = kInlineHolds;
   try {
-    reserve_range(fd, slot_page_offset(slot), kSlotPageBytes);
+    if (slot >= kReservedSlotPages) reserve_range(fd, slot_page_offset(slot), kSlotPageBytes);
   } catch (const CoreError& e) {
     if (e.kind() != ErrorKind::kPoolFull) throw;
     room = 0;
@@ -168,7 +168,7 @@ std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& c
     unlink_segment(tmp_name);
     Mapping m;
     UniqueFd fd;
-    if (create_segment(tmp_name, kControlBytes, &m, &fd, kControlHeaderBytes) ==
+    if (create_segment(tmp_name, kControlBytes, &m, &fd, slot_page_offset(kReservedSlotPages)) ==
         CreateResult::kExists)
       continue;
     auto* h = reinterpret_cast<ControlHeader*>(m.data());

@@ -105,12 +105,15 @@ static_assert(sizeof(ControlHeader) == 338432);
 
 inline constexpr uint64_t kPage = 4096;
 // The control segment: the header, then one page per process slot that
-// holds the slot's first kInlineHolds hold entries (hold_list.hpp). Only the
-// header's pages are reserved when the pool is made; a slot's page is
-// reserved when a process first claims that slot, so a pool costs memory
-// for the slots that were ever used, not for all 4096.
+// holds the slot's first kInlineHolds hold entries (hold_list.hpp). The
+// header's pages and the first kReservedSlotPages slots' pages are reserved
+// when the pool is made (slots are claimed lowest first, so a program of up
+// to that many processes needs no more, even once /dev/shm is full); a
+// later slot's page is reserved when a process first claims that slot, so a
+// pool costs memory for the slots that were ever used, not for all 4096.
 inline constexpr uint64_t kControlHeaderBytes = (sizeof(ControlHeader) + kPage - 1) & ~(kPage - 1);
 inline constexpr uint64_t kSlotPageBytes = kPage;
+inline constexpr uint32_t kReservedSlotPages = 16;
 inline constexpr uint32_t kInlineHolds = kSlotPageBytes / sizeof(HoldEntry);
 inline constexpr uint64_t kControlBytes = kControlHeaderBytes + uint64_t{kMaxSlots} * kSlotPageBytes;
 inline constexpr uint64_t slot_page_offset(uint32_t slot) {

@@ -14,7 +14,10 @@ that has no PYARRAYPOOL_* variables, e.g. tests/helpers.fresh_env()). It
   rest); send an array it holds (its own or one it received) to another
   worker's inbox, now and then to the driver; receive from its inbox and
   verify every byte; re-verify what it holds; drop arrays; with probability
-  ~2% hold the pool lock for 5-20 ms (`_core._test_hold_lock`);
+  ~2% hold the pool lock for 5-20 ms (`_core._test_hold_lock`); with
+  probability ~0.2% fork a child that execs a short-lived program (cat)
+  while holding an array only it holds, and check that once the child has
+  exec'd it holds nothing (no slot; the block held by the worker alone);
 - meanwhile SIGKILLs a random worker every `--kill-interval` seconds (every
   4th kill targets a worker that owns the pool lock at that instant, if one
   does within 0.2 s) and starts a replacement;
@@ -185,17 +188,56 @@ def message_meta(raw: bytes):
 
 F_HEARTBEAT, F_OPS, F_ALLOCS, F_SENT, F_SENT_DRIVER, F_RECEIVED, F_VERIFIED, F_VERIFIED_BYTES, \
     F_LOST_TORN, F_LOST_STALE, F_HOLDS, F_PHASE, F_CORRUPT, F_PREMATURE, F_POOL_FULL, \
-    F_POOL_SLOT, F_STOP, F_STATS_CALLS, F_STALE_UNTRACKED = range(19)
-NFIELDS = 19
+    F_POOL_SLOT, F_STOP, F_STATS_CALLS, F_STALE_UNTRACKED, F_EXECS, F_EXEC_PINNED = range(21)
+NFIELDS = 21
 COUNTERS = {
     "ops": F_OPS, "allocs": F_ALLOCS, "sent_to_workers": F_SENT, "sent_to_driver": F_SENT_DRIVER,
     "received": F_RECEIVED, "verified": F_VERIFIED, "verified_bytes": F_VERIFIED_BYTES,
     "lost_torn": F_LOST_TORN, "lost_stale": F_LOST_STALE, "hold_lock_calls": F_HOLDS,
     "corruptions": F_CORRUPT, "premature_stale": F_PREMATURE, "pool_full": F_POOL_FULL,
     "stats_or_collect_calls": F_STATS_CALLS, "stale_untracked": F_STALE_UNTRACKED,
+    "exec_children": F_EXECS, "exec_pinned": F_EXEC_PINNED,
 }
-PHASES = ["start", "alloc", "send", "recv", "verify", "hold_lock", "drop", "stats", "exit"]
-P_START, P_ALLOC, P_SEND, P_RECV, P_VERIFY, P_HOLD, P_DROP, P_STATS, P_EXIT = range(9)
+PHASES = ["start", "alloc", "send", "recv", "verify", "hold_lock", "drop", "stats", "exit", "exec"]
+P_START, P_ALLOC, P_SEND, P_RECV, P_VERIFY, P_HOLD, P_DROP, P_STATS, P_EXIT, P_EXEC = range(10)
+CAT = "/bin/cat"
+
+
+def exec_child_pins(arr, status, row: int) -> str | None:
+    """Forks a child that execs a short-lived program (cat, until its stdin
+    closes) while this worker holds `arr`, which nobody else holds. Once the
+    child has exec'd it has no slot (its lock went with the exec): after a
+    collect(), `arr` is held by this process alone and the child is not among
+    the pool's processes. None if so; else what is wrong."""
+    r, w = os.pipe()    # the child's stdin: cat ends at EOF
+    er, ew = os.pipe()  # close-on-exec: EOF here once the child has exec'd
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.dup2(r, 0)
+            os.execv(CAT, [CAT])
+        finally:
+            os._exit(127)
+    os.close(r)
+    os.close(ew)
+    try:
+        if not select.select([er], [], [], 10)[0] or os.read(er, 1) != b"":
+            return "the child did not exec within 10 s"
+        status[row + F_EXECS] += 1
+        pyarraypool.collect()
+        info = _core._test_block_info(arr)
+        pids = pyarraypool.stats().pids
+        if info["holders"] != 1 << info["my_slot"] or info["holder_count"] != 1 or pid in pids:
+            return (f"a child that exec'd still holds the parent's block: holders "
+                    f"{info['holders']:#x} (count {info['holder_count']}), my slot "
+                    f"{info['my_slot']}, child {pid}, pool pids {pids}")
+        return None
+    finally:
+        os.close(er)
+        os.close(w)
+        deadline = time.monotonic() + 10
+        while os.waitpid(pid, os.WNOHANG)[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
 
 
 class Violations:
@@ -361,6 +403,20 @@ def worker_main(slot: int, inboxes, driver_q, status, violations_path: str, seed
             elif op < 0.99:
                 phase(P_DROP)
                 held.pop(rng.randrange(len(held)))
+            elif op < 0.992:
+                phase(P_EXEC)
+                try:
+                    mine = make_array(rng, rng.getrandbits(63))  # never sent
+                except pyarraypool.PoolFullError:
+                    status[row + F_POOL_FULL] += 1
+                    held.clear()
+                    continue
+                status[row + F_ALLOCS] += 1
+                problem = exec_child_pins(mine, status, row)
+                if problem is not None:
+                    status[row + F_EXEC_PINNED] += 1
+                    violations.add("exec_pinned", who=f"worker {slot}", what=problem)
+                del mine
             else:
                 phase(P_STATS)
                 status[row + F_STATS_CALLS] += 1
@@ -784,7 +840,8 @@ def main() -> int:
             "verified_bytes", "kills", "kills_in_lock", "kills_in_lock_confirmed",
             "fork_starts", "spawn_starts", "hangs", "corruptions", "premature_stale",
             "lost_in_transit", "stale_untracked", "rescued_messages", "workers_died_on_their_own",
-            "verify_calls", "verify_failures", "pool_full", "leaked_bytes"]
+            "verify_calls", "verify_failures", "pool_full", "exec_children", "exec_pinned",
+            "leaked_bytes"]
     print("SOAK " + "  ".join(f"{k}={result[k]}" for k in keys), flush=True)
     print(f"kills by phase: {result['kills_by_phase']}", flush=True)
     for v in result["violations"][:20]:

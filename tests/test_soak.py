@@ -71,10 +71,12 @@ def test_chaos_soak(tmp_path):
         assert r["kills_in_lock_confirmed"] >= 1, r["kills_in_lock_confirmed"]
         assert r["hold_lock_calls"] >= 100, r["hold_lock_calls"]
         assert r["spawn_starts"] >= 1, r["spawn_starts"]
+        assert r["exec_children"] >= 20, r["exec_children"]
         # And nothing went wrong.
         assert r["hangs"] == 0
         assert r["corruptions"] == 0
         assert r["premature_stale"] == 0
+        assert r["exec_pinned"] == 0
         assert r["workers_died_on_their_own"] == 0
         assert r["verify_failures"] == 0 and r["verify_calls"] >= SECONDS // 2
         assert r["leaked_bytes"] == 0, r["final_stats"]

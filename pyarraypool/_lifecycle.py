@@ -42,7 +42,13 @@ def ensure_pool_name() -> str:
         # records it, so that a worker leaving last while its pickles are
         # still in flight keeps the pool for this one (pool.hpp, ProgramRoot).
         pid = os.getpid()
-        os.environ[ENV_ROOT] = f"{pid}:{_start_time(pid)}"
+        # The pid namespace too: a process in another one (a container
+        # sharing /dev/shm) cannot look this pid up, and must not judge it.
+        try:
+            pid_ns = os.stat("/proc/self/ns/pid").st_ino
+        except OSError:
+            pid_ns = 0
+        os.environ[ENV_ROOT] = f"{pid}:{_start_time(pid)}:{pid_ns}"
     return name
 
 

@@ -323,3 +323,38 @@ def test_processes_in_two_pid_namespaces_share_one_pool(programs, other_pid_name
                        + COMMON + HOST_PROGRAM, timeout=120)
     assert "OK" in out
     assert_left_nothing(out)
+
+
+# The program's root (the process whose import named the pool) runs on the
+# host and never touches the pool itself; its only worker runs in another pid
+# namespace, sends it an array and ends, the last process of the pool, with
+# its pickle still in flight. The root's pid means nothing over there: the
+# worker must not take the root for dead and remove the pool. Afterwards the
+# root loads the array whole.
+ROOT_ELSEWHERE = r'''
+import os, pickle, subprocess, sys, time
+import numpy as np
+import pyarraypool
+from pyarraypool import _core
+WORKER = """
+import os, pickle, sys, numpy as np, pyarraypool
+a = pyarraypool.make_transferable(np.arange(100_000, dtype=np.float64) * 3)
+sys.stdout.buffer.write(pickle.dumps(a))
+"""
+done = subprocess.run(NS_PREFIX + [sys.executable, "-c", WORKER], capture_output=True, timeout=60)
+assert done.returncode == 0, done.stderr.decode()
+time.sleep(0.6)    # a keeper would have removed an abandoned pool by now
+b = pickle.loads(done.stdout)
+assert (b == np.arange(100_000, dtype=np.float64) * 3).all()
+say_token()
+s = pyarraypool.stats()
+assert s.pending_transfers == 0 and s.live_blocks == 1, s
+del b
+print("OK")
+'''
+
+
+def test_root_in_another_pid_namespace_keeps_its_pickles(programs, other_pid_namespace):  # noqa: F811
+    out = programs.run(f"NS_PREFIX = {other_pid_namespace!r}\n" + ROOT_ELSEWHERE)
+    assert "OK" in out
+    assert_left_nothing(out)

@@ -480,7 +480,7 @@ def _layout(what: str) -> int:
 
 # ControlHeader offsets; kControlBytes: the header's pages, then one page per
 # process slot (4096 of them).
-OFF_NEEDS_REPAIR = 108
+OFF_NEEDS_REPAIR = 116
 OFF_SEGMENT_COUNT = _layout(r"offsetof\(ControlHeader, segment_count\)")
 OFF_SEGMENT_SIZES = OFF_SEGMENT_COUNT + 8
 OFF_NONCES = OFF_SEGMENT_SIZES + 8 * 4096

@@ -34,9 +34,9 @@ class EventReport {
   EventReport& operator=(const EventReport&) = delete;
 };
 
-// PYARRAYPOOL_ROOT = "<pid>:<start time in clock ticks>", set by the import
-// that picked the pool's token (pyarraypool/_lifecycle.py); anything else
-// means no root is known.
+// PYARRAYPOOL_ROOT = "<pid>:<start time in clock ticks>[:<pid namespace
+// inode>]", set by the import that picked the pool's token
+// (pyarraypool/_lifecycle.py); anything else means no root is known.
 pap::ProgramRoot root_from_env() {
   pap::ProgramRoot root;
   const char* v = std::getenv("PYARRAYPOOL_ROOT");
@@ -46,9 +46,16 @@ pap::ProgramRoot root_from_env() {
   if (end == v || *end != ':' || pid <= 0) return root;
   const char* rest = end + 1;
   unsigned long long start = std::strtoull(rest, &end, 10);
-  if (end == rest || *end != '\0') return root;
+  if (end == rest || (*end != '\0' && *end != ':')) return root;
+  unsigned long long ns = 0;
+  if (*end == ':') {
+    rest = end + 1;
+    ns = std::strtoull(rest, &end, 10);
+    if (end == rest || *end != '\0') return root;
+  }
   root.pid = static_cast<int>(pid);
   root.start_time = start;
+  root.pid_ns = ns;
   return root;
 }
 

@@ -77,9 +77,15 @@ enum class Mode { kFast, kSlow };
 // process attaches on first use, and still be about to load pickles its
 // workers sent before they exited; while it lives, the last process to
 // leave keeps a pool that has pickles in flight, and no cleaner removes it.
+// Its liveness is read from /proc (it may never hold a slot), so only a
+// process in the root's own pid namespace can judge it; from another one
+// (a container sharing /dev/shm) the root counts as alive: a pool kept too
+// long is removed by the root's exit or by `clean`, while one removed too
+// early loses the pickles in flight.
 struct ProgramRoot {
   int pid = 0;              // 0: unknown, no such protection
   uint64_t start_time = 0;  // process_start_time(pid), against pid reuse
+  uint64_t pid_ns = 0;      // inode of the root's /proc/self/ns/pid; 0: unknown
 };
 
 struct ControlHeader;

@@ -1,6 +1,7 @@
 #include "core/pool_internal.hpp"
 
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
@@ -13,12 +14,29 @@
 
 namespace pap {
 
+uint64_t my_pid_namespace() {
+  static const uint64_t ns = [] {
+    struct stat st;
+    return ::stat("/proc/self/ns/pid", &st) == 0 ? static_cast<uint64_t>(st.st_ino) : 0;
+  }();
+  return ns;
+}
+
+namespace {
+// The root's pid means nothing in another pid namespace.
+bool judgeable(const ProgramRoot& root) {
+  return root.pid_ns == 0 || my_pid_namespace() == 0 || root.pid_ns == my_pid_namespace();
+}
+}  // namespace
+
 bool is_me(const ProgramRoot& root) {
-  return root.pid == ::getpid() && root.start_time == process_start_time(::getpid());
+  return judgeable(root) && root.pid == ::getpid() &&
+         root.start_time == process_start_time(::getpid());
 }
 
 bool root_alive(const ProgramRoot& root) {
   if (root.pid <= 0) return false;
+  if (!judgeable(root)) return true;  // see ProgramRoot
   bool zombie = false;
   uint64_t started = process_start_time(static_cast<pid_t>(root.pid), &zombie);
   return started != 0 && !zombie && started == root.start_time;

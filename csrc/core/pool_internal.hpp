@@ -95,7 +95,7 @@ static_assert(std::atomic<uint64_t>::is_always_lock_free);
 // The layout is shared by every process of a pool, whatever build it runs:
 // a change must bump kLayoutVersion, and redraw docs/images/segment_layout.png
 // (docs/diagrams/make_diagrams.py draws these offsets).
-static_assert(offsetof(ControlHeader, check_key) == 112);
+static_assert(offsetof(ControlHeader, check_key) == 120);
 static_assert(offsetof(ControlHeader, lock) == 128);
 static_assert(offsetof(ControlHeader, table) == 192);
 static_assert(offsetof(ControlHeader, segment_count) == 262336);
@@ -126,6 +126,8 @@ inline uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) / to * t
 // The program's root process (see ProgramRoot) is this process / is still
 // running: same pid, same start time, not a zombie.
 bool is_me(const ProgramRoot& root);
+// The inode of this process's /proc/self/ns/pid (0 if unreadable).
+uint64_t my_pid_namespace();
 bool root_alive(const ProgramRoot& root);
 
 uint64_t realtime_ns();

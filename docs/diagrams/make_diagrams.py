@@ -282,7 +282,7 @@ def segment_layout(out: Path) -> None:
     # (label, byte offset, drawn width, color)
     parts = [
         (
-            "header\nmagic, layout version 6,\npool id, instance id,\nprogram root (pid,\nstart time), settings,\nstate, needs_repair,\ncheck key",
+            "header\nmagic, layout version 6,\npool id, instance id,\nprogram root (pid,\nstart time, pid ns), settings,\nstate, needs_repair,\ncheck key",
             "0",
             2.0,
             C_PARENT,

@@ -23,6 +23,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace pap {
 
@@ -63,6 +64,16 @@ void unlock_slot(int fd, uint32_t slot);
 bool held_by_other(int fd, uint32_t slot);
 // Whether another open file description holds any byte of [first, first + n).
 bool any_held_by_other(int fd, uint32_t first, uint32_t n);
+
+// Which of bytes [0, n) of the file `fd` is open on some process holds a
+// lock on, as /proc/locks lists them: one read for the whole table, where
+// asking F_OFD_GETLK about each byte costs the square of the number of
+// locks (each question walks the file's whole list of locks). Empty if
+// /proc/locks cannot be read. Only a hint, and only in the safe direction:
+// a byte listed is treated as alive without asking (wrong, it would only
+// delay a reclaim); a byte not listed is still asked about with
+// held_by_other before anyone is called dead.
+std::vector<bool> locked_bytes_hint(int fd, uint32_t n);
 
 }  // namespace liveness
 }  // namespace pap

@@ -48,6 +48,17 @@ bool Pool::slot_alive(uint32_t slot) const {
   return liveness::held_by_other(ctl_fd_.get(), slot);
 }
 
+std::vector<bool> Pool::liveness_hint() const {
+  return liveness::locked_bytes_hint(ctl_fd_.get(), kMaxSlots);
+}
+
+bool Pool::slot_alive_hinted(uint32_t slot, const std::vector<bool>& hint) const {
+  if (slot < hint.size() && hint[slot] &&
+      hdr_->table.slots[slot].id.load(std::memory_order_acquire) != 0)
+    return true;
+  return slot_alive(slot);
+}
+
 void Pool::use_slot_page(int fd, uint32_t slot) {
   // The slot's page of hold entries is reserved before anything is written
   // there. A full /dev/shm does not keep a process out: its list then

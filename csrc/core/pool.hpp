@@ -319,6 +319,12 @@ class Pool {
   // Whether a process other than this one still uses the pool (a live,
   // non-exiting, non-observer slot).
   bool another_process_alive_locked();
+  // slot_alive(), without a system call for a slot that `hint`
+  // (liveness::locked_bytes_hint, taken once per walk of the table) lists
+  // as locked: a walk then costs one read of /proc/locks plus a question
+  // per slot not listed, not a question per slot.
+  bool slot_alive_hinted(uint32_t slot, const std::vector<bool>& hint) const;
+  std::vector<bool> liveness_hint() const;
   uint32_t live_processes_locked(uint64_t now, std::vector<int>* pids, bool count_me = true);
   [[noreturn]] void throw_full(uint64_t bytes);
   // What uses the pool, for error messages (walks every block).

@@ -32,6 +32,7 @@ bool Pool::another_process_alive_locked() {
 
 uint32_t Pool::live_processes_locked(uint64_t, std::vector<int>* pids, bool count_me) {
   uint32_t n = 0;
+  const std::vector<bool> hint = liveness_hint();
   for (uint32_t i = 0; i < kMaxSlots; ++i) {
     uint64_t id = table().slots[i].id.load(std::memory_order_seq_cst);
     if (id == 0 || is_observer(id)) continue;
@@ -39,7 +40,7 @@ uint32_t Pool::live_processes_locked(uint64_t, std::vector<int>* pids, bool coun
     // A process past its exit_process() has left: it only keeps its holds
     // until it is gone, and never needs the pool again.
     if (table().slots[i].exiting.load(std::memory_order_acquire) && i != slot_) continue;
-    if (!slot_alive(i)) continue;
+    if (!slot_alive_hinted(i, hint)) continue;
     ++n;
     if (pids && slot_kind(id) == SlotKind::kActive) pids->push_back(slot_pid(id));
   }
@@ -107,12 +108,13 @@ uint64_t Pool::maintain_locked(bool force_rebuild, int also_dead, uint64_t also_
   };
   std::vector<SlotRef> dead, live;
   if (also_dead >= 0) dead.push_back({static_cast<uint32_t>(also_dead), also_dead_id});
+  const std::vector<bool> hint = liveness_hint();
   for (uint32_t i = 0; i < kMaxSlots; ++i) {
     const uint64_t id = table().slots[i].id.load(std::memory_order_acquire);
     if (id == 0 || static_cast<int>(i) == also_dead) continue;
     // kReleasingId: a live process is changing the slot; its list (if any)
     // is still its own.
-    if (slot_alive(i))
+    if (slot_alive_hinted(i, hint))
       live.push_back({i, id});
     else
       dead.push_back({i, id});

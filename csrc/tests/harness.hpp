@@ -53,6 +53,7 @@ enum class Area {
   kCorruption,
   kPoolKeeper,
   kPoolLiveness,
+  kPoolScale,
   kFinalChecks,  // last, and run whatever the arguments select
 };
 

@@ -293,6 +293,27 @@ TEST(corrupt_free_link_in_a_pool_raises_pool_error) {
   CHECK_NOTHROW(o.p->verify());
 }
 
+// A slot's hold list is shared memory too: a reference to something that is
+// not the slot's list, or a length past its room, is refused, never followed.
+TEST(corrupt_hold_list_reference_or_length_raises_pool_error) {
+  OnePool o(1000);
+  ProcessSlot& mine = o.m()->table.slots[o.p->slot()];
+  const uint64_t ref = mine.holds_ref.load();
+  const uint32_t length = mine.holds_length.load();
+  for (uint64_t bad : {BlockRef(1234, 1u << 30).bits(), BlockRef(0, 64 * 3 + 8).bits(),
+                       // the block the test holds: an array, not a list
+                       BlockRef(o.block->ref).bits()}) {
+    mine.holds_ref.store(bad);
+    CHECK_CORRUPT(o.p->allocate(100, false, Mode::kSlow));
+    CHECK_CORRUPT(Pool::attach(o.tok, o.cfg)->verify());
+  }
+  mine.holds_ref.store(ref);
+  mine.holds_length.store(1u << 20);
+  CHECK_CORRUPT(o.p->allocate(100, false, Mode::kSlow));
+  mine.holds_length.store(length);
+  CHECK_NOTHROW(o.p->verify());
+}
+
 // ------------------------------------------------------------ segment files
 
 // A file under a pool's name that is not one the pool made: refused with

@@ -12,13 +12,14 @@ void HoldIndex::insert(uint64_t key, HoldRef value) {
   ++size_;
 }
 
-void HoldIndex::erase(uint64_t key) {
-  if (size_ == 0) return;
+bool HoldIndex::take(uint64_t key, HoldRef* out) {
+  if (size_ == 0) return false;
   uint64_t i = home(key);
   while (keys_[i] != key) {
-    if (keys_[i] == kEmpty) return;
+    if (keys_[i] == kEmpty) return false;
     i = (i + 1) & mask_;
   }
+  if (out) *out = values_[i];
   // Backward shift: move up each later entry of the run whose home is not
   // between the hole and it, so that every key stays reachable from home.
   for (uint64_t j = (i + 1) & mask_; keys_[j] != kEmpty; j = (j + 1) & mask_) {
@@ -31,6 +32,7 @@ void HoldIndex::erase(uint64_t key) {
   }
   keys_[i] = kEmpty;
   --size_;
+  return true;
 }
 
 void HoldIndex::clear() {

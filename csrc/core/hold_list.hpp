@@ -59,7 +59,10 @@ class HoldIndex {
     }
   }
   void insert(uint64_t key, HoldRef value);  // key not present
-  void erase(uint64_t key);                  // no-op if absent
+  void erase(uint64_t key) { take(key, nullptr); }  // no-op if absent
+  // Erases `key` and gives its value (one probe sequence, not two); false if
+  // absent.
+  bool take(uint64_t key, HoldRef* out);
   void clear();
   uint32_t size() const { return size_; }
   template <class F>

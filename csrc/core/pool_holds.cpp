@@ -165,12 +165,11 @@ void Pool::add_hold_locked(BlockRef ref, uint64_t generation, BlockHeader& h, bo
 }
 
 void Pool::drop_hold_locked(BlockRef ref, BlockHeader& h) {
-  if (const HoldRef* r = holds_.find(ref.bits())) {
-    const uint32_t entry = r->entry;
+  if (HoldRef r; holds_.take(ref.bits(), &r)) {
+    const uint32_t entry = r.entry;
     uint32_t len, cap;
     HoldEntry* mine = my_list(&len, &cap);
     if (entry < len) mine[entry].ref_bits = BlockRef::kNilBits;
-    holds_.erase(ref.bits());
     free_holds_.push_back(entry);
     if (h.holders > 0) --h.holders;
     if (holds_.size() == 0) empty_hold_list_locked();

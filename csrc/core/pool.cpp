@@ -346,16 +346,19 @@ void Pool::leave_impl(bool unlink_if_last, LeaveStep die_at) {
     }
   }
   step(LeaveStep::kUnlocked);
-  // Our slot is freed only after the lock is released: killed while holding
-  // the lock, we must still be found dead by the lock's waiters, never
-  // replaced in our slot by a live newcomer that they would wait for.
-  table().release_if(slot_, slot_id(pid_, my_kind()));
-  liveness::unlock_slot(ctl_fd_.get(), slot_);
+  // The last one removes the files while it still counts as alive: the
+  // pool's keeper (or a cleaner) meanwhile sees a live process and leaves
+  // the removal to us, rather than racing us for it.
   if (last) {
     unlink_data_files(token_);
     step(LeaveStep::kDataUnlinked);
     ::shm_unlink(control_name(token_).c_str());
   }
+  // Our slot is freed only after the lock is released: killed while holding
+  // the lock, we must still be found dead by the lock's waiters, never
+  // replaced in our slot by a live newcomer that they would wait for.
+  table().release_if(slot_, slot_id(pid_, my_kind()));
+  liveness::unlock_slot(ctl_fd_.get(), slot_);
 }
 
 void Pool::exit_process() {

@@ -7,7 +7,8 @@ inside the pool lock, while arrays travel between them.
 Run it as a program of its own (its own pool: start it with an environment
 that has no PYARRAYPOOL_* variables, e.g. tests/helpers.fresh_env()). It
 
-- starts `--workers` processes (fork; now and then a replacement by spawn),
+- starts `--workers` processes (fork; now and then a replacement by spawn,
+  and as root now and then one in a pid namespace of its own: LAUNCHER),
   each with an inbox (a multiprocessing Queue, one per worker slot). A worker
   loops: allocate an array of a random size and dtype in the pool and fill it
   with a pattern (its first 32 bytes say magic, seed, length and CRC-32 of the
@@ -51,6 +52,7 @@ does not unpickle counts as lost in transit; one that loads must verify.
 from __future__ import annotations
 
 import argparse
+import atexit
 import faulthandler
 import gc
 import io
@@ -62,9 +64,11 @@ import os
 import pickle
 import random
 import select
+import shutil
 import signal
 import struct
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -520,6 +524,59 @@ def split_frames(buf: bytes) -> tuple[list[bytes], int]:
     return [], len(buf)  # unreachable: the empty chain at len(buf) parses
 
 
+# Root can start workers in another pid namespace that shares /dev/shm (a
+# container of the same pod): their pids mean nothing here, and liveness must
+# not need them (docs/design.md, "Liveness").
+CAN_UNSHARE_PID = os.geteuid() == 0
+
+
+LAUNCHER = """\
+import ctypes, os, signal, sys
+# Started by multiprocessing's spawn in place of the interpreter: the worker
+# runs as pid 1 of a new pid namespace, with this launcher's mounts (the
+# same /dev/shm) and descriptors, and dies with it (PR_SET_PDEATHSIG). Its
+# end is reported as the launcher's own: a worker killed by a signal makes
+# the launcher die of that signal, as the driver's checks expect.
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.unshare(0x20000000) != 0:  # CLONE_NEWPID: for the next child
+    sys.exit("unshare(CLONE_NEWPID): " + os.strerror(ctypes.get_errno()))
+pid = os.fork()
+if pid == 0:
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    os.execv(PYTHON, [PYTHON] + sys.argv[1:])
+while True:
+    try:
+        _, status = os.waitpid(pid, 0)
+        break
+    except ChildProcessError:
+        sys.exit(1)
+    except InterruptedError:
+        continue
+if os.WIFSIGNALED(status):
+    try:
+        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+    except OSError:
+        pass  # SIGKILL has no handler to reset
+    os.kill(os.getpid(), os.WTERMSIG(status))
+sys.exit(os.WEXITSTATUS(status))
+"""
+
+
+def pid_namespace_launcher() -> str:
+    """A stand-in for the Python executable that multiprocessing's spawn
+    runs, which starts the worker in a pid namespace of its own (LAUNCHER).
+    Not `unshare --fork`: util-linux 2.38's exits with status 1 ("sigprocmask
+    unblock failed") when its child is killed, which would read as a worker
+    that died on its own."""
+    where = tempfile.mkdtemp(prefix="pap-soak-")
+    atexit.register(shutil.rmtree, where, True)
+    path = os.path.join(where, "python-in-a-pid-namespace")
+    with open(path, "w") as f:
+        f.write(f"#!{sys.executable} -I\nPYTHON = {sys.executable!r}\n" + LAUNCHER)
+    os.chmod(path, 0o755)
+    return path
+
+
 class Driver:
     def __init__(self, args):
         self.args = args
@@ -539,12 +596,14 @@ class Driver:
         gc.collect()  # the replaced write locks go (and unlink their names) now
         self.status = self.fork.RawArray("d", args.workers * NFIELDS)
         self.procs: list = [None] * args.workers
+        self.in_ns = [False] * args.workers  # started in another pid namespace
+        self.ns_launcher = pid_namespace_launcher() if CAN_UNSHARE_PID and args.ns_every > 0 else None
         self.started_at = [0.0] * args.workers
         self.counters: dict = {}  # the driver's own receive counters
         self.held: list = []
         self.result = {
             "kills": 0, "kills_in_lock": 0, "kills_in_lock_confirmed": 0,
-            "kills_by_phase": {}, "fork_starts": 0, "spawn_starts": 0,
+            "kills_by_phase": {}, "fork_starts": 0, "spawn_starts": 0, "pid_ns_starts": 0,
             "hangs": 0, "workers_died_on_their_own": 0, "verify_failures": 0,
             "verify_calls": 0, "rescued_messages": 0, "torn_heads": 0,
             "slowest_kill_reap_s": 0.0,
@@ -552,8 +611,9 @@ class Driver:
         self.incarnation = 0
 
     # workers
-    def start(self, slot: int, ctx=None) -> None:
+    def start(self, slot: int, ctx=None, in_ns: bool = False) -> None:
         ctx = ctx or self.fork
+        in_ns = in_ns and ctx is self.spawn and self.ns_launcher is not None
         row = slot * NFIELDS
         self.status[row + F_PHASE] = P_START
         self.status[row + F_POOL_SLOT] = -1
@@ -564,10 +624,37 @@ class Driver:
         p = ctx.Process(target=worker_main, daemon=True,
                         args=(slot, self.inboxes, self.driver_q, self.status,
                               self.args.violations, seed))
-        p.start()
+        if in_ns:
+            # spawn runs "the executable"; for this one start, the launcher.
+            python = mp.spawn.get_executable()
+            mp.spawn.set_executable(self.ns_launcher)
+            try:
+                p.start()
+            finally:
+                mp.spawn.set_executable(python)
+            self.result["pid_ns_starts"] += 1
+        else:
+            p.start()
+            self.result["spawn_starts" if ctx is self.spawn else "fork_starts"] += 1
         self.procs[slot] = p
+        self.in_ns[slot] = in_ns
         self.started_at[slot] = time.monotonic()
-        self.result["spawn_starts" if ctx is self.spawn else "fork_starts"] += 1
+
+    def signal_worker(self, slot: int, sig: int) -> None:
+        """Sends `sig` to the worker itself: in another pid namespace, that is
+        the launcher's child (its pid as seen here), whose death the launcher
+        reports as its own (unshare re-raises the signal)."""
+        p = self.procs[slot]
+        pid = p.pid
+        if self.in_ns[slot]:
+            try:
+                with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
+                    children = f.read().split()
+                if children:
+                    pid = int(children[0])
+            except OSError:
+                pass  # gone already, or not started: then the launcher is all there is
+        os.kill(pid, sig)
 
     def reap(self, slot: int, timeout: float = 10.0) -> int | None:
         p = self.procs[slot]
@@ -616,7 +703,7 @@ class Driver:
         ph = PHASES[int(self.status[row + F_PHASE])]
         owner_before = lock.owner_slot()
         t0 = time.monotonic()
-        os.kill(p.pid, signal.SIGKILL)
+        self.signal_worker(slot, signal.SIGKILL)
         code = self.reap(slot)
         took = time.monotonic() - t0
         self.result["slowest_kill_reap_s"] = max(self.result["slowest_kill_reap_s"], took)
@@ -637,7 +724,12 @@ class Driver:
         self.rescue(slot)
         # Every `spawn_every`-th replacement is started by spawn, the others by fork.
         spawn = self.args.spawn_every > 0 and self.result["kills"] % self.args.spawn_every == 0
-        self.start(slot, self.spawn if spawn else self.fork)
+        # Every `ns_every`-th replacement (when root) is spawned in a pid
+        # namespace of its own; counted from half-way, so that these and the
+        # plain spawns above are not the same replacements.
+        n = self.args.ns_every
+        in_ns = n > 0 and (self.result["kills"] + n // 2) % n == 0
+        self.start(slot, self.spawn if spawn or in_ns else self.fork, in_ns=in_ns)
 
     def pick_victim(self, lock: LockWatch) -> int:
         live = [i for i, p in enumerate(self.procs) if p is not None]
@@ -670,9 +762,9 @@ class Driver:
                 self.violations.add(
                     "hang", slot=slot, pid=p.pid, seconds=now - beat,
                     phase=PHASES[int(self.status[slot * NFIELDS + F_PHASE])])
-                os.kill(p.pid, signal.SIGUSR1)  # faulthandler: its stacks to stderr
+                self.signal_worker(slot, signal.SIGUSR1)  # faulthandler: its stacks to stderr
                 time.sleep(0.5)
-                os.kill(p.pid, signal.SIGKILL)
+                self.signal_worker(slot, signal.SIGKILL)
                 if self.reap(slot) is not None:
                     self.rescue(slot)
                     self.start(slot)
@@ -737,9 +829,9 @@ class Driver:
                 self.result["hangs"] += 1
                 self.violations.add("hang", slot=slot, pid=p.pid, when="asked to stop",
                                     phase=PHASES[int(self.status[slot * NFIELDS + F_PHASE])])
-                os.kill(p.pid, signal.SIGUSR1)
+                self.signal_worker(slot, signal.SIGUSR1)
                 time.sleep(0.5)
-                os.kill(p.pid, signal.SIGKILL)
+                self.signal_worker(slot, signal.SIGKILL)
                 self.reap(slot)
             else:
                 code = self.reap(slot)
@@ -798,8 +890,7 @@ class Driver:
         return r
 
     def kill_final(self, slot: int) -> None:
-        p = self.procs[slot]
-        os.kill(p.pid, signal.SIGKILL)
+        self.signal_worker(slot, signal.SIGKILL)
         code = self.reap(slot)
         if code is not None and code != -signal.SIGKILL:
             self.result["workers_died_on_their_own"] += 1
@@ -815,6 +906,9 @@ def main() -> int:
                     help="a worker without progress for this long counts as hung")
     ap.add_argument("--spawn-every", type=int, default=20,
                     help="start every n-th replacement by spawn instead of fork (0: never)")
+    ap.add_argument("--ns-every", type=int, default=10,
+                    help="as root, spawn every n-th replacement in a pid namespace of its own "
+                         "(0: never)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--json", default=os.path.join(REPO, "build", "soak_result.json"))
     args = ap.parse_args()
@@ -838,7 +932,7 @@ def main() -> int:
         json.dump(result, f, indent=1)
     keys = ["ops", "allocs", "sent_to_workers", "sent_to_driver", "received", "verified",
             "verified_bytes", "kills", "kills_in_lock", "kills_in_lock_confirmed",
-            "fork_starts", "spawn_starts", "hangs", "corruptions", "premature_stale",
+            "fork_starts", "spawn_starts", "pid_ns_starts", "hangs", "corruptions", "premature_stale",
             "lost_in_transit", "stale_untracked", "rescued_messages", "workers_died_on_their_own",
             "verify_calls", "verify_failures", "pool_full", "exec_children", "exec_pinned",
             "leaked_bytes"]

@@ -314,6 +314,9 @@ PyMethodDef module_methods[] = {
      METH_VARARGS | METH_KEYWORDS, "Allocate an array in the pool (see pyarraypool.empty)."},
     {"_rebuild", rebuild, METH_VARARGS, "Load a pickled handle (used by pickle)."},
     {"_block_of", block_of, METH_O, "The _Block an array lives in, or None."},
+    {"_auto_reduce", auto_reduce, METH_O,
+     "Auto mode: the reduce value of a private copy of a plain ndarray in the pool, or "
+     "NotImplemented for a dtype the pool cannot hold."},
     {"_configure", configure, METH_VARARGS, "Set the pool settings (see pyarraypool.configure)."},
     {"_config", current_config, METH_NOARGS, "The settings in force."},
     {"_stats", stats, METH_VARARGS,

@@ -17,5 +17,6 @@ PyObject* make_transferable(PyObject* self, PyObject* args, PyObject* kwargs);
 PyObject* empty_impl(PyObject* self, PyObject* args, PyObject* kwargs);
 PyObject* rebuild(PyObject* self, PyObject* args);
 PyObject* block_of(PyObject* self, PyObject* arr);
+PyObject* auto_reduce(PyObject* self, PyObject* arr);
 
 }  // namespace pyb

@@ -88,9 +88,12 @@ void check_shareable(PyArray_Descr* d) {
 // A TransferableArray on `data` (inside `block`'s payload), with numpy's
 // array `flags` (NPY_ARRAY_WRITEABLE or not, NPY_ARRAY_F_CONTIGUOUS for a new
 // Fortran-order array). Steals `descr`.
+// `type`: TransferableArray, or a plain ndarray for auto mode's private
+// copies.
 OwnedRef new_pool_array(PyArray_Descr* descr, int nd, const npy_intp* dims, const npy_intp* strides,
-                        unsigned char* data, PyObject* block, int flags) {
-  OwnedRef arr = check(PyArray_NewFromDescr(array_type, descr, nd, const_cast<npy_intp*>(dims),
+                        unsigned char* data, PyObject* block, int flags,
+                        PyTypeObject* type = array_type) {
+  OwnedRef arr = check(PyArray_NewFromDescr(type, descr, nd, const_cast<npy_intp*>(dims),
                                             const_cast<npy_intp*>(strides), data, flags, nullptr));
   // PyArray_SetBaseObject steals its argument, even when it fails.
   Py_INCREF(block);
@@ -208,6 +211,16 @@ OwnedRef dtype_from_pickle(PyObject* arg) {
 
 // --- methods -------------------------------------------------------------
 
+// What pickle stores for a handle: (_rebuild, (handle bytes, dtype)).
+OwnedRef handle_reduce_value(const pap::Handle& h, PyArray_Descr* descr) {
+  OwnedRef handle =
+      check(PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(pap::encoded_size(h))));
+  pap::encode_handle_into(h, reinterpret_cast<unsigned char*>(PyBytes_AS_STRING(handle.get())));
+  OwnedRef dtype = dtype_for_pickle(descr);
+  OwnedRef args = check(PyTuple_Pack(2, handle.get(), dtype.get()));
+  return check(PyTuple_Pack(2, rebuild_function, args.get()));
+}
+
 OwnedRef reduce_by_value(PyObject* self, PyObject* protocol) {
   OwnedRef plain =
       check(PyArray_View(reinterpret_cast<PyArrayObject*>(self), nullptr, &PyArray_Type));
@@ -248,12 +261,7 @@ OwnedRef reduce_impl(PyObject* self, PyObject* protocol) {
     return reduce_by_value(self, protocol);
   b->shared = true;  // from now on another process may hold it
   if (h.flags & pap::kHandleFlagTransferRequired) pp.add_pending(b->ref, b->generation);
-  OwnedRef handle =
-      check(PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(pap::encoded_size(h))));
-  pap::encode_handle_into(h, reinterpret_cast<unsigned char*>(PyBytes_AS_STRING(handle.get())));
-  OwnedRef dtype = dtype_for_pickle(PyArray_DESCR(arr));
-  OwnedRef args = check(PyTuple_Pack(2, handle.get(), dtype.get()));
-  return check(PyTuple_Pack(2, rebuild_function, args.get()));
+  return handle_reduce_value(h, PyArray_DESCR(arr));
 }
 
 PyObject* array_reduce(PyObject* self, PyObject*) {
@@ -539,9 +547,72 @@ PyObject* rebuild(PyObject*, PyObject* args) {
     }
     Py_INCREF(descr);
     const int flags = (h.flags & pap::kHandleFlagReadOnly) ? 0 : NPY_ARRAY_WRITEABLE;
+    // Auto mode's copies arrive as what was sent: a plain ndarray.
+    PyTypeObject* type = (h.flags & pap::kHandleFlagPrivate) ? &PyArray_Type : array_type;
     return new_pool_array(descr, static_cast<int>(h.ndim), shape, strides,
-                          b.payload + h.view_offset, block.get(), flags)
+                          b.payload + h.view_offset, block.get(), flags, type)
         .release();
+  });
+}
+
+// Auto mode (pyarraypool/_auto.py): the reduce value of a plain ndarray
+// sent through a pickler that auto mode hooks. One copy into a fresh block
+// that only the pickle holds (its one pending count), and a private handle:
+// the receiver gets a plain ndarray that is its alone, and the sender's later
+// writes to its own array never reach it. NotImplemented for a dtype the
+// pool cannot hold, so that the caller pickles the array by value instead.
+PyObject* auto_reduce(PyObject*, PyObject* obj) {
+  return boundary<PyObject*>(nullptr, [&]() -> PyObject* {
+    if (!PyArray_Check(obj)) raise(PyExc_TypeError, "_auto_reduce takes a numpy array");
+    auto* src = reinterpret_cast<PyArrayObject*>(obj);
+    PyArray_Descr* descr = PyArray_DESCR(src);
+    const int nd = PyArray_NDIM(src);
+    if (PyDataType_REFCHK(descr) || !PyDataType_ISLEGACY(descr) ||
+        nd > static_cast<int>(pap::kMaxDims))
+      return Py_NewRef(Py_NotImplemented);
+    const bool fortran = nd > 1 && PyArray_IS_F_CONTIGUOUS(src) && !PyArray_IS_C_CONTIGUOUS(src);
+    const uint64_t nbytes = checked_nbytes(descr, nd, PyArray_DIMS(src));
+    ProcessPool& pp = ProcessPool::get();
+    pap::Block b = pp.allocate(nbytes, /*transfer_required=*/true);
+    // This function's hold ends with it, whatever happens; from add_pending
+    // on, the pickle keeps the block.
+    struct Hold {
+      ProcessPool& pp;
+      pap::Block b;
+      ~Hold() {
+        try {
+          pp.release(b.ref, b.generation);
+        } catch (...) {  // a release never fails for a block we hold; keep it quiet anyway
+        }
+      }
+    } hold{pp, b};
+    // An array on the block lays it out as numpy would (strides for C or
+    // Fortran order); it only lives for the copy.
+    Py_INCREF(descr);
+    OwnedRef dst = check(PyArray_NewFromDescr(
+        &PyArray_Type, descr, nd, PyArray_DIMS(src), nullptr, b.payload,
+        NPY_ARRAY_WRITEABLE | (fortran ? NPY_ARRAY_F_CONTIGUOUS : 0), nullptr));
+    auto* d = reinterpret_cast<PyArrayObject*>(dst.get());
+    if (fortran ? PyArray_IS_F_CONTIGUOUS(src) : PyArray_IS_C_CONTIGUOUS(src))
+      copy_bytes(b.payload, PyArray_BYTES(src), nbytes);
+    else
+      check_status(PyArray_CopyInto(d, src));
+    pap::Pool& pool = pp.pool();
+    pap::Handle h;
+    h.pool = pool.id();
+    h.instance = pool.instance();
+    h.ref = b.ref;
+    h.generation = b.generation;
+    h.flags = pap::kHandleFlagTransferRequired | pap::kHandleFlagPrivate;
+    h.itemsize = static_cast<uint64_t>(PyDataType_ELSIZE(descr));
+    h.ndim = static_cast<uint32_t>(nd);
+    for (int i = 0; i < nd; ++i) {
+      h.shape[i] = PyArray_DIMS(d)[i];
+      h.strides[i] = PyArray_STRIDES(d)[i];
+    }
+    OwnedRef value = handle_reduce_value(h, descr);
+    pp.add_pending(b.ref, b.generation);
+    return value.release();
   });
 }
 

@@ -72,6 +72,8 @@ Handle decode_handle(const void* data, size_t len) {
   h.ndim = p[6];
   if (p[7] != 0 || get64(p + 56) != 0) invalid("reserved bytes are not zero");
   if (h.flags & ~kHandleFlags) invalid("unknown flags");
+  if ((h.flags & kHandleFlagPrivate) && !(h.flags & kHandleFlagTransferRequired))
+    invalid("a private handle without transfer tracking");
   if (h.ndim > kMaxDims) invalid("too many dimensions");
   if (len != kHandleFixedBytes + 16 * size_t{h.ndim})
     invalid("length " + std::to_string(len) + " does not match ndim " + std::to_string(h.ndim));

@@ -10,7 +10,7 @@
 //  56  reserved (u64) = 0
 //  64  pool instance id (16 bytes, new in version 2)
 //  80  shape (i64 x ndim), then strides (i64 x ndim)
-// Flags: transfer required (1), read-only view (2).
+// Flags: transfer required (1), read-only view (2), private copy (4).
 // The dtype travels beside the handle as an ordinary pickled numpy dtype.
 // decode() checks every field it can without the pool; the pool then checks
 // the pool id and instance, the block (generation, header check) and that
@@ -37,7 +37,13 @@ constexpr uint8_t kHandleFlagTransferRequired = 1;
 // The view was not writeable when it was pickled: it loads read-only, so a
 // receiver cannot write through an array its sender gave out read-only.
 constexpr uint8_t kHandleFlagReadOnly = 2;
-constexpr uint8_t kHandleFlags = kHandleFlagTransferRequired | kHandleFlagReadOnly;
+// Auto mode (pyarraypool/_auto.py) sent a copy of a plain ndarray: the
+// handle loads once, into a plain ndarray that is the receiver's alone.
+// Always with kHandleFlagTransferRequired: its one pending count is the
+// "not loaded yet" that the load consumes.
+constexpr uint8_t kHandleFlagPrivate = 4;
+constexpr uint8_t kHandleFlags = kHandleFlagTransferRequired | kHandleFlagReadOnly |
+                                 kHandleFlagPrivate;
 
 // 16 bytes naming a pool: its token (Pool::id()), or its instance
 // (Pool::instance(), the control header's random instance id).

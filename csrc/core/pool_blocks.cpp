@@ -178,6 +178,13 @@ std::optional<Block> Pool::attach_block(const Handle& hd, uint64_t lo, uint64_t 
     throw CoreError(ErrorKind::kInvalidHandle,
                     "handle describes bytes [" + std::to_string(lo) + ", " + std::to_string(hi) +
                         ") outside its block of " + std::to_string(h->capacity()) + " bytes");
+  // A private handle (auto mode) loads once: its block's one pending count
+  // is gone once it has loaded (or expired), and a second load would share
+  // memory that the first receiver owns alone.
+  if ((hd.flags & kHandleFlagPrivate) && h->pending == 0)
+    throw CoreError(ErrorKind::kStaleHandle,
+                    "this pickle is a private copy sent by auto mode and loads once: it has "
+                    "been loaded already, or it expired unloaded (transfer_timeout)");
   if (!holds_.find(hd.ref.bits())) {
     // Held once per process, however many arrays it has on the block.
     if (!reserve_hold_locked(mode)) return std::nullopt;

@@ -29,6 +29,7 @@ Handle random_handle(std::mt19937_64& rng) {
                    (rng() % (uint64_t{1} << 42)) * kAlign);
   h.generation = std::max<uint64_t>(rng(), 1);
   h.flags = static_cast<uint8_t>(rng() % (kHandleFlags + 1));
+  if (h.flags & kHandleFlagPrivate) h.flags |= kHandleFlagTransferRequired;  // always together
   h.ndim = static_cast<uint32_t>(rng() % (kMaxDims + 1));
   h.itemsize = 1 + rng() % 16;
   int64_t neg = 0;
@@ -128,6 +129,12 @@ TEST(handle_rejects_malformed) {
   CHECK_THROWS(bad, decode(good.substr(0, good.size() - 16)));
   CHECK_THROWS(bad, decode(good + '\0'));
   CHECK_THROWS(bad, decode(with([](std::string& s) { s[0] = 'X'; })));
+  // A private handle always tracks its transfer (its pending count is what
+  // makes it load once).
+  CHECK_THROWS(bad, decode(with([](std::string& s) { s[5] = kHandleFlagPrivate; })));
+  CHECK_NOTHROW(decode(with([](std::string& s) {
+    s[5] = kHandleFlagPrivate | kHandleFlagTransferRequired;
+  })));
   CHECK_THROWS(bad, decode(with([](std::string& s) { s[3] = 'h'; })));
   CHECK_THROWS(bad, decode(with([](std::string& s) { s[4] = 0; })));
   CHECK_THROWS(bad, decode(with([](std::string& s) { s[4] = 1; })));  // format 1: no instance
@@ -136,8 +143,8 @@ TEST(handle_rejects_malformed) {
   CHECK_THROWS(bad, decode(with([](std::string& s) { s[6] = 1; })));
   CHECK_THROWS(bad, decode(with([](std::string& s) { s[7] = 1; })));  // reserved
   CHECK_THROWS(bad, decode(with([](std::string& s) { s[60] = 1; })));
-  CHECK_THROWS(bad, decode(with([](std::string& s) { s[5] = 4; })));  // unknown flags
-  CHECK_THROWS(bad, decode(with([](std::string& s) { s[5] = 7; })));
+  CHECK_THROWS(bad, decode(with([](std::string& s) { s[5] = 8; })));  // unknown flags
+  CHECK_THROWS(bad, decode(with([](std::string& s) { s[5] = 15; })));
   CHECK_THROWS(bad, decode(with([](std::string& s) { s[5] = '\x81'; })));
   CHECK_THROWS(bad, decode(with([](std::string& s) { poke64(s, 32, 0); })));  // generation 0
   CHECK_THROWS(bad, decode(with([](std::string& s) { poke64(s, 24, ~uint64_t{0}); })));  // nil

@@ -146,6 +146,29 @@ TEST(pool_pending_transfers) {
   CHECK_NOTHROW(p->verify());
 }
 
+// Auto mode's private copies: one pickle, one load; a second load of the
+// same pickle is refused even while the first receiver still holds the block
+// (it would share what the first receiver owns alone).
+TEST(pool_private_handle_loads_once) {
+  const std::string tok = new_token();
+  Attached p(tok, make_config(64u << 20, 2u << 20));
+  auto b = p->allocate(4096, true, Mode::kSlow);
+  REQUIRE(b);
+  CHECK(p->add_pending(b->ref, b->generation, Mode::kSlow));
+  CHECK(p->release(b->ref, b->generation, Mode::kSlow));  // the sender lets go
+  CHECK_EQ(p->stats().live_blocks, 1u);
+  const Handle h = handle_of(*p, *b, kHandleFlagTransferRequired | kHandleFlagPrivate);
+  auto a = attach_handle(*p, h);
+  REQUIRE(a);
+  CHECK_EQ(p->stats().pending_transfers, 0u);
+  CHECK_THROWS(ErrorKind::kStaleHandle, attach_handle(*p, h));
+  CHECK_EQ(p->stats().live_blocks, 1u);  // the refused load took no hold
+  CHECK(p->release(a->ref, a->generation, Mode::kSlow));
+  CHECK_EQ(p->stats().used_bytes, 0u);
+  CHECK_THROWS(ErrorKind::kStaleHandle, attach_handle(*p, h));
+  CHECK_NOTHROW(p->verify());
+}
+
 TEST(pool_pending_expires) {
   const std::string tok = new_token();
   Attached p(tok, make_config(64u << 20, 2u << 20, 200'000'000));  // 200 ms

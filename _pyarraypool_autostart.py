@@ -55,9 +55,11 @@ def when_imported(names: Sequence[str], callback: Callable[[], None]) -> object:
     """Calls `callback()` once every module of `names` has been imported.
 
     At once if they already are; otherwise right after the last of them
-    finishes executing (inside that import statement). Returns a token for
-    `cancel`. An exception from a deferred `callback` becomes a
-    RuntimeWarning: the import that triggered it must not fail.
+    finishes executing (inside that import statement), or, for a module that
+    is executing right now (this call comes from inside its import), at the
+    first import after it has finished. Returns a token for `cancel`. An
+    exception from a deferred `callback` becomes a RuntimeWarning: the
+    import that triggered it must not fail.
     """
     with _lock:
         waiting = {n for n in names if not _loaded(n)}
@@ -66,8 +68,7 @@ def when_imported(names: Sequence[str], callback: Callable[[], None]) -> object:
         else:
             watch = [waiting, callback]
             _watches.append(watch)
-            if _finder not in sys.meta_path:
-                sys.meta_path.insert(0, _finder)
+            _update()
     if watch is None:
         callback()
     return watch
@@ -80,11 +81,23 @@ def cancel(token: object) -> None:
             if watch is token:
                 del _watches[i]
                 break
-        _drop_finder_if_idle()
+        _update()
 
 
-def _drop_finder_if_idle() -> None:
-    if not _watches:
+# True while a watched module is executing and we did not wrap its loader (it
+# started before the watch): the finder then looks at each import whether it
+# has finished. A flag, so that the usual find_spec costs no scan.
+_polling = False
+
+
+def _update() -> None:
+    """Under _lock: the finder is on sys.meta_path exactly while a watch waits."""
+    global _polling
+    _polling = any(n in sys.modules for watch in _watches for n in watch[0])
+    if _watches:
+        if _finder not in sys.meta_path:
+            sys.meta_path.insert(0, _finder)
+    else:
         try:
             sys.meta_path.remove(_finder)
         except ValueError:
@@ -92,19 +105,24 @@ def _drop_finder_if_idle() -> None:
 
 
 def _finished(name: str) -> None:
-    """Called after module `name` executed: runs the watches it completes."""
+    """Called right after module `name` executed (its spec still says initializing)."""
+    with _lock:
+        for watch in _watches:
+            watch[0].discard(name)
+    _poll()
+
+
+def _poll() -> None:
+    """Runs the watches whose modules have all finished executing."""
     ready = []
     with _lock:
         for watch in list(_watches):
             awaited = watch[0]
-            awaited.discard(name)
-            # Another finder placed before ours may have imported one of the
-            # others without us seeing it.
             awaited.difference_update([n for n in awaited if _loaded(n)])
             if not awaited:
                 _watches.remove(watch)
                 ready.append(watch[1])
-        _drop_finder_if_idle()
+        _update()
     for callback in ready:
         try:
             callback()
@@ -152,6 +170,8 @@ class _Finder:
     """
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if _polling:
+            _poll()
         with _lock:
             if not any(fullname in watch[0] for watch in _watches):
                 return None

@@ -416,6 +416,28 @@ def test_unchanged_program_without_the_variable_pays_nothing(unchanged_program):
         assert out.stderr == ""
 
 
+def test_joblib_imported_first_is_hooked():
+    # `import joblib` imports numpy and multiprocessing from inside
+    # joblib._memmapping_reducer, so auto mode turns on while the module it
+    # must then hook is still executing.
+    out = run_python(
+        """
+        import joblib
+        import sys
+        import numpy as np
+        from joblib import _memmapping_reducer as jmr
+        from joblib.externals.loky.backend import reduction
+        print(sys.modules["pyarraypool"].installed(),
+              type(jmr.reduce_array_memmap_backward).__name__,
+              jmr.ArrayMemmapForwardReducer.__call__.__module__,
+              type(reduction._dispatch_table.get(np.ndarray)).__name__)
+        """,
+        env=fresh_env(PYARRAYPOOL_AUTO="64K"),
+    )
+    assert out.stdout.split() == ["65536", "_JoblibBackward", "pyarraypool._auto", "_LokyReducer"]
+    assert out.stderr == ""
+
+
 @pytest.mark.parametrize("value", ["0", "off", ""])
 def test_off_values_leave_auto_mode_off(value):
     out = run_python(

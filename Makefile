@@ -53,7 +53,8 @@ $(VENV_STAMP): Makefile
 # the sources by rename, not by overwriting: a process that has the old .so
 # mapped (a test run in progress) keeps its file instead of reading a truncated
 # one. Then put the repo root on the venv's sys.path with a .pth file, so
-# `import pyarraypool` works from anywhere.
+# `import pyarraypool` works from anywhere, and copy auto mode's .pth file
+# beside it (PYARRAYPOOL_AUTO in unchanged programs, as a wheel installs it).
 install: venv
 	$(VPY) setup.py -q build_ext --build-lib build/lib --build-temp build/temp
 	@so=$$(cd build/lib/pyarraypool && ls _core*.so) && \
@@ -61,7 +62,8 @@ install: venv
 	    cp build/lib/pyarraypool/$$so pyarraypool/.$$so.tmp && mv -f pyarraypool/.$$so.tmp pyarraypool/$$so; \
 	  fi
 	@site=$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
-	  echo "$(CURDIR)" > "$$site/pyarraypool-src.pth"
+	  echo "$(CURDIR)" > "$$site/pyarraypool-src.pth" && \
+	  cp pyarraypool_auto.pth "$$site/"
 
 # core-tests: build and run the standalone C++ tests of csrc/core (no Python).
 core-tests: build/core_tests
@@ -114,7 +116,8 @@ test: install netns-tools
 # a .pth file, like .venv. atheris is optional there (test_fuzz skips without it).
 test-numpy1: install netns-tools $(NP1_STAMP)
 	@site=$$($(NP1_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
-	  echo "$(CURDIR)" > "$$site/pyarraypool-src.pth"
+	  echo "$(CURDIR)" > "$$site/pyarraypool-src.pth" && \
+	  cp pyarraypool_auto.pth "$$site/"
 	@$(NP1_PY) -c 'import numpy; print("numpy", numpy.__version__)'
 	@$(SHM_BEFORE); \
 	status=0; \
@@ -270,8 +273,8 @@ lint: lint-tools venv
 	clang-format --dry-run --Werror $(CSRC_FILES)
 	cppcheck --enable=warning,performance,portability --error-exitcode=1 --inline-suppr \
 	  --std=c++20 -Icsrc csrc/core csrc/binding --suppress=missingIncludeSystem
-	$(VENV)/bin/ruff check pyarraypool tests bench
-	$(VENV)/bin/mypy pyarraypool
+	$(VENV)/bin/ruff check pyarraypool _pyarraypool_autostart.py tests bench
+	$(VENV)/bin/mypy pyarraypool _pyarraypool_autostart.py
 
 # typecheck: mypy --strict on examples/ and on tests/typing_cases.py (shapes and
 # dtypes flowing through pyarraypool's types, against the stub and py.typed).
@@ -300,7 +303,8 @@ format: lint-tools
 # make valgrind  the core tests under memcheck (definite leaks are errors).
 #
 # The sanitized extension is built in a copy of the tree, build/<san>-tree
-# (setup.py, pyproject.toml, csrc, pyarraypool, tests, examples; re-copied every run, the
+# (setup.py, pyproject.toml, csrc, pyarraypool, _pyarraypool_autostart.py, tests, examples;
+# re-copied every run, the
 # copy's _core*.so kept so rebuilds are incremental), with PYARRAYPOOL_DEBUG=1
 # and PYARRAYPOOL_CFLAGS="<sanitizer flags>". A copy rather than a separate
 # --build-lib: tests/helpers.py starts child programs with the repo root first
@@ -334,7 +338,7 @@ SAN_PY_TESTS_ubsan := tests
 TSAN_PY_TESTS      ?= tests/test_threads_and_cache.py tests/test_refleaks.py
 SAN_PY_TESTS_tsan  := $(TSAN_PY_TESTS)
 SAN_PYTEST_ARGS    ?=
-SAN_TREE_FILES     := setup.py pyproject.toml csrc pyarraypool tests examples
+SAN_TREE_FILES     := setup.py pyproject.toml csrc pyarraypool _pyarraypool_autostart.py tests examples
 
 .PHONY: $(SANITIZERS) $(SANITIZERS:%=%-core) $(SANITIZERS:%=%-py) $(SANITIZERS:%=%-ext) valgrind valgrind-tool
 

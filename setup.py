@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy
 from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -82,8 +83,31 @@ core_ext = Extension(
     language="c++",
 )
 
+# Auto mode for unchanged programs (docs/auto.md): site-packages gets the .pth
+# file that `site` runs at every interpreter start, and the top-level module it
+# imports when PYARRAYPOOL_AUTO is set.
+AUTO_PTH = "pyarraypool_auto.pth"
+
+
+class build_py_with_pth(build_py):
+    """build_py that also puts the auto-mode .pth file at the root of the build.
+
+    A .pth file works only at the top of site-packages, where no package
+    data can go: it is copied beside the top-level modules instead.
+    """
+
+    def run(self) -> None:
+        super().run()
+        self.copy_file(str(ROOT / AUTO_PTH), os.path.join(self.build_lib, AUTO_PTH))
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, AUTO_PTH)]
+
+
 setup(
     packages=["pyarraypool"],
+    py_modules=["_pyarraypool_autostart"],
+    cmdclass={"build_py": build_py_with_pth},
     package_data={"pyarraypool": ["py.typed", "*.pyi"]},
     ext_modules=[core_ext],
     zip_safe=False,

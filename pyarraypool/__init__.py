@@ -12,7 +12,7 @@ from . import _lifecycle
 
 _lifecycle.ensure_pool_name()
 
-from . import _core  # noqa: E402
+from . import _auto, _core  # noqa: E402
 from ._api import (  # noqa: E402
     PoolStats,
     configure,
@@ -22,6 +22,7 @@ from ._api import (  # noqa: E402
     zeros,
     zeros_like,
 )
+from ._auto import DEFAULT_AUTO_MIN_BYTES, install, installed, uninstall  # noqa: E402
 from ._core import (  # noqa: E402
     InvalidHandleError,
     PoolError,
@@ -52,6 +53,10 @@ __all__ = [
     "stats",
     "collect",
     "pool_identity",
+    "install",
+    "uninstall",
+    "installed",
+    "DEFAULT_AUTO_MIN_BYTES",
     "PoolIdentity",
     "PoolStats",
     "PoolError",
@@ -73,3 +78,5 @@ def _init_settings() -> None:
 
 _init_settings()
 _lifecycle.install_hooks()
+# Last, once the package is whole: PYARRAYPOOL_AUTO turns auto mode on (never raises).
+_auto.install_from_env()

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import glob
 import multiprocessing
 import os
+import subprocess
 import sys
 import tarfile
 import zipfile
@@ -66,7 +68,38 @@ def smoke() -> None:
         0,
     ):
         sys.exit(f"FAIL: the pool did not get its bytes back:\nbefore {before}\nafter  {after}")
+    smoke_auto_mode()
     print("smoke test passed")
+
+
+# A program that never imports pyarraypool: under PYARRAYPOOL_AUTO the
+# installed .pth file turns auto mode on in it and in its spawn worker, whose
+# answer comes back in the pool.
+UNCHANGED_PROGRAM = """
+import multiprocessing, sys
+import numpy as np
+x = np.arange(1 << 17, dtype=np.float64)
+with multiprocessing.get_context("spawn").Pool(1) as pool:
+    y = pool.apply(np.negative, (x,))
+assert type(y) is np.ndarray and (y == -x).all()
+print(type(y.base).__name__, sys.modules["pyarraypool"]._core._pool_token())
+"""
+
+
+def smoke_auto_mode() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYARRAYPOOL_")}
+    env["PYARRAYPOOL_AUTO"] = "64K"
+    proc = subprocess.run([sys.executable, "-c", UNCHANGED_PROGRAM], env=env,
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0 or proc.stderr:
+        sys.exit(f"FAIL: the unchanged program under PYARRAYPOOL_AUTO:\n{proc.stderr}")
+    kind, token = proc.stdout.split()
+    if kind != "_Block":
+        sys.exit(f"FAIL: under PYARRAYPOOL_AUTO the worker's answer came back by value ({kind})")
+    left = glob.glob(f"/dev/shm/pyarraypool-{token}*")
+    if left:
+        sys.exit(f"FAIL: the unchanged program left {left} in /dev/shm")
+    print("auto mode: an unchanged program's spawn worker answered through the pool")
 
 
 def _need(names: list[str], patterns: list[str], what: str) -> None:
@@ -75,15 +108,19 @@ def _need(names: list[str], patterns: list[str], what: str) -> None:
         sys.exit(f"FAIL: {what} lacks {missing}")
 
 
+# At the root of the wheel (so of site-packages), and of the sdist.
+AUTO_FILES = ["pyarraypool_auto.pth", "_pyarraypool_autostart.py"]
+
+
 def check_wheel(path: str) -> None:
     names = zipfile.ZipFile(path).namelist()
     _need(
         names,
         ["pyarraypool/_core.cpython-*.so", "pyarraypool/py.typed", "pyarraypool/_core.pyi",
-         "pyarraypool/__init__.py", "*.dist-info/METADATA"],
+         "pyarraypool/__init__.py", "*.dist-info/METADATA"] + AUTO_FILES,
         path,
     )
-    print(f"{path}: {len(names)} files, extension, py.typed and stub present")
+    print(f"{path}: {len(names)} files, extension, py.typed, stub and auto mode's files present")
 
 
 def check_sdist(path: str) -> None:
@@ -101,7 +138,7 @@ def check_sdist(path: str) -> None:
     _need(
         names,
         sorted(sources) + ["setup.py", "pyproject.toml", "README.md", "MANIFEST.in",
-                           "pyarraypool/py.typed", "pyarraypool/_core.pyi"],
+                           "pyarraypool/py.typed", "pyarraypool/_core.pyi"] + AUTO_FILES,
         path,
     )
     print(f"{path}: {len(names)} entries, all {len(sources)} C++ sources and headers present")

@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import _core
+from . import _api, _core
 
 SHM_DIR = "/dev/shm"
 _CONTROL = re.compile(r"^pyarraypool-([0-9a-f]{32})$")
@@ -267,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The commands read no setting: a PYARRAYPOOL_* variable that cannot be
+    # read is only worth a warning here (the program it was meant for gets
+    # a ValueError at its first use of the pool).
+    for problem in _api.env_problems():
+        print(f"warning: {problem}", file=sys.stderr)
     return int(args.func(args))
 
 

@@ -12,7 +12,14 @@ from numpy.typing import ArrayLike, DTypeLike
 
 from . import _core
 from ._core import TransferableArray
-from ._settings import parse_size
+from ._settings import (
+    DEFAULT_SEGMENT_BYTES,
+    DEFAULT_TRANSFER_TIMEOUT,
+    default_max_bytes,
+    env_settings,
+    parse_size,
+    parse_timeout,
+)
 
 __all__ = ["empty", "zeros", "empty_like", "zeros_like", "configure", "stats", "PoolStats"]
 
@@ -288,6 +295,38 @@ def zeros_like(
     return _core._empty(shp, dt, cf, transfer_required, True)
 
 
+# The PYARRAYPOOL_* variables that could not be read at import, by setting:
+# a message naming the variable and its value. The first use of the pool
+# raises it as a ValueError (ProcessPool::pool), and so does configure()
+# unless it gives that setting; the import and the command line work.
+_env_problems: dict[str, str] = {}
+
+
+def set_env_problems(problems: dict[str, str]) -> None:
+    _env_problems.clear()
+    _env_problems.update(problems)
+    _core._settings_error("; ".join(problems.values()))
+
+
+def env_problems() -> list[str]:
+    """Messages for the ``PYARRAYPOOL_*`` variables that could not be read."""
+    return list(_env_problems.values())
+
+
+def init_from_env() -> None:
+    """The settings for creating the pool, from the defaults and the
+    ``PYARRAYPOOL_*`` variables (a bad one keeps its default and is
+    reported at first use). Never attaches."""
+    env, problems = env_settings()
+    _core._configure(
+        int(env.get("max_bytes", default_max_bytes())),
+        int(env.get("segment_bytes", DEFAULT_SEGMENT_BYTES)),
+        float(env.get("transfer_timeout", DEFAULT_TRANSFER_TIMEOUT)),
+        False,  # only the settings for creating the pool; never attaches
+    )
+    set_env_problems(problems)
+
+
 def configure(
     *,
     max_bytes: int | str | None = None,
@@ -324,20 +363,25 @@ def configure(
         The pool is already running with other settings.
     ValueError
         A size or timeout that is not positive, or a size string that cannot
-        be read.
+        be read; or a ``PYARRAYPOOL_*`` variable that cannot be read, unless
+        this call gives that setting (which then replaces it).
     TypeError
         A size that is neither an int nor a string.
     """
+    given = {"max_bytes": max_bytes, "segment_bytes": segment_bytes,
+             "transfer_timeout": transfer_timeout}
+    left_bad = [msg for key, msg in _env_problems.items() if given[key] is None]
+    if left_bad:
+        raise ValueError("; ".join(left_bad))
     current = _core._config()
     new_max = parse_size(max_bytes) if max_bytes is not None else current["max_bytes"]
     new_seg = parse_size(segment_bytes) if segment_bytes is not None else current["segment_bytes"]
     if transfer_timeout is None:
         new_timeout = current["transfer_timeout"]
     else:
-        new_timeout = float(transfer_timeout)
-        if not new_timeout > 0:
-            raise ValueError("transfer_timeout must be a positive number of seconds")
+        new_timeout = parse_timeout(transfer_timeout)
     _core._configure(new_max, new_seg, new_timeout, True)
+    set_env_problems({})  # every bad variable's setting was given here
     # Processes started from now on (spawn workers may be the first to use
     # the pool and so create it) take the same settings.
     os.environ["PYARRAYPOOL_MAX_BYTES"] = str(new_max)

@@ -6,6 +6,12 @@ in the README, docs/faq.md or docs/cli.md.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO, fresh_env, run_python
 from test_config import needs_private_shm, run_with_shm
 
 # --- PoolFullError when /dev/shm, not max_bytes, is what is short ------------------
@@ -57,3 +63,93 @@ def test_pool_full_under_max_bytes_still_advises_max_bytes():
     msg = proc.stdout
     assert "max_bytes=16777216" in msg and "configure(max_bytes=" in msg, msg
     assert "--shm-size" not in msg, msg
+
+
+# --- a bad PYARRAYPOOL_* value: import works, first use raises ValueError ----------
+
+BAD_SETTINGS = [
+    ("PYARRAYPOOL_MAX_BYTES", "lots"),
+    ("PYARRAYPOOL_TRANSFER_TIMEOUT", "-1"),
+    ("PYARRAYPOOL_SEGMENT_BYTES", "0"),
+]
+
+
+@pytest.mark.parametrize("var,value", BAD_SETTINGS)
+def test_bad_setting_variable_fails_at_first_use_not_at_import(var, value):
+    """`import pyarraypool` works; every first use (allocation, make_transferable,
+    stats, collect, configure that does not give that setting, loading a
+    handle) raises ValueError naming the variable and its value, every time."""
+    proc = run_python(f"""
+    import pickle, numpy as np
+    import pyarraypool                                  # must not raise
+    uses = {{
+        "empty": lambda: pyarraypool.empty(3),
+        "make_transferable": lambda: pyarraypool.make_transferable(np.ones(3)),
+        "stats": pyarraypool.stats,
+        "collect": pyarraypool.collect,
+        "pool_identity": pyarraypool.pool_identity,
+        "configure": lambda: pyarraypool.configure(transfer_timeout=5)
+                     if {var!r} != "PYARRAYPOOL_TRANSFER_TIMEOUT"
+                     else pyarraypool.configure(max_bytes="1G"),
+        "load": lambda: pickle.loads(HANDLE),
+    }}
+    for name, use in uses.items():
+        for attempt in range(2):
+            try:
+                use()
+            except ValueError as e:
+                msg = str(e)
+                assert {var!r} in msg and {value!r} in msg, (name, msg)
+            else:
+                raise AssertionError(name + " worked with {var}={value}")
+    print("OK")
+    """.replace("HANDLE", repr(_foreign_handle())), env=fresh_env(**{var: value}))
+    assert "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _foreign_handle() -> bytes:
+    """A pickled pool array of this (pytest's) pool: a handle another program
+    would try to load."""
+    import pickle
+
+    import numpy as np
+
+    import pyarraypool
+    x = pyarraypool.make_transferable(np.arange(3), transfer_required=False)
+    return pickle.dumps(x)
+
+
+def test_configure_giving_the_bad_setting_replaces_it():
+    """configure() with the setting that the variable got wrong replaces it:
+    the pool then works, and so do processes started afterwards."""
+    proc = run_python("""
+    import subprocess, sys
+    import pyarraypool
+    pyarraypool.configure(max_bytes="64M")
+    a = pyarraypool.zeros(10)
+    assert pyarraypool.stats().max_bytes == 64 << 20
+    child = "import pyarraypool; print(pyarraypool.stats().max_bytes)"
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
+    assert out.stdout.strip() == str(64 << 20), out.stdout + out.stderr
+    print("OK")
+    """, env=fresh_env(PYARRAYPOOL_MAX_BYTES="lots"))
+    assert "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("var,value", BAD_SETTINGS)
+@pytest.mark.parametrize("args", [["--help"], ["stats"], ["stats", "--json"], ["clean"],
+                                  ["clean", "--dry-run"]])
+def test_cli_works_with_a_bad_setting_variable(var, value, args):
+    """The command line reads no setting: it does its job, and warns once on
+    stderr, naming the variable."""
+    proc = subprocess.run([sys.executable, "-m", "pyarraypool", *args],
+                          env=fresh_env(**{var: value}), capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    if args != ["--help"]:
+        assert proc.stderr.count(var) == 1 and "warning" in proc.stderr, proc.stderr
+    if args[0] == "clean":
+        assert "nothing to clean" in proc.stdout or "remove" in proc.stdout, proc.stdout
+    if args == ["stats", "--json"]:
+        json.loads(proc.stdout)

@@ -117,6 +117,15 @@ PyObject* configure(PyObject*, PyObject* args) {
   });
 }
 
+PyObject* settings_error(PyObject*, PyObject* args) {
+  return boundary<PyObject*>(nullptr, [&] {
+    const char* msg;
+    if (!PyArg_ParseTuple(args, "s:_settings_error", &msg)) throw PyErrSet{};
+    ProcessPool::get().set_settings_error(msg);
+    Py_RETURN_NONE;
+  });
+}
+
 PyObject* current_config(PyObject*, PyObject*) {
   return boundary<PyObject*>(nullptr, [&] {
     ProcessPool& pp = ProcessPool::get();
@@ -316,6 +325,8 @@ PyMethodDef module_methods[] = {
     {"_block_of", block_of, METH_O, "The _Block an array lives in, or None."},
     {"_configure", configure, METH_VARARGS, "Set the pool settings (see pyarraypool.configure)."},
     {"_config", current_config, METH_NOARGS, "The settings in force."},
+    {"_settings_error", settings_error, METH_VARARGS,
+     "_settings_error(msg): the ValueError the first use of the pool raises (\"\": none)."},
     {"_stats", stats, METH_VARARGS,
      "_stats(detail=False): pool statistics as a dict; with detail, also size classes, "
      "holdings per process and pending transfers (walks every block)."},

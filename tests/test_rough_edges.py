@@ -10,9 +10,12 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from helpers import REPO, fresh_env, run_python
 from test_config import needs_private_shm, run_with_shm
+
+import pyarraypool
 
 # --- PoolFullError when /dev/shm, not max_bytes, is what is short ------------------
 
@@ -153,3 +156,35 @@ def test_cli_works_with_a_bad_setting_variable(var, value, args):
         assert "nothing to clean" in proc.stdout or "remove" in proc.stdout, proc.stdout
     if args == ["stats", "--json"]:
         json.loads(proc.stdout)
+
+
+# --- make_transferable(pool_array, transfer_required=...) -------------------------
+
+
+@pytest.mark.parametrize("made_with", [True, False])
+def test_make_transferable_of_a_pool_array_honours_a_matching_or_omitted_flag(made_with):
+    """An array already in the pool is returned as it is (no copy) when the
+    flag is left out or matches the block's."""
+    x = pyarraypool.zeros(8, transfer_required=made_with)
+    assert pyarraypool.make_transferable(x) is x
+    assert pyarraypool.make_transferable(x, transfer_required=made_with) is x
+    v = pyarraypool.make_transferable(np.asarray(x)[2:], transfer_required=made_with)
+    assert isinstance(v, pyarraypool.TransferableArray) and np.shares_memory(v, x)
+
+
+@pytest.mark.parametrize("made_with", [True, False])
+def test_make_transferable_of_a_pool_array_with_the_other_flag_raises(made_with):
+    """The flag belongs to the block, which other processes may already
+    share: it cannot change, and a silent copy would stop writes reaching
+    them. So a different flag is a ValueError that names both and says how
+    to get a copy with the flag wanted."""
+    x = pyarraypool.zeros(8, transfer_required=made_with)
+    for arr in (x, x[2:], np.asarray(x)):
+        with pytest.raises(ValueError) as info:
+            pyarraypool.make_transferable(arr, transfer_required=not made_with)
+        msg = str(info.value)
+        assert f"transfer_required={made_with}" in msg, msg
+        assert f"transfer_required={not made_with}" in msg, msg
+        assert f"make_transferable(x.copy(), transfer_required={not made_with})" in msg, msg
+    y = pyarraypool.make_transferable(x.copy(), transfer_required=not made_with)
+    assert not np.shares_memory(x, y)

@@ -308,7 +308,8 @@ PyMethodDef module_methods[] = {
      "    If true (the default), every pickle of the array keeps its block alive until\n"
      "    some process loads it, so a worker can return the array and exit. If false,\n"
      "    the block is freed as soon as no process holds it, and loading a late pickle\n"
-     "    raises StaleHandleError.\n\n"
+     "    raises StaleHandleError. For an array already in the pool the setting is\n"
+     "    its block's and cannot change: leave it out, or give the same value.\n\n"
      "Returns\n"
      "-------\n"
      "TransferableArray\n"
@@ -317,6 +318,10 @@ PyMethodDef module_methods[] = {
      "------\n"
      "TypeError\n"
      "    The dtype holds Python objects (object dtype, numpy's StringDType).\n"
+     "ValueError\n"
+     "    `arr` already lives in the pool, in a block made with the other\n"
+     "    transfer_required: no silent copy (writes would no longer be shared);\n"
+     "    make_transferable(arr.copy(), transfer_required=...) makes one.\n"
      "PoolFullError\n"
      "    The pool cannot grow to hold the array under max_bytes, or /dev/shm is full.\n"},
     {"_empty", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(empty_impl)),

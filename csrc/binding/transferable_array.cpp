@@ -452,13 +452,30 @@ PyObject* make_transferable(PyObject*, PyObject* args, PyObject* kwargs) {
   return boundary<PyObject*>(nullptr, [&]() -> PyObject* {
     static const char* kw[] = {"arr", "transfer_required", nullptr};
     PyObject* obj;
-    int transfer_required = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$p:make_transferable", const_cast<char**>(kw),
-                                     &obj, &transfer_required))
+    PyObject* flag = nullptr;  // not given: True for a new array, the block's for a pool one
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$O:make_transferable", const_cast<char**>(kw),
+                                     &obj, &flag))
       throw PyErrSet{};
-    if (PyArray_Check(obj) && find_block(obj)) {
-      // Already in the pool: no copy. A plain view of pool memory becomes a
-      // TransferableArray view of the same bytes.
+    int transfer_required = 1;
+    if (flag) check_status(transfer_required = PyObject_IsTrue(flag));
+    if (BlockObject* b = PyArray_Check(obj) ? find_block(obj) : nullptr) {
+      // Already in the pool: no copy. The flag belongs to the block, which
+      // other processes may share already, so it cannot change; and a copy
+      // made behind the caller's back would stop their writes reaching
+      // this array. A flag asked for that differs is an error.
+      const bool has = (b->flags & pap::kFlagTransferRequired) != 0;
+      if (flag && has != (transfer_required != 0)) {
+        const char* want = transfer_required ? "True" : "False";
+        PyErr_Format(PyExc_ValueError,
+                     "make_transferable(x, transfer_required=%s): x already lives in the pool, "
+                     "in a block made with transfer_required=%s, which cannot change (other "
+                     "processes may share it); for a copy with the other setting, use "
+                     "make_transferable(x.copy(), transfer_required=%s)",
+                     want, has ? "True" : "False", want);
+        throw PyErrSet{};
+      }
+      // A plain view of pool memory becomes a TransferableArray view of the
+      // same bytes.
       if (is_array_subtype(obj)) return OwnedRef::borrow(obj).release();
       return PyArray_View(reinterpret_cast<PyArrayObject*>(obj), nullptr, array_type);
     }

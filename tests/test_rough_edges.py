@@ -7,8 +7,11 @@ in the README, docs/faq.md or docs/cli.md.
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -188,3 +191,35 @@ def test_make_transferable_of_a_pool_array_with_the_other_flag_raises(made_with)
         assert f"make_transferable(x.copy(), transfer_required={not made_with})" in msg, msg
     y = pyarraypool.make_transferable(x.copy(), transfer_required=not made_with)
     assert not np.shares_memory(x, y)
+
+
+# --- stats --watch into a file or a pipe ----------------------------------------
+
+
+def test_stats_watch_into_a_file_writes_plain_snapshots(tmp_path):
+    """`stats --watch > file` (or into a pipe): no screen-clearing escape
+    codes, one snapshot after another, each starting with its timestamp line
+    and set off from the previous by a blank line."""
+    out = tmp_path / "watch.txt"
+    with open(out, "wb") as f:
+        watch = subprocess.Popen([sys.executable, "-m", "pyarraypool", "stats", "--watch", "0.1"],
+                                 env=fresh_env(), cwd=REPO, stdout=f, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while out.read_bytes().count(b"pyarraypool stats at ") < 3:
+            assert watch.poll() is None and time.monotonic() < deadline, out.read_text()
+            time.sleep(0.05)
+        watch.send_signal(signal.SIGINT)
+        _, err = watch.communicate(timeout=30)
+        assert watch.returncode == 0 and b"Traceback" not in err, err.decode()
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    text = out.read_text()
+    assert "\x1b" not in text, repr(text[:200])
+    assert text.startswith("pyarraypool stats at "), text
+    starts = [m.start() for m in re.finditer(r"^pyarraypool stats at ", text, re.M)]
+    assert len(starts) >= 3, text
+    for s in starts[1:]:
+        assert text[:s].endswith("\n\n"), repr(text[max(0, s - 80):s + 40])

@@ -223,3 +223,29 @@ def test_stats_watch_into_a_file_writes_plain_snapshots(tmp_path):
     assert len(starts) >= 3, text
     for s in starts[1:]:
         assert text[:s].endswith("\n\n"), repr(text[max(0, s - 80):s + 40])
+
+
+# --- ndarray.resize on a pool array -------------------------------------------------
+
+
+def test_resize_of_a_pool_array_says_why_and_what_to_do():
+    """A pool array cannot grow or shrink in place: its memory is a block that
+    other processes may hold. The ValueError (numpy's type) says so and names
+    np.resize and make_transferable(np.resize(...)); a resize that keeps the
+    size (a reshape in place) works as it does on numpy's own views."""
+    x = pyarraypool.make_transferable(np.arange(6.0))
+    for call in (lambda: x.resize(8), lambda: x.resize((2, 5)), lambda: x[1:].resize(3),
+                 lambda: x.resize(8, refcheck=False)):
+        with pytest.raises(ValueError) as info:
+            call()
+        msg = str(info.value)
+        assert "shared-memory block" in msg and "other processes" in msg, msg
+        assert "np.resize(x, shape)" in msg, msg
+        assert "pyarraypool.make_transferable(np.resize(x, shape))" in msg, msg
+    assert x.shape == (6,) and (x == np.arange(6.0)).all()
+    x.resize((2, 3))                                  # same size: allowed, as in numpy
+    assert x.shape == (2, 3) and x[1, 2] == 5
+    with pytest.raises(ValueError, match="negative"):
+        x.resize(-1)                                  # numpy's own errors are numpy's
+    y = pyarraypool.make_transferable(np.resize(x, (3, 3)))
+    assert isinstance(y, pyarraypool.TransferableArray) and y.shape == (3, 3)

@@ -332,6 +332,44 @@ PyObject* plain_method(PyObject* self, PyObject* args, PyObject* kwargs) {
   });
 }
 
+// ndarray.resize: a pool array never owns its memory, so numpy refuses any
+// change of size with "it does not own its data", which tells a user nothing
+// they can act on. Same call, numpy's ValueError, in words that say why and
+// what to do instead; numpy's other errors (and a resize that keeps the size,
+// a reshape in place) pass through.
+PyObject* array_resize(PyObject* self, PyObject* args, PyObject* kwargs) {
+  return boundary<PyObject*>(nullptr, [&]() -> PyObject* {
+    static PyObject* method = nullptr;
+    try {
+      return call_ndarray(method, "resize", self, args, kwargs).release();
+    } catch (const PyErrSet&) {
+      if (!PyErr_ExceptionMatches(PyExc_ValueError)) throw;
+      PyObject *type, *value, *tb;
+      PyErr_Fetch(&type, &value, &tb);
+      PyErr_NormalizeException(&type, &value, &tb);
+      PyObject* text = value ? PyObject_Str(value) : nullptr;
+      const char* said = text ? PyUnicode_AsUTF8(text) : nullptr;
+      const bool not_owner = said && std::strstr(said, "does not own its data");
+      Py_XDECREF(text);
+      PyErr_Clear();  // from str() of numpy's error, if it failed
+      if (!not_owner) {
+        PyErr_Restore(type, value, tb);
+        throw PyErrSet{};
+      }
+      Py_XDECREF(type);
+      Py_XDECREF(value);
+      Py_XDECREF(tb);
+      PyErr_SetString(PyExc_ValueError,
+                      "cannot resize a pool array in place: its memory is a shared-memory block "
+                      "of fixed size that other processes may hold, so it can neither grow, "
+                      "shrink nor move. For a new array of another shape use np.resize(x, shape) "
+                      "(a plain ndarray) or pyarraypool.make_transferable(np.resize(x, shape)) "
+                      "(in the pool)");
+      throw PyErrSet{};
+    }
+  });
+}
+
 constexpr char kCopy[] = "copy";
 constexpr char kDunderCopy[] = "__copy__";
 constexpr char kDeepCopy[] = "__deepcopy__";
@@ -368,6 +406,11 @@ PyMethodDef array_methods[] = {
     {"__array_function__",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(array_function)),
      METH_VARARGS | METH_KEYWORDS, "numpy function results not in the pool are plain ndarrays."},
+    {"resize", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(array_resize)),
+     METH_VARARGS | METH_KEYWORDS,
+     "ndarray.resize: only to the same size (a pool block cannot grow or shrink in place);\n"
+     "np.resize(x, shape) or pyarraypool.make_transferable(np.resize(x, shape)) make a new "
+     "array."},
     PLAIN_METHOD(kCopy, kCopy, "A copy, as a plain numpy.ndarray (not in the pool)."),
     PLAIN_METHOD(kDunderCopy, kDunderCopy, "copy.copy(): an independent plain numpy.ndarray."),
     PLAIN_METHOD(kDeepCopy, kDeepCopy, "copy.deepcopy(): an independent plain numpy.ndarray."),

@@ -10,7 +10,7 @@ VPY        := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.pyarraypool-venv-stamp
 # ml_dtypes: a user-defined dtype (bfloat16) for the tests that a handle carries the full dtype.
 PY_DEPS    := "numpy>=2.0" "setuptools>=64" wheel build pytest hypothesis ruff mypy matplotlib atheris \
-              joblib "dask[distributed]" sphinx myst-parser ml_dtypes
+              joblib "dask[distributed]" sphinx myst-parser ml_dtypes pandas
 PIP        := $(VPY) -m pip --disable-pip-version-check
 # The NumPy 1 venv of `make test-numpy1`: the oldest NumPy the package supports.
 VENV_NP1   := .venv-np1

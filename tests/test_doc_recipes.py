@@ -24,11 +24,15 @@ EXPECTED = {
     ),
     "joblib_loky.py": "joblib loky: ok\n",
     "copies.py": "copies: ok\n",
+    "pandas_frames.py": "pandas: ok\n",
 }
 
 
 @pytest.mark.parametrize("recipe", sorted(EXPECTED))
 def test_recipe(recipe):
+    if recipe == "pandas_frames.py":
+        # In PY_DEPS (make install); the NumPy 1 venv goes without pandas.
+        pytest.importorskip("pandas")
     assert run_example(os.path.join(RECIPES, recipe)) == EXPECTED[recipe]
 
 

@@ -10,7 +10,7 @@ from typing import Any, Literal, Protocol, SupportsIndex, TypeVar, overload
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from . import _core
+from . import _core, _lifecycle
 from ._core import TransferableArray
 from ._settings import (
     DEFAULT_SEGMENT_BYTES,
@@ -327,6 +327,26 @@ def init_from_env() -> None:
     set_env_problems(problems)
 
 
+def _leave_inherited_pool_if_settings_differ(max_bytes: int, segment_bytes: int,
+                                             timeout: float) -> None:
+    # A tool started with subprocess by a program that uses the pool inherits
+    # the program's pool name; asking for other settings, it wants a pool of
+    # its own, not a PoolError (the rule: _lifecycle.py). Looked at as an
+    # observer, so that this process does not join the pool it may leave.
+    if not _lifecycle.may_take_own_pool():
+        return
+    running = _core._inspect(os.environ[_lifecycle.ENV_POOL], False)
+    if running is None:
+        return  # no pool yet: this process's settings will create it
+    wanted = (max_bytes, segment_bytes, int(timeout * 1e9))
+    have = (running["max_bytes"], running["segment_bytes"], running["transfer_timeout_ns"])
+    if wanted != have:
+        _lifecycle.take_own_pool(
+            f"configure() asked for max_bytes={max_bytes}, segment_bytes={segment_bytes}, "
+            f"transfer_timeout={timeout:g}, and it runs with max_bytes={have[0]}, "
+            f"segment_bytes={have[1]}, transfer_timeout={running['transfer_timeout']:g}")
+
+
 def configure(
     *,
     max_bytes: int | str | None = None,
@@ -357,10 +377,16 @@ def configure(
         Seconds after which a pickle made with ``transfer_required=True`` that
         was never loaded stops keeping its block alive (default 300).
 
+    A process started with ``subprocess`` (not a multiprocessing worker)
+    that inherited the program's pool and has not used it yet gets a fresh
+    pool of its own when these settings differ from that pool's, and logs
+    one INFO line saying so (docs/lifetime.md).
+
     Raises
     ------
     PoolError
-        The pool is already running with other settings.
+        The pool is already running with other settings (in a process that
+        has used it, or that must share it: a multiprocessing worker).
     ValueError
         A size or timeout that is not positive, or a size string that cannot
         be read; or a ``PYARRAYPOOL_*`` variable that cannot be read, unless
@@ -380,6 +406,7 @@ def configure(
         new_timeout = current["transfer_timeout"]
     else:
         new_timeout = parse_timeout(transfer_timeout)
+    _leave_inherited_pool_if_settings_differ(new_max, new_seg, new_timeout)
     _core._configure(new_max, new_seg, new_timeout, True)
     set_env_problems({})  # every bad variable's setting was given here
     # Processes started from now on (spawn workers may be the first to use

@@ -11,11 +11,12 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
 import pytest
-from helpers import REPO, fresh_env, run_python
+from helpers import REPO, fresh_env, pool_files, run_python
 from test_config import needs_private_shm, run_with_shm
 
 import pyarraypool
@@ -249,3 +250,111 @@ def test_resize_of_a_pool_array_says_why_and_what_to_do():
         x.resize(-1)                                  # numpy's own errors are numpy's
     y = pyarraypool.make_transferable(np.resize(x, (3, 3)))
     assert isinstance(y, pyarraypool.TransferableArray) and y.shape == (3, 3)
+
+
+# --- a subprocess tool with settings of its own -----------------------------------
+
+TOOL = """
+import logging, os, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(message)s")
+import pyarraypool
+{before}
+try:
+    pyarraypool.configure(max_bytes="{tool_max}")
+except pyarraypool.PoolError as e:
+    print("REFUSED", e)
+else:
+    a = pyarraypool.zeros(1000)
+    s = pyarraypool.stats()
+    print("TOOL", s.pool, s.max_bytes, os.environ["PYARRAYPOOL_POOL"])
+"""
+
+PARENT = """
+import os, subprocess, sys
+import pyarraypool
+pyarraypool.configure(max_bytes="64M")
+x = pyarraypool.zeros(10)
+s = pyarraypool.stats()
+print("PARENT", s.pool)
+out = subprocess.run([sys.executable, "-c", TOOL], capture_output=True, text=True)
+print(out.stdout, out.stderr)
+assert out.returncode == 0
+after = pyarraypool.stats()
+print("AFTER", after.pool, after.max_bytes, after.processes)
+"""
+
+
+def run_parent_and_tool(tool_max: str, before: str = "") -> tuple[str, str]:
+    tool = TOOL.format(tool_max=tool_max, before=before)
+    proc = run_python(PARENT.replace("TOOL]", repr(tool) + "]"))
+    out = proc.stdout
+    parent = re.search(r"^PARENT (\w+)$", out, re.M).group(1)
+    after = re.search(r"^AFTER (\w+) (\d+) (\d+)$", out, re.M)
+    # The program's own pool is untouched: same token, settings, one process.
+    assert after.groups() == (parent, str(64 << 20), "1"), out
+    return parent, out
+
+
+def test_subprocess_tool_with_other_settings_gets_a_pool_of_its_own():
+    """A Python tool started with subprocess inherits the program's pool name;
+    if it has not used the pool yet and configure() asks for other settings,
+    it moves to a fresh pool of its own (one INFO log line says so) instead of
+    failing with "the pool is already running with ..."."""
+    parent, out = run_parent_and_tool("32M")
+    assert "REFUSED" not in out, out
+    tool = re.search(r"^TOOL (\w+) (\d+) (\w+)$", out, re.M)
+    assert tool, out
+    assert tool.group(1) != parent and tool.group(1) == tool.group(3), out
+    assert tool.group(2) == str(32 << 20), out
+    log = [ln for ln in out.splitlines() if ln.startswith("LOG ")]
+    assert len(log) == 1 and parent in log[0] and tool.group(1) in log[0], out
+    assert "own pool" in log[0], out
+    assert not pool_files(tool.group(1)) and not pool_files(parent), out
+
+
+def test_subprocess_tool_with_the_same_settings_shares_the_program_pool():
+    parent, out = run_parent_and_tool("64M")
+    tool = re.search(r"^TOOL (\w+) (\d+)", out, re.M)
+    assert tool and tool.group(1) == parent, out
+    assert "LOG " not in out, out
+
+
+def test_subprocess_tool_that_already_uses_the_pool_keeps_it():
+    """Once the tool has used the program's pool (here: stats()), it is part of
+    it: configure() with other settings raises PoolError as before."""
+    _, out = run_parent_and_tool("32M", before="pyarraypool.stats()")
+    assert "REFUSED" in out and "already running" in out, out
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_multiprocessing_children_never_leave_the_program_pool(method, tmp_path):
+    """Contract point 12: workers of multiprocessing (and so of
+    concurrent.futures) share the program's pool; configure() with other
+    settings there still raises PoolError."""
+    program = tmp_path / "program.py"  # spawn workers import the main module
+    program.write_text(textwrap.dedent(f"""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    import pyarraypool
+
+    def child():
+        try:
+            pyarraypool.configure(max_bytes="32M")
+        except pyarraypool.PoolError as e:
+            return "REFUSED " + str(e)
+        return "MOVED " + pyarraypool.stats().pool
+
+    if __name__ == "__main__":
+        pyarraypool.configure(max_bytes="64M")
+        x = pyarraypool.zeros(10)
+        ctx = multiprocessing.get_context({method!r})
+        with ctx.Pool(1) as pool:
+            print(pool.apply(child))
+        with ProcessPoolExecutor(1, mp_context=ctx) as ex:
+            print(ex.submit(child).result())
+    """))
+    proc = subprocess.run([sys.executable, str(program)], env=fresh_env(), capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and all(ln.startswith("REFUSED") for ln in lines), proc.stdout

@@ -10,7 +10,7 @@ VPY        := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.pyarraypool-venv-stamp
 # ml_dtypes: a user-defined dtype (bfloat16) for the tests that a handle carries the full dtype.
 PY_DEPS    := "numpy>=2.0" "setuptools>=64" wheel build pytest hypothesis ruff mypy matplotlib atheris \
-              joblib "dask[distributed]" sphinx myst-parser ml_dtypes
+              joblib "dask[distributed]" sphinx myst-parser ml_dtypes pandas
 PIP        := $(VPY) -m pip --disable-pip-version-check
 # The NumPy 1 venv of `make test-numpy1`: the oldest NumPy the package supports.
 VENV_NP1   := .venv-np1
@@ -19,7 +19,7 @@ NP1_PIP    := $(NP1_PY) -m pip --disable-pip-version-check
 NP1_STAMP  := $(VENV_NP1)/.pyarraypool-venv-stamp
 # dask[array] states the NumPy range it supports, so pip picks a Dask that takes 1.26;
 # ml_dtypes likewise (0.5.x installs with 1.26, 0.6 and later need NumPy 2).
-NP1_DEPS   := "numpy==1.26.*" pytest hypothesis joblib "dask[array,distributed]" ml_dtypes
+NP1_DEPS   := "numpy==1.26.*" pytest hypothesis joblib "dask[array,distributed]" ml_dtypes pandas
 
 CXX        ?= g++
 CORE_SRCS  := $(sort $(wildcard csrc/core/*.cpp))

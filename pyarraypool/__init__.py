@@ -12,7 +12,7 @@ from . import _lifecycle
 
 _lifecycle.ensure_pool_name()
 
-from . import _auto, _core  # noqa: E402
+from . import _api, _auto, _core  # noqa: E402
 from ._api import (  # noqa: E402
     PoolStats,
     configure,
@@ -33,12 +33,6 @@ from ._core import (  # noqa: E402
     make_transferable,
 )
 from ._identity import PoolIdentity, pool_identity  # noqa: E402
-from ._settings import (  # noqa: E402
-    DEFAULT_SEGMENT_BYTES,
-    DEFAULT_TRANSFER_TIMEOUT,
-    default_max_bytes,
-    settings_from_env,
-)
 
 __version__ = "0.1.0"
 
@@ -67,13 +61,9 @@ __all__ = [
 
 
 def _init_settings() -> None:
-    env = settings_from_env()
-    _core._configure(
-        int(env.get("max_bytes", default_max_bytes())),
-        int(env.get("segment_bytes", DEFAULT_SEGMENT_BYTES)),
-        float(env.get("transfer_timeout", DEFAULT_TRANSFER_TIMEOUT)),
-        False,  # only the settings for creating the pool; never attaches
-    )
+    # A PYARRAYPOOL_* value that cannot be read does not break the import:
+    # the first use of the pool raises ValueError naming it (_api.py).
+    _api.init_from_env()
 
 
 _init_settings()

@@ -9,8 +9,9 @@ holds, and the pickles pending (made, not loaded yet) with their age.
 ``live_blocks``, ``pending_transfers``, ``processes``, ...) plus
 ``instance``, ``created``, ``size_classes``, ``holdings``, ``pending``,
 ``pending_bytes`` and ``oldest_pending_age``. ``--watch [SECONDS]`` redraws
-every SECONDS (default 2) until Ctrl-C; with ``--json`` it prints one JSON
-line per refresh instead.
+every SECONDS (default 2) until Ctrl-C (into a file or a pipe: one plain
+snapshot after another); with ``--json`` it prints one JSON line per refresh
+instead.
 
 ``clean`` removes the segments of pools whose processes are all dead (left by
 programs that were killed); ``--dry-run`` only lists them.
@@ -27,7 +28,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import _core
+from . import _api, _core
 
 SHM_DIR = "/dev/shm"
 _CONTROL = re.compile(r"^pyarraypool-([0-9a-f]{32})$")
@@ -216,7 +217,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def watch(args: argparse.Namespace) -> int:
-    """Redraws until Ctrl-C (SIGINT), which ends it with status 0."""
+    """Redraws until Ctrl-C (SIGINT), which ends it with status 0.
+
+    On a terminal each snapshot replaces the last; into a file or a pipe the
+    snapshots follow one another, plain text, each after a blank line and
+    starting with its timestamp line (escape codes would litter the file).
+    """
+    terminal = sys.stdout.isatty()
     try:
         while True:
             rows, problems = gather(args)
@@ -227,9 +234,10 @@ def watch(args: argparse.Namespace) -> int:
                 body = render(rows)
                 if args.pool is not None and not rows:
                     body = f"no pool {args.pool} in {SHM_DIR} (any more)"
-                out = "\x1b[H\x1b[2J" + "\n".join(
-                    [f"pyarraypool stats at {now}, every {args.watch:g} s (Ctrl-C to quit)",
-                     *problems, "", body])
+                header = f"pyarraypool stats at {now}, every {args.watch:g} s"
+                if terminal:
+                    header = "\x1b[H\x1b[2J" + header + " (Ctrl-C to quit)"
+                out = "\n".join([header, *problems, "", body]) + ("" if terminal else "\n")
             sys.stdout.write(out + "\n")
             sys.stdout.flush()
             time.sleep(args.watch)
@@ -267,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The commands read no setting: a PYARRAYPOOL_* variable that cannot be
+    # read is only worth a warning here (the program it was meant for gets
+    # a ValueError at its first use of the pool).
+    for problem in _api.env_problems():
+        print(f"warning: {problem}", file=sys.stderr)
     return int(args.func(args))
 
 

@@ -10,9 +10,16 @@ from typing import Any, Literal, Protocol, SupportsIndex, TypeVar, overload
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from . import _core
+from . import _core, _lifecycle
 from ._core import TransferableArray
-from ._settings import parse_size
+from ._settings import (
+    DEFAULT_SEGMENT_BYTES,
+    DEFAULT_TRANSFER_TIMEOUT,
+    default_max_bytes,
+    env_settings,
+    parse_size,
+    parse_timeout,
+)
 
 __all__ = ["empty", "zeros", "empty_like", "zeros_like", "configure", "stats", "PoolStats"]
 
@@ -288,6 +295,58 @@ def zeros_like(
     return _core._empty(shp, dt, cf, transfer_required, True)
 
 
+# The PYARRAYPOOL_* variables that could not be read at import, by setting:
+# a message naming the variable and its value. The first use of the pool
+# raises it as a ValueError (ProcessPool::pool), and so does configure()
+# unless it gives that setting; the import and the command line work.
+_env_problems: dict[str, str] = {}
+
+
+def set_env_problems(problems: dict[str, str]) -> None:
+    _env_problems.clear()
+    _env_problems.update(problems)
+    _core._settings_error("; ".join(problems.values()))
+
+
+def env_problems() -> list[str]:
+    """Messages for the ``PYARRAYPOOL_*`` variables that could not be read."""
+    return list(_env_problems.values())
+
+
+def init_from_env() -> None:
+    """The settings for creating the pool, from the defaults and the
+    ``PYARRAYPOOL_*`` variables (a bad one keeps its default and is
+    reported at first use). Never attaches."""
+    env, problems = env_settings()
+    _core._configure(
+        int(env.get("max_bytes", default_max_bytes())),
+        int(env.get("segment_bytes", DEFAULT_SEGMENT_BYTES)),
+        float(env.get("transfer_timeout", DEFAULT_TRANSFER_TIMEOUT)),
+        False,  # only the settings for creating the pool; never attaches
+    )
+    set_env_problems(problems)
+
+
+def _leave_inherited_pool_if_settings_differ(max_bytes: int, segment_bytes: int,
+                                             timeout: float) -> None:
+    # A tool started with subprocess by a program that uses the pool inherits
+    # the program's pool name; asking for other settings, it wants a pool of
+    # its own, not a PoolError (the rule: _lifecycle.py). Looked at as an
+    # observer, so that this process does not join the pool it may leave.
+    if not _lifecycle.may_take_own_pool():
+        return
+    running = _core._inspect(os.environ[_lifecycle.ENV_POOL], False)
+    if running is None:
+        return  # no pool yet: this process's settings will create it
+    wanted = (max_bytes, segment_bytes, int(timeout * 1e9))
+    have = (running["max_bytes"], running["segment_bytes"], running["transfer_timeout_ns"])
+    if wanted != have:
+        _lifecycle.take_own_pool(
+            f"configure() asked for max_bytes={max_bytes}, segment_bytes={segment_bytes}, "
+            f"transfer_timeout={timeout:g}, and it runs with max_bytes={have[0]}, "
+            f"segment_bytes={have[1]}, transfer_timeout={running['transfer_timeout']:g}")
+
+
 def configure(
     *,
     max_bytes: int | str | None = None,
@@ -318,26 +377,38 @@ def configure(
         Seconds after which a pickle made with ``transfer_required=True`` that
         was never loaded stops keeping its block alive (default 300).
 
+    A process started with ``subprocess`` (not a multiprocessing worker)
+    that inherited the program's pool and has not used it yet gets a fresh
+    pool of its own when these settings differ from that pool's, and logs
+    one INFO line saying so (docs/lifetime.md).
+
     Raises
     ------
     PoolError
-        The pool is already running with other settings.
+        The pool is already running with other settings (in a process that
+        has used it, or that must share it: a multiprocessing worker).
     ValueError
         A size or timeout that is not positive, or a size string that cannot
-        be read.
+        be read; or a ``PYARRAYPOOL_*`` variable that cannot be read, unless
+        this call gives that setting (which then replaces it).
     TypeError
         A size that is neither an int nor a string.
     """
+    given = {"max_bytes": max_bytes, "segment_bytes": segment_bytes,
+             "transfer_timeout": transfer_timeout}
+    left_bad = [msg for key, msg in _env_problems.items() if given[key] is None]
+    if left_bad:
+        raise ValueError("; ".join(left_bad))
     current = _core._config()
     new_max = parse_size(max_bytes) if max_bytes is not None else current["max_bytes"]
     new_seg = parse_size(segment_bytes) if segment_bytes is not None else current["segment_bytes"]
     if transfer_timeout is None:
         new_timeout = current["transfer_timeout"]
     else:
-        new_timeout = float(transfer_timeout)
-        if not new_timeout > 0:
-            raise ValueError("transfer_timeout must be a positive number of seconds")
+        new_timeout = parse_timeout(transfer_timeout)
+    _leave_inherited_pool_if_settings_differ(new_max, new_seg, new_timeout)
     _core._configure(new_max, new_seg, new_timeout, True)
+    set_env_problems({})  # every bad variable's setting was given here
     # Processes started from now on (spawn workers may be the first to use
     # the pool and so create it) take the same settings.
     os.environ["PYARRAYPOOL_MAX_BYTES"] = str(new_max)

@@ -5,10 +5,19 @@ first import in a program picks a fresh random name and puts it in
 ``os.environ``, so every process the program starts afterwards (fork, spawn,
 forkserver, subprocess) inherits it; an unrelated program picks its own.
 Importing does not touch shared memory: a process attaches on first use.
+
+One exception to sharing: a process started by the program but not by
+multiprocessing (a tool run with ``subprocess``), which has not used the pool
+yet and calls ``configure()`` with settings other than those the program's
+pool runs with, gets a fresh pool of its own (``take_own_pool``): it wants
+its own settings, and would otherwise get a PoolError. multiprocessing and
+concurrent.futures workers always share the program's pool.
 """
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
 import multiprocessing.util as mp_util
 import os
 import secrets
@@ -50,6 +59,31 @@ def ensure_pool_name() -> str:
             pid_ns = 0
         os.environ[ENV_ROOT] = f"{pid}:{_start_time(pid)}:{pid_ns}"
     return name
+
+
+def may_take_own_pool() -> bool:
+    """Whether this process may leave the program's pool for one of its own:
+    it inherited the name from the process that started it (the recorded
+    root is another process, not "none"), is no worker of multiprocessing or
+    concurrent.futures (those share the program's pool, contract point 12),
+    and has not used the pool yet."""
+    if multiprocessing.parent_process() is not None or _core._pool_token() is not None:
+        return False
+    root_pid = os.environ.get(ENV_ROOT, "").split(":", 1)[0]
+    return root_pid.isdigit() and int(root_pid) != os.getpid()
+
+
+def take_own_pool(why: str) -> str:
+    """Moves this process (and what it starts from now on) to a fresh pool,
+    of which it is the root; returns the new name."""
+    old = os.environ.pop(ENV_POOL, "")
+    os.environ.pop(ENV_ROOT, None)
+    new = ensure_pool_name()
+    logging.getLogger("pyarraypool").info(
+        "pid %d leaves pool %s, inherited from the process that started it, for its own pool "
+        "%s: %s. Pool arrays do not travel between the two pools by handle", os.getpid(), old,
+        new, why)
+    return new
 
 
 def _leave_at_exit() -> None:

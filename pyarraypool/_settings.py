@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import re
 
-__all__ = ["parse_size", "default_max_bytes", "DEFAULT_SEGMENT_BYTES", "DEFAULT_TRANSFER_TIMEOUT"]
+__all__ = ["parse_size", "parse_timeout", "default_max_bytes", "env_settings",
+           "DEFAULT_SEGMENT_BYTES", "DEFAULT_TRANSFER_TIMEOUT"]
 
 DEFAULT_SEGMENT_BYTES = 64 << 20
 #: Seconds a pickle made with ``transfer_required=True`` keeps its block alive
@@ -50,17 +51,35 @@ def default_max_bytes() -> int:
         return 1 << 30
 
 
-def settings_from_env() -> dict[str, int | float]:
-    """Settings given by ``PYARRAYPOOL_MAX_BYTES``, ``_SEGMENT_BYTES``, ``_TRANSFER_TIMEOUT``."""
-    out: dict[str, int | float] = {}
-    for key in ("max_bytes", "segment_bytes"):
-        raw = os.environ.get("PYARRAYPOOL_" + key.upper())
-        if raw:
-            out[key] = parse_size(raw)
-    raw = os.environ.get("PYARRAYPOOL_TRANSFER_TIMEOUT")
-    if raw:
-        timeout = float(raw)
-        if not timeout > 0:
-            raise ValueError("PYARRAYPOOL_TRANSFER_TIMEOUT must be a positive number of seconds")
-        out["transfer_timeout"] = timeout
-    return out
+#: The setting each ``PYARRAYPOOL_*`` variable gives, and how it is read.
+ENV_SETTINGS = {
+    "max_bytes": "PYARRAYPOOL_MAX_BYTES",
+    "segment_bytes": "PYARRAYPOOL_SEGMENT_BYTES",
+    "transfer_timeout": "PYARRAYPOOL_TRANSFER_TIMEOUT",
+}
+
+
+def parse_timeout(value: object) -> float:
+    """Seconds, a positive number (``transfer_timeout``)."""
+    timeout = float(value)  # type: ignore[arg-type]
+    if not timeout > 0:
+        raise ValueError(f"transfer_timeout must be a positive number of seconds, got {value!r}")
+    return timeout
+
+
+def env_settings() -> tuple[dict[str, int | float], dict[str, str]]:
+    """The settings the ``PYARRAYPOOL_*`` variables give, and the ones they get
+    wrong: ``(values, problems)``, each keyed by setting name; a problem is a
+    message that names the variable and its value."""
+    values: dict[str, int | float] = {}
+    problems: dict[str, str] = {}
+    for key, var in ENV_SETTINGS.items():
+        raw = os.environ.get(var)
+        if not raw:
+            continue
+        try:
+            values[key] = parse_timeout(raw) if key == "transfer_timeout" else parse_size(raw)
+        except ValueError as e:
+            problems[key] = f"{var}={raw!r} is not valid: {e}; fix or unset the variable"
+    return values, problems
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
 import select
 import signal
@@ -333,30 +334,38 @@ def test_stats_table_has_every_section(program):
     p.finish()
 
 
-def read_until(proc: subprocess.Popen[bytes], pattern: bytes, count: int, timeout: float) -> bytes:
-    """Reads proc's stdout until `pattern` has been seen `count` times."""
-    assert proc.stdout is not None
+def read_until(proc: subprocess.Popen[bytes], pattern: bytes, count: int, timeout: float,
+               fd: int | None = None) -> bytes:
+    """Reads proc's stdout (or `fd`, a terminal's other end) until `pattern`
+    has been seen `count` times."""
+    if fd is None:
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
     data = b""
     deadline = time.monotonic() + timeout
     while data.count(pattern) < count:
         left = deadline - time.monotonic()
         assert left > 0, f"only {data.count(pattern)} of {count} {pattern!r}:\n{data.decode()}"
-        ready, _, _ = select.select([proc.stdout], [], [], left)
+        ready, _, _ = select.select([fd], [], [], left)
         if ready:
-            chunk = os.read(proc.stdout.fileno(), 65536)
+            chunk = os.read(fd, 65536)
             assert chunk, f"the command exited ({proc.poll()}):\n{data.decode()}"
             data += chunk
     return data
 
 
 def test_stats_watch_redraws_until_ctrl_c(program):
+    """On a terminal, --watch clears the screen before each snapshot (output
+    that is not a terminal gets none: test_rough_edges.py)."""
     p = program(HOLDER)
     token = p.token
+    terminal, screen = pty.openpty()
     watch = subprocess.Popen([sys.executable, "-m", "pyarraypool", "stats", "--pool", token,
                               "--watch", "0.2"], env=fresh_env(), cwd=REPO,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             stdout=screen, stderr=subprocess.PIPE)
+    os.close(screen)
     try:
-        data = read_until(watch, b"\x1b[2J", 3, timeout=60)
+        data = read_until(watch, b"\x1b[2J", 3, timeout=60, fd=terminal)
         frames = data.split(b"\x1b[H\x1b[2J")[1:]
         for frame in frames[:2]:
             text = frame.decode()
@@ -367,6 +376,7 @@ def test_stats_watch_redraws_until_ctrl_c(program):
         assert watch.returncode == 0, err.decode()
         assert b"Traceback" not in err, err.decode()
     finally:
+        os.close(terminal)
         if watch.poll() is None:
             watch.kill()
             watch.wait()

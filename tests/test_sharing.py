@@ -365,7 +365,11 @@ def test_make_transferable_of_a_pool_array_is_the_same_object():
     x = pyarraypool.make_transferable(np.arange(100.0))
     before = settle()
     assert pyarraypool.make_transferable(x) is x
-    assert pyarraypool.make_transferable(x, transfer_required=False) is x
+    assert pyarraypool.make_transferable(x, transfer_required=True) is x
+    # The block's setting cannot change, and no copy is made behind the
+    # caller's back (test_rough_edges.py has the details).
+    with pytest.raises(ValueError, match="x.copy"):
+        pyarraypool.make_transferable(x, transfer_required=False)
     e = pyarraypool.empty(10)
     assert pyarraypool.make_transferable(e) is e
     v = x[10:50:3]

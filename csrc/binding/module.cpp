@@ -117,6 +117,15 @@ PyObject* configure(PyObject*, PyObject* args) {
   });
 }
 
+PyObject* settings_error(PyObject*, PyObject* args) {
+  return boundary<PyObject*>(nullptr, [&] {
+    const char* msg;
+    if (!PyArg_ParseTuple(args, "s:_settings_error", &msg)) throw PyErrSet{};
+    ProcessPool::get().set_settings_error(msg);
+    Py_RETURN_NONE;
+  });
+}
+
 PyObject* current_config(PyObject*, PyObject*) {
   return boundary<PyObject*>(nullptr, [&] {
     ProcessPool& pp = ProcessPool::get();
@@ -299,7 +308,8 @@ PyMethodDef module_methods[] = {
      "    If true (the default), every pickle of the array keeps its block alive until\n"
      "    some process loads it, so a worker can return the array and exit. If false,\n"
      "    the block is freed as soon as no process holds it, and loading a late pickle\n"
-     "    raises StaleHandleError.\n\n"
+     "    raises StaleHandleError. For an array already in the pool the setting is\n"
+     "    its block's and cannot change: leave it out, or give the same value.\n\n"
      "Returns\n"
      "-------\n"
      "TransferableArray\n"
@@ -308,6 +318,10 @@ PyMethodDef module_methods[] = {
      "------\n"
      "TypeError\n"
      "    The dtype holds Python objects (object dtype, numpy's StringDType).\n"
+     "ValueError\n"
+     "    `arr` already lives in the pool, in a block made with the other\n"
+     "    transfer_required: no silent copy (writes would no longer be shared);\n"
+     "    make_transferable(arr.copy(), transfer_required=...) makes one.\n"
      "PoolFullError\n"
      "    The pool cannot grow to hold the array under max_bytes, or /dev/shm is full.\n"},
     {"_empty", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(empty_impl)),
@@ -319,6 +333,8 @@ PyMethodDef module_methods[] = {
      "NotImplemented for a dtype the pool cannot hold."},
     {"_configure", configure, METH_VARARGS, "Set the pool settings (see pyarraypool.configure)."},
     {"_config", current_config, METH_NOARGS, "The settings in force."},
+    {"_settings_error", settings_error, METH_VARARGS,
+     "_settings_error(msg): the ValueError the first use of the pool raises (\"\": none)."},
     {"_stats", stats, METH_VARARGS,
      "_stats(detail=False): pool statistics as a dict; with detail, also size classes, "
      "holdings per process and pending transfers (walks every block)."},

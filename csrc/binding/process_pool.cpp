@@ -95,6 +95,7 @@ pap::Pool& ProcessPool::pool() {
   if (shut_down_)
     raise(exceptions().pool_error, "pyarraypool has been shut down in this process (exiting)");
   if (pap::Pool* p = pool_.load(std::memory_order_acquire)) return *p;
+  if (!settings_error_.empty()) raise(PyExc_ValueError, settings_error_.c_str());
   std::string token = token_from_env();
   pap::PoolConfig cfg = creation_config_;
   EventReport report;  // attaching may take over a dead process's slot

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -56,6 +57,11 @@ class ProcessPool {
   // Settings for creating the pool; see module.cpp for the rules.
   void set_creation_config(const pap::PoolConfig& c) { creation_config_ = c; }
   const pap::PoolConfig& creation_config() const { return creation_config_; }
+  // A PYARRAYPOOL_* variable that could not be read (its message names it),
+  // or "" when all could: attaching raises ValueError with it. Kept rather
+  // than raised at import, so that the import and the command line (which
+  // reads no setting) work; configure() clears it by giving the setting.
+  void set_settings_error(std::string msg) { settings_error_ = std::move(msg); }
   // Attaches to an existing pool of this program without creating one.
   pap::Pool* attach_if_exists();
 
@@ -93,6 +99,7 @@ class ProcessPool {
   bool fork_in_progress_ = false;  // between before_fork and after_fork_*
   bool fork_locked_ = false;       // hold_mutex_ taken by lock_for_fork
   pap::PoolConfig creation_config_;
+  std::string settings_error_;
   std::unordered_map<uint64_t, BlockObject*> blocks_;  // borrowed: removed on dealloc
 
   // This process's holds per block: live BlockObjects plus attaches whose

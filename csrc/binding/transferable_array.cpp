@@ -340,6 +340,44 @@ PyObject* plain_method(PyObject* self, PyObject* args, PyObject* kwargs) {
   });
 }
 
+// ndarray.resize: a pool array never owns its memory, so numpy refuses any
+// change of size with "it does not own its data", which tells a user nothing
+// they can act on. Same call, numpy's ValueError, in words that say why and
+// what to do instead; numpy's other errors (and a resize that keeps the size,
+// a reshape in place) pass through.
+PyObject* array_resize(PyObject* self, PyObject* args, PyObject* kwargs) {
+  return boundary<PyObject*>(nullptr, [&]() -> PyObject* {
+    static PyObject* method = nullptr;
+    try {
+      return call_ndarray(method, "resize", self, args, kwargs).release();
+    } catch (const PyErrSet&) {
+      if (!PyErr_ExceptionMatches(PyExc_ValueError)) throw;
+      PyObject *type, *value, *tb;
+      PyErr_Fetch(&type, &value, &tb);
+      PyErr_NormalizeException(&type, &value, &tb);
+      PyObject* text = value ? PyObject_Str(value) : nullptr;
+      const char* said = text ? PyUnicode_AsUTF8(text) : nullptr;
+      const bool not_owner = said && std::strstr(said, "does not own its data");
+      Py_XDECREF(text);
+      PyErr_Clear();  // from str() of numpy's error, if it failed
+      if (!not_owner) {
+        PyErr_Restore(type, value, tb);
+        throw PyErrSet{};
+      }
+      Py_XDECREF(type);
+      Py_XDECREF(value);
+      Py_XDECREF(tb);
+      PyErr_SetString(PyExc_ValueError,
+                      "cannot resize a pool array in place: its memory is a shared-memory block "
+                      "of fixed size that other processes may hold, so it can neither grow, "
+                      "shrink nor move. For a new array of another shape use np.resize(x, shape) "
+                      "(a plain ndarray) or pyarraypool.make_transferable(np.resize(x, shape)) "
+                      "(in the pool)");
+      throw PyErrSet{};
+    }
+  });
+}
+
 constexpr char kCopy[] = "copy";
 constexpr char kDunderCopy[] = "__copy__";
 constexpr char kDeepCopy[] = "__deepcopy__";
@@ -376,6 +414,11 @@ PyMethodDef array_methods[] = {
     {"__array_function__",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(array_function)),
      METH_VARARGS | METH_KEYWORDS, "numpy function results not in the pool are plain ndarrays."},
+    {"resize", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(array_resize)),
+     METH_VARARGS | METH_KEYWORDS,
+     "ndarray.resize: only to the same size (a pool block cannot grow or shrink in place);\n"
+     "np.resize(x, shape) or pyarraypool.make_transferable(np.resize(x, shape)) make a new "
+     "array."},
     PLAIN_METHOD(kCopy, kCopy, "A copy, as a plain numpy.ndarray (not in the pool)."),
     PLAIN_METHOD(kDunderCopy, kDunderCopy, "copy.copy(): an independent plain numpy.ndarray."),
     PLAIN_METHOD(kDeepCopy, kDeepCopy, "copy.deepcopy(): an independent plain numpy.ndarray."),
@@ -460,13 +503,30 @@ PyObject* make_transferable(PyObject*, PyObject* args, PyObject* kwargs) {
   return boundary<PyObject*>(nullptr, [&]() -> PyObject* {
     static const char* kw[] = {"arr", "transfer_required", nullptr};
     PyObject* obj;
-    int transfer_required = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$p:make_transferable", const_cast<char**>(kw),
-                                     &obj, &transfer_required))
+    PyObject* flag = nullptr;  // not given: True for a new array, the block's for a pool one
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$O:make_transferable", const_cast<char**>(kw),
+                                     &obj, &flag))
       throw PyErrSet{};
-    if (PyArray_Check(obj) && find_block(obj)) {
-      // Already in the pool: no copy. A plain view of pool memory becomes a
-      // TransferableArray view of the same bytes.
+    int transfer_required = 1;
+    if (flag) check_status(transfer_required = PyObject_IsTrue(flag));
+    if (BlockObject* b = PyArray_Check(obj) ? find_block(obj) : nullptr) {
+      // Already in the pool: no copy. The flag belongs to the block, which
+      // other processes may share already, so it cannot change; and a copy
+      // made behind the caller's back would stop their writes reaching
+      // this array. A flag asked for that differs is an error.
+      const bool has = (b->flags & pap::kFlagTransferRequired) != 0;
+      if (flag && has != (transfer_required != 0)) {
+        const char* want = transfer_required ? "True" : "False";
+        PyErr_Format(PyExc_ValueError,
+                     "make_transferable(x, transfer_required=%s): x already lives in the pool, "
+                     "in a block made with transfer_required=%s, which cannot change (other "
+                     "processes may share it); for a copy with the other setting, use "
+                     "make_transferable(x.copy(), transfer_required=%s)",
+                     want, has ? "True" : "False", want);
+        throw PyErrSet{};
+      }
+      // A plain view of pool memory becomes a TransferableArray view of the
+      // same bytes.
       if (is_array_subtype(obj)) return OwnedRef::borrow(obj).release();
       return PyArray_View(reinterpret_cast<PyArrayObject*>(obj), nullptr, array_type);
     }

@@ -62,15 +62,33 @@ std::string Pool::usage_locked() {
 void Pool::throw_full(uint64_t bytes) {
   const Counters& c = hdr_->counters;
   const PoolConfig cfg = hdr_->config;
+  const std::string state =
+      "the pool uses " + std::to_string(c.used_bytes) + " (" + human_bytes(c.used_bytes) +
+      ") of max_bytes=" + std::to_string(cfg.max_bytes) + " (" + human_bytes(cfg.max_bytes) +
+      ") in " + std::to_string(c.live_blocks) + " live blocks; capacity " +
+      std::to_string(c.capacity_bytes) + " bytes, largest free block " +
+      std::to_string(allocator().largest_free()) + " bytes; " + usage_locked() + "; " +
+      shm_space();
+  // max_bytes defaults to the size of /dev/shm, so in a small one (Docker
+  // gives 64 MB) the request often hits max_bytes and /dev/shm at once.
+  // Raising max_bytes cannot help when /dev/shm has no room for the segment
+  // the request needs: then /dev/shm is what to make larger.
+  const uint64_t segment = round_up(Allocator::block_size_for(bytes), kPage);
+  const ShmSpace shm = shm_usage();
+  if (shm.known && shm.free_bytes < segment) {
+    std::string advice =
+        ". /dev/shm is the limit, not max_bytes: a segment for this request needs " +
+        std::to_string(segment) + " bytes. Make /dev/shm larger (docker run --shm-size=2g, or "
+        "mount -o remount,size=... /dev/shm); max_bytes defaults to its size";
+    if (cfg.max_bytes < shm.total_bytes)
+      advice += ", and was set lower here: raise it as well (PYARRAYPOOL_MAX_BYTES)";
+    throw CoreError(ErrorKind::kPoolFull, "pyarraypool cannot allocate " + std::to_string(bytes) +
+                                              " bytes: " + state + advice +
+                                              "; or drop arrays and load pending pickles");
+  }
   throw CoreError(
       ErrorKind::kPoolFull,
-      "pyarraypool cannot allocate " + std::to_string(bytes) + " bytes: the pool uses " +
-          std::to_string(c.used_bytes) + " (" + human_bytes(c.used_bytes) +
-          ") of max_bytes=" + std::to_string(cfg.max_bytes) + " (" + human_bytes(cfg.max_bytes) +
-          ") in " + std::to_string(c.live_blocks) + " live blocks; capacity " +
-          std::to_string(c.capacity_bytes) + " bytes, largest free block " +
-          std::to_string(allocator().largest_free()) + " bytes; " + usage_locked() + "; " +
-          shm_space() +
+      "pyarraypool cannot allocate " + std::to_string(bytes) + " bytes: " + state +
           ". Raise max_bytes with pyarraypool.configure(max_bytes=...) or PYARRAYPOOL_MAX_BYTES"
           " (before the program first uses the pool), or drop arrays and load pending pickles");
 }

@@ -48,13 +48,18 @@ uint64_t realtime_ns() {
   return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + static_cast<uint64_t>(ts.tv_nsec);
 }
 
-std::string shm_space() {
+ShmSpace shm_usage() {
   struct statvfs v;
-  if (::statvfs("/dev/shm", &v) != 0) return "/dev/shm free space unknown";
-  const uint64_t free_bytes = static_cast<uint64_t>(v.f_bavail) * v.f_frsize;
-  const uint64_t total = static_cast<uint64_t>(v.f_blocks) * v.f_frsize;
-  return "/dev/shm has " + human_bytes(free_bytes) + " (" + std::to_string(free_bytes) +
-         " bytes) free of " + human_bytes(total);
+  if (::statvfs("/dev/shm", &v) != 0) return ShmSpace{};
+  return ShmSpace{true, static_cast<uint64_t>(v.f_bavail) * v.f_frsize,
+                  static_cast<uint64_t>(v.f_blocks) * v.f_frsize};
+}
+
+std::string shm_space() {
+  const ShmSpace s = shm_usage();
+  if (!s.known) return "/dev/shm free space unknown";
+  return "/dev/shm has " + human_bytes(s.free_bytes) + " (" + std::to_string(s.free_bytes) +
+         " bytes) free of " + human_bytes(s.total_bytes);
 }
 
 void sleep_ms(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }

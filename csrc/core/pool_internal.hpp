@@ -131,6 +131,13 @@ uint64_t my_pid_namespace();
 bool root_alive(const ProgramRoot& root);
 
 uint64_t realtime_ns();
+// The size of /dev/shm and the bytes free in it (for an unprivileged user).
+struct ShmSpace {
+  bool known = false;  // statvfs worked
+  uint64_t free_bytes = 0;
+  uint64_t total_bytes = 0;
+};
+ShmSpace shm_usage();
 // "/dev/shm has 12.0 MiB (12582912 bytes) free of 64.0 MiB"
 std::string shm_space();
 void sleep_ms(int ms);

@@ -16,23 +16,26 @@ constexpr double kNs = 1e9;
 OwnedRef event_dict(const pap::PoolEvent& e) {
   const bool reclaim = e.kind == pap::PoolEvent::Kind::kReclaim;
   return check(Py_BuildValue(
-      "{s:s,s:i,s:O,s:K,s:K,s:K,s:K,s:d,s:d}", "kind", reclaim ? "reclaim" : "expiry", "pid", e.pid,
-      "reserved", e.reserved ? Py_True : Py_False, "blocks",
+      "{s:s,s:i,s:O,s:O,s:O,s:K,s:K,s:K,s:K,s:d,s:d}", "kind", reclaim ? "reclaim" : "expiry",
+      "pid", e.pid, "reserved", e.reserved ? Py_True : Py_False, "same_program",
+      e.same_program ? Py_True : Py_False, "held_lock", e.held_lock ? Py_True : Py_False, "blocks",
       static_cast<unsigned long long>(e.blocks), "bytes", static_cast<unsigned long long>(e.bytes),
       "freed_bytes", static_cast<unsigned long long>(e.freed_bytes), "pickles",
       static_cast<unsigned long long>(e.pickles), "age", static_cast<double>(e.age_ns) / kNs,
       "transfer_timeout", static_cast<double>(e.timeout_ns) / kNs));
 }
 
-void warn(PyObject* logger, const std::string& message, PyObject* event) {
-  OwnedRef warning = check(PyObject_GetAttrString(logger, "warning"));
+// logger.warning(message), or logger.debug() for a routine event, with the
+// event's dict (if any) as the record's `pyarraypool_event`.
+void log_record(PyObject* logger, bool routine, const std::string& message, PyObject* event) {
+  OwnedRef method = check(PyObject_GetAttrString(logger, routine ? "debug" : "warning"));
   OwnedRef args = check(Py_BuildValue("(s)", message.c_str()));
   OwnedRef kwargs = check(PyDict_New());
   if (event) {
     OwnedRef extra = check(Py_BuildValue("{s:O}", "pyarraypool_event", event));
     check_status(PyDict_SetItemString(kwargs.get(), "extra", extra.get()));
   }
-  check(PyObject_Call(warning.get(), args.get(), kwargs.get()));
+  check(PyObject_Call(method.get(), args.get(), kwargs.get()));
 }
 
 // logging.getLogger("pyarraypool").
@@ -57,9 +60,9 @@ void log_debug(const std::string& message) noexcept {
 
 void log_pool_events(pap::Pool& p) noexcept {
   std::vector<pap::PoolEvent> events;
-  uint64_t dropped = 0;
+  uint64_t dropped = 0, dropped_routine = 0;
   try {
-    events = p.take_events(&dropped);
+    events = p.take_events(&dropped, &dropped_routine);
   } catch (...) {
     return;
   }
@@ -73,16 +76,16 @@ void log_pool_events(pap::Pool& p) noexcept {
     for (const pap::PoolEvent& e : events) {
       try {
         OwnedRef d = event_dict(e);
-        warn(logger.get(), pap::describe(e), d.get());
+        log_record(logger.get(), pap::routine(e), pap::describe(e), d.get());
       } catch (...) {
         PyErr_Clear();  // this one is lost; the others may still get through
       }
     }
     if (dropped)
-      warn(logger.get(),
-           "pyarraypool: " + std::to_string(dropped) +
-               " more reclaim/expiry events happened at once and were not logged one by one",
-           nullptr);
+      log_record(logger.get(), dropped == dropped_routine,
+          "pyarraypool: " + std::to_string(dropped) +
+              " more reclaim/expiry events happened at once and were not logged one by one",
+          nullptr);
   } catch (...) {
     PyErr_Clear();
   }

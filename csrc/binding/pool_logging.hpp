@@ -1,8 +1,9 @@
-// Warnings on the "pyarraypool" logger for what maintenance reclaimed.
+// Records on the "pyarraypool" logger for what maintenance reclaimed.
 //
 // The core queues PoolEvents (core/pool_events.hpp) as it reclaims what a
 // dead process held or drops pickles that were never loaded; after any call
-// that may have run maintenance, the binding logs one warning per event.
+// that may have run maintenance, the binding logs one record per event: a
+// warning, or DEBUG for a routine one (a process of this program reclaimed).
 #pragma once
 
 #include <string>

@@ -122,9 +122,11 @@ pap::Pool* ProcessPool::attach_if_exists() {
   if (shut_down_) return nullptr;
   if (!pool_.load(std::memory_order_acquire)) {
     std::string token = token_from_env();
+    const pap::ProgramRoot root = root_from_env();
     without_gil([&] {
       std::lock_guard<std::mutex> once(attach_mutex_);
-      if (!pool_.load(std::memory_order_acquire)) publish(pap::Pool::attach_existing(token));
+      if (!pool_.load(std::memory_order_acquire))
+        publish(pap::Pool::attach_existing(token, root));
     });
   }
   return pool_.load(std::memory_order_acquire);

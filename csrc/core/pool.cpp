@@ -80,7 +80,7 @@ int Pool::claim_free_slot(int fd, uint64_t id) {
     // The lock first, then the id: a slot whose id is set is always either
     // locked by its owner or dead, never "claimed but not locked yet".
     if (!liveness::lock_slot(fd, i)) continue;  // another process is claiming it
-    if (table().take(i, 0, id)) {
+    if (table().take(i, 0, id, program_)) {
       use_slot_page(fd, i);
       return static_cast<int>(i);
     }
@@ -109,7 +109,7 @@ int Pool::take_dead_slot(uint64_t id) {
       Guard g(*this, Mode::kSlow);
       maintain_locked(true, static_cast<int>(i), old);
     }
-    if (table().take(i, 0, id) || table().take(i, old, id)) {
+    if (table().take(i, 0, id, program_) || table().take(i, old, id, program_)) {
       use_slot_page(ctl_fd_.get(), i);
       return static_cast<int>(i);
     }
@@ -164,7 +164,7 @@ std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& c
     throw CoreError(ErrorKind::kPool, "max_bytes and segment_bytes must be positive");
   bool swept = false;
   for (int attempt = 0; attempt < 2000; ++attempt) {
-    if (auto p = attach_existing(token)) return p;
+    if (auto p = attach_existing(token, root)) return p;
     if (!swept) {
       // Start-up is when leftovers of dead programs are removed.
       clean_stale(false, token);
@@ -206,7 +206,7 @@ std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& c
     // see a published pool without a live process.
     if (!liveness::lock_slot(fd.get(), 0))
       throw_os_error("lock pool control segment", errno);
-    h->table.take(0, 0, slot_id(::getpid(), SlotKind::kActive));
+    h->table.take(0, 0, slot_id(::getpid(), SlotKind::kActive), program_id(root));
     int linked = ::link(("/dev/shm" + tmp_name).c_str(), ("/dev/shm" + final_name).c_str());
     int link_errno = errno;
     unlink_segment(tmp_name);
@@ -216,6 +216,7 @@ std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& c
     }
     std::unique_ptr<Pool> p(new Pool(token, std::move(m)));
     p->ctl_fd_ = std::move(fd);
+    p->program_ = program_id(root);
     p->slot_ = 0;
     p->use_slot_page(p->ctl_fd_.get(), 0);
     p->created_ = true;
@@ -224,15 +225,16 @@ std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& c
   throw CoreError(ErrorKind::kPool, "could not attach to pool " + token);
 }
 
-std::unique_ptr<Pool> Pool::attach_existing(const std::string& token) {
-  return attach_existing_as(token, false);
+std::unique_ptr<Pool> Pool::attach_existing(const std::string& token, ProgramRoot root) {
+  return attach_existing_as(token, false, program_id(root));
 }
 
 std::unique_ptr<Pool> Pool::attach_observer(const std::string& token) {
-  return attach_existing_as(token, true);
+  return attach_existing_as(token, true, 0);
 }
 
-std::unique_ptr<Pool> Pool::attach_existing_as(const std::string& token, bool observer) {
+std::unique_ptr<Pool> Pool::attach_existing_as(const std::string& token, bool observer,
+                                               uint64_t program) {
   // A leaver or cleaner marks the pool dead and removes it within
   // microseconds, or (a leaver) puts it back to running under the lock. A
   // pool still marked dead after this many 1 ms waits, and still linked
@@ -264,6 +266,7 @@ std::unique_ptr<Pool> Pool::attach_existing_as(const std::string& token, bool ob
     }
     std::unique_ptr<Pool> p(new Pool(token, std::move(m)));
     p->observer_ = observer;
+    p->program_ = program;
     // Not the mapping's description (see attach()).
     p->ctl_fd_ = reopen_description(fd.get(), control_name(token));
     p->claim_slot_or_throw();

@@ -88,6 +88,12 @@ struct ProgramRoot {
   uint64_t pid_ns = 0;      // inode of the root's /proc/self/ns/pid; 0: unknown
 };
 
+// A 64-bit name of the program whose root is `root` (a hash of its pid,
+// start time and pid namespace, which every process of the program got
+// alike), recorded in each process slot (ProcessSlot::program); 0 for no
+// root (unknown, or a pool shared by independent programs).
+uint64_t program_id(const ProgramRoot& root);
+
 struct ControlHeader;
 struct PoolSnapshot;
 
@@ -95,11 +101,12 @@ class Pool {
  public:
   // Attaches this process to the pool `token`, creating it with `config` if
   // it does not exist yet. Throws CoreError.
-  // `root` is recorded by the process that creates the pool.
+  // `root` is the root of this process's program: recorded by the process
+  // that creates the pool, and the program of this process's slot.
   static std::unique_ptr<Pool> attach(const std::string& token, const PoolConfig& config,
                                       ProgramRoot root = {});
   // Attaches only if the pool exists; nullptr otherwise.
-  static std::unique_ptr<Pool> attach_existing(const std::string& token);
+  static std::unique_ptr<Pool> attach_existing(const std::string& token, ProgramRoot root = {});
   // Attaches to an existing pool only to look at it (stats, snapshot):
   // the process is not counted among the pool's processes, keeps no pool
   // alive, and changes nothing but what repairing after a dead lock owner
@@ -148,7 +155,9 @@ class Pool {
   // Reclaims and expiries this process's maintenance has done since the
   // last call (see pool_events.hpp). `dropped`: events that did not fit.
   bool has_events() const { return !events_.empty(); }
-  std::vector<PoolEvent> take_events(uint64_t* dropped) { return events_.drain(dropped); }
+  std::vector<PoolEvent> take_events(uint64_t* dropped, uint64_t* dropped_routine = nullptr) {
+    return events_.drain(dropped, dropped_routine);
+  }
   // In a fork child, at once (a pthread_atfork child handler: before any
   // other code of the child can record or drain an event): see
   // EventLog::reset_after_fork_child.
@@ -265,7 +274,8 @@ class Pool {
   // Takes over a slot whose owner died (its holds are dropped first); -1 if
   // there is none. Never the slot of the lock's (dead) owner.
   int take_dead_slot(uint64_t id);
-  static std::unique_ptr<Pool> attach_existing_as(const std::string& token, bool observer);
+  static std::unique_ptr<Pool> attach_existing_as(const std::string& token, bool observer,
+                                                  uint64_t program);
   // A pool marked dead long after its marker should have removed it or
   // marked it running again: that process was killed in between. We finish
   // what it was doing, deciding again as leave() does.
@@ -337,6 +347,7 @@ class Pool {
   uint64_t check_key_;  // ControlHeader::check_key, read once: it never changes
   uint32_t slot_ = 0;
   int pid_ = 0;  // getpid() is a system call: kept for add_pending's sender
+  uint64_t program_ = 0;  // program_id() of this process's program, for its slots
   // This process's own open file description of the control file, whose
   // lock on byte slot_ says it is alive (liveness.hpp). O_CLOEXEC.
   UniqueFd ctl_fd_;

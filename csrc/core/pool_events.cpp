@@ -23,8 +23,9 @@ std::string describe(const PoolEvent& e) {
         e.reserved ? "a fork child of pid " + std::to_string(e.pid) + " that died before attaching"
                    : "dead process pid " + std::to_string(e.pid);
     return "pyarraypool: reclaimed " + count(e.blocks, "block", "blocks") + " of " +
-           size_text(e.bytes) + " held by " + who + "; " + size_text(e.freed_bytes) +
-           " returned to the pool";
+           size_text(e.bytes) + " held by " + who +
+           (e.held_lock ? " (it died holding the pool's lock, which was repaired)" : "") + "; " +
+           size_text(e.freed_bytes) + " returned to the pool";
   }
   const std::string sender =
       e.pid ? "made by pid " + std::to_string(e.pid) : std::string("made by an unknown process");
@@ -37,14 +38,17 @@ std::string describe(const PoolEvent& e) {
 
 void EventLog::push(const PoolEvent& e) noexcept {
   std::lock_guard<std::mutex> g(mutex_);
+  bool kept = false;
   if (events_.size() < kMax) {
     try {
       events_.push_back(e);
+      kept = true;
     } catch (...) {  // out of memory: counted like an overflow
-      ++dropped_;
     }
-  } else {
+  }
+  if (!kept) {
     ++dropped_;
+    dropped_routine_ += routine(e);
   }
   queued_.store(events_.size() + (dropped_ ? 1 : 0), std::memory_order_relaxed);
 }
@@ -52,16 +56,17 @@ void EventLog::push(const PoolEvent& e) noexcept {
 void EventLog::reset_after_fork_child() {
   new (&mutex_) std::mutex();
   new (&events_) std::vector<PoolEvent>();
-  dropped_ = 0;
+  dropped_ = dropped_routine_ = 0;
   queued_.store(0, std::memory_order_relaxed);
 }
 
-std::vector<PoolEvent> EventLog::drain(uint64_t* dropped) {
+std::vector<PoolEvent> EventLog::drain(uint64_t* dropped, uint64_t* dropped_routine) {
   std::lock_guard<std::mutex> g(mutex_);
   std::vector<PoolEvent> out;
   out.swap(events_);
   *dropped = dropped_;
-  dropped_ = 0;
+  if (dropped_routine) *dropped_routine = dropped_routine_;
+  dropped_ = dropped_routine_ = 0;
   queued_.store(0, std::memory_order_relaxed);
   return out;
 }

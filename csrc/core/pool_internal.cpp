@@ -42,6 +42,19 @@ bool root_alive(const ProgramRoot& root) {
   return started != 0 && !zombie && started == root.start_time;
 }
 
+uint64_t program_id(const ProgramRoot& root) {
+  if (root.pid <= 0 || root.start_time == 0) return 0;
+  // splitmix64's finalizer over the three fields, folded one by one.
+  auto mix = [](uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+  };
+  const uint64_t h = mix(mix(mix(static_cast<uint64_t>(root.pid)) ^ root.start_time) ^ root.pid_ns);
+  return h ? h : 1;  // 0 means "no program"
+}
+
 uint64_t realtime_ns() {
   timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);

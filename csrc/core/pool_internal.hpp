@@ -26,10 +26,11 @@ constexpr uint64_t kMagic = 0x31304C4F4F505041ull;  // "APPOOL01"
 // 2: instance_id, 3: root, 4: root_left, 5: check_key, and segment numbers
 // reused (a process of version 4 would read a reused number through its
 // mapping of the retired segment), 6: kernel-held liveness, hold lists, 4096
-// process slots.
-constexpr uint32_t kLayoutVersion = 6;
+// process slots, 7: each slot's program (ProcessSlot::program).
+constexpr uint32_t kLayoutVersion = 7;
 constexpr uint32_t kStateRunning = 0;
 constexpr uint32_t kStateDead = 1;  // being removed by its last process or a cleaner
+constexpr uint32_t kUnknownLockOwner = kMaxSlots + 1;  // see ControlHeader::needs_repair
 
 struct Counters {
   uint64_t capacity_bytes;
@@ -68,7 +69,9 @@ struct ControlHeader {
   std::atomic<uint32_t> state;
   // Set by a waiter that took the lock from a dead owner, cleared once the
   // repair is complete: a repair cut short (an error, another death) is
-  // redone by the next owner.
+  // redone by the next owner. The dead owner's slot + 1 (kUnknownLockOwner
+  // if the lock word named no slot): its reclaim is a warning even in its
+  // own program, since it died inside an operation on the pool.
   std::atomic<uint32_t> needs_repair;
   // Random, drawn by the creator: keys every block's `check` (header_check).
   // Secret because the file is mode 0600 and its owner is checked.
@@ -150,11 +153,17 @@ class TableProbe : public OwnerProbe {
  public:
   explicit TableProbe(const Pool& p) : p_(p) {}
   bool owner_alive(uint32_t owner) override {
-    return owner == 0 || owner > kMaxSlots || p_.slot_alive(owner - 1);
+    if (owner == 0 || (owner <= kMaxSlots && p_.slot_alive(owner - 1))) return true;
+    dead_owner_ = owner <= kMaxSlots ? owner : kUnknownLockOwner;
+    return false;
   }
+  // The owner last found dead (the one a takeover took the lock from), for
+  // ControlHeader::needs_repair.
+  uint32_t dead_owner() const { return dead_owner_ ? dead_owner_ : kUnknownLockOwner; }
 
  private:
   const Pool& p_;
+  uint32_t dead_owner_ = 0;
 };
 
 // Everything of the pool in /dev/shm: data segments, orphans of a process
@@ -180,7 +189,7 @@ class Pool::Guard {
   Guard(Pool& p, LockOnly) : p_(p) {
     TableProbe probe(p);
     if (futex_lock::lock(p.hdr_->lock, p.slot_ + 1, probe) == Acquired::kFromDeadOwner)
-      p.hdr_->needs_repair.store(1, std::memory_order_relaxed);  // by the next full Guard
+      p.hdr_->needs_repair.store(probe.dead_owner(), std::memory_order_relaxed);  // by the next full Guard
     held_ = true;
   }
   Guard(Pool& p, Mode mode) : p_(p) {
@@ -201,7 +210,8 @@ class Pool::Guard {
     TableProbe probe(p);
     Acquired how = futex_lock::lock(p.hdr_->lock, me, probe);
     held_ = true;
-    if (how == Acquired::kFromDeadOwner) p.hdr_->needs_repair.store(1, std::memory_order_relaxed);
+    if (how == Acquired::kFromDeadOwner)
+      p.hdr_->needs_repair.store(probe.dead_owner(), std::memory_order_relaxed);
     try {
       p.ensure_mapped();
       p.remap_changed_segments();

@@ -151,11 +151,17 @@ uint64_t Pool::maintain_locked(bool force_rebuild, int also_dead, uint64_t also_
 
   auto tally = std::make_unique<ReclaimTally>();
   tally->timeout_ns = hdr_->config.transfer_timeout_ns;
+  // The slot that died holding the pool lock, if this walk is its repair.
+  const uint32_t repair = hdr_->needs_repair.load(std::memory_order_relaxed);
+  const int64_t lock_owner = repair >= 1 && repair <= kMaxSlots ? int64_t{repair} - 1 : -1;
   for (size_t d = 0; d < dead.size(); ++d) {
     PoolEvent e;
     e.kind = PoolEvent::Kind::kReclaim;
     e.pid = slot_pid(dead[d].id);
     e.reserved = slot_kind(dead[d].id) == SlotKind::kReserved;
+    e.same_program =
+        program_ != 0 && table().slots[dead[d].slot].program.load(std::memory_order_relaxed) == program_;
+    e.held_lock = dead[d].slot == lock_owner;
     const List& l = dead_lists[d];
     for (uint32_t i = 0; i < l.length; ++i) {
       if (const BlockHeader* h = held_block(l.entries[i])) {

@@ -61,7 +61,7 @@ uint64_t process_start_time(pid_t pid, bool* zombie) {
   return std::strtoull(p, nullptr, 10);
 }
 
-bool ProcessTable::take(uint32_t slot, uint64_t from_id, uint64_t id) {
+bool ProcessTable::take(uint32_t slot, uint64_t from_id, uint64_t id, uint64_t program) {
   ProcessSlot& s = slots[slot];
   // Park the slot on the sentinel while its fields change, so that no
   // reader pairs the new id with the old hold list.
@@ -72,6 +72,7 @@ bool ProcessTable::take(uint32_t slot, uint64_t from_id, uint64_t id) {
   s.holds_length.store(0, std::memory_order_relaxed);
   s.inline_capacity.store(0, std::memory_order_relaxed);
   s.exiting.store(0, std::memory_order_relaxed);
+  s.program.store(program, std::memory_order_relaxed);
   s.id.store(id, std::memory_order_seq_cst);
   return true;
 }

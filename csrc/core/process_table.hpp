@@ -38,6 +38,13 @@ struct alignas(64) ProcessSlot {
   // Set by the owner as it exits normally: reclaiming what it held once it
   // is gone is routine, not a loss worth a warning.
   std::atomic<uint32_t> exiting;
+  // The program the owner belongs to (program_id of its PYARRAYPOOL_ROOT;
+  // a reserved slot: the forking parent's, which the child keeps), 0 if it
+  // has none (a pool shared by independent programs). A survivor of the same
+  // program that reclaims what the owner held knows that its own program
+  // stopped that process (Pool.terminate(), a killed worker): routine, not
+  // a loss to warn about. Set as the slot is taken; diagnostics only.
+  std::atomic<uint64_t> program;
 };
 
 static_assert(sizeof(ProcessSlot) == 64);
@@ -67,10 +74,11 @@ inline bool is_observer(uint64_t id) {
 struct ProcessTable {
   ProcessSlot slots[kMaxSlots];
 
-  // Moves `slot` from `from_id` to `id` with an empty hold list; false if
-  // the slot no longer holds `from_id`. The caller holds the slot's byte
-  // lock (or, for from_id == 0, is about to own a free slot it locked).
-  bool take(uint32_t slot, uint64_t from_id, uint64_t id);
+  // Moves `slot` from `from_id` to `id` (of the program `program`) with an
+  // empty hold list; false if the slot no longer holds `from_id`. The
+  // caller holds the slot's byte lock (or, for from_id == 0, is about to
+  // own a free slot it locked).
+  bool take(uint32_t slot, uint64_t from_id, uint64_t id, uint64_t program = 0);
   // Frees a slot if it still holds `expected_id` (its holds must already
   // be dropped): between judging an owner dead and freeing its slot,
   // another process may have taken the slot over, and must keep it.

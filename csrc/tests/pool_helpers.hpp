@@ -31,7 +31,8 @@ inline PoolConfig make_config(uint64_t max_bytes, uint64_t segment_bytes,
 // Leaves the pool when the test ends, also when it fails half-way.
 class Attached {
  public:
-  Attached(const std::string& token, const PoolConfig& cfg) : p_(Pool::attach(token, cfg)) {}
+  Attached(const std::string& token, const PoolConfig& cfg, ProgramRoot root = {})
+      : p_(Pool::attach(token, cfg, root)) {}
   ~Attached();
   Attached(const Attached&) = delete;
   Attached& operator=(const Attached&) = delete;

@@ -155,5 +155,91 @@ TEST(pool_events) {
   CHECK(log.empty());
 }
 
+// Each slot names its program (ProcessSlot::program): a reclaim from a
+// process of the reclaimer's own program is routine (logged at DEBUG by the
+// binding), from any other one, or from one that died holding the pool lock,
+// it is not.
+TEST(pool_events_name_the_dead_process_program) {
+  const std::string tok = new_token();
+  const PoolConfig cfg = make_config(64u << 20, 2u << 20);
+  const ProgramRoot mine{static_cast<int>(::getpid()), process_start_time(::getpid())};
+  ProgramRoot other = mine;
+  other.start_time += 1;  // the same pid, another process: another program
+  CHECK(program_id(mine) != 0);
+  CHECK_EQ(program_id(mine), program_id(ProgramRoot{mine}));
+  CHECK(program_id(other) != program_id(mine));
+  CHECK_EQ(program_id(ProgramRoot{}), 0u);  // no root ("none"): no program
+  Attached p(tok, cfg, mine);
+
+  // A child attached as `root` (or forked by `p` if `forked`) that dies
+  // holding one block of `bytes`, inside the pool lock if `in_lock`.
+  auto reclaim = [&](ProgramRoot root, uint64_t bytes, bool forked, bool in_lock) {
+    Pipe out;
+    auto child = [&, root, bytes, in_lock](Pool& c) {
+      CHILD_CHECK(c.allocate(bytes, false, Mode::kSlow));
+      if (in_lock) c.lock_forever();
+      CHILD_CHECK(write_string(out.w, "ready"));
+      return 0;  // _exit without leave(): dead, holding its block
+    };
+    pid_t pid;
+    if (forked) {
+      p->before_fork();
+      p->lock_for_fork();
+      pid = ::fork();
+      if (pid == 0) {
+        p->after_fork_child();
+        ::_exit(child(*p));
+      }
+      p->after_fork_parent();
+    } else {
+      pid = spawn([&] {
+        auto c = Pool::attach(tok, cfg, root);
+        return child(*c);
+      });
+    }
+    out.close_w();
+    CHECK(read_string(out.r));
+    CHECK_EQ(wait_child(pid), 0);
+    p->collect();
+    uint64_t dropped = 1;
+    std::vector<PoolEvent> ev = p->take_events(&dropped);
+    CHECK_EQ(dropped, 0u);
+    REQUIRE(ev.size() == 1);
+    CHECK(ev[0].kind == PoolEvent::Kind::kReclaim);
+    CHECK_EQ(ev[0].pid, static_cast<int>(pid));
+    CHECK_EQ(ev[0].bytes, Allocator::block_size_for(bytes));
+    return ev[0];
+  };
+  PoolEvent e = reclaim(mine, 5000, false, false);
+  CHECK(e.same_program && !e.held_lock && routine(e));
+  e = reclaim(mine, 6000, true, false);  // a fork child: its parent's program
+  CHECK(e.same_program && !e.held_lock && routine(e));
+  e = reclaim(other, 7000, false, false);
+  CHECK(!e.same_program && !routine(e));
+  e = reclaim(ProgramRoot{}, 8000, false, false);
+  CHECK(!e.same_program && !routine(e));
+  e = reclaim(mine, 9000, false, true);  // the lock is repaired: data may be lost
+  CHECK(e.same_program && e.held_lock && !routine(e));
+  CHECK(describe(e).find("died holding the pool's lock") != std::string::npos);
+  CHECK_EQ(p->stats().used_bytes, 0u);
+  CHECK_NOTHROW(p->verify());
+
+  // An expiry is never routine; past the queue's bound, the routine events
+  // dropped are counted apart, so that they need not be a warning either.
+  PoolEvent expiry;
+  expiry.kind = PoolEvent::Kind::kExpiry;
+  expiry.same_program = true;
+  CHECK(!routine(expiry));
+  EventLog log;
+  PoolEvent quiet;
+  quiet.same_program = true;
+  for (size_t i = 0; i < EventLog::kMax + 3; ++i) log.push(quiet);
+  log.push(PoolEvent{});
+  uint64_t dropped = 0, dropped_routine = 0;
+  CHECK_EQ(log.drain(&dropped, &dropped_routine).size(), EventLog::kMax);
+  CHECK_EQ(dropped, 4u);
+  CHECK_EQ(dropped_routine, 3u);
+}
+
 }  // namespace
 }  // namespace pap::test

@@ -46,15 +46,18 @@ TEST(process_table_take_and_release) {
   const uint64_t id = slot_id(::getpid(), SlotKind::kActive);
   CHECK_EQ(slot_pid(id), ::getpid());
   CHECK(slot_kind(id) == SlotKind::kActive);
-  CHECK(t->take(7, 0, id));
+  CHECK(t->take(7, 0, id, 0xabcdef));
   CHECK_EQ(t->slots[7].id.load(), id);
   CHECK_EQ(t->slots[7].holds_ref.load(), BlockRef::kNilBits);
+  CHECK_EQ(t->slots[7].program.load(), 0xabcdefu);  // the owner's program
   CHECK(!t->take(7, 0, id));  // not free any more
   t->slots[7].holds_ref.store(123);
   CHECK(!t->release_if(7, id + 4));  // another owner's id: untouched
+  CHECK_EQ(t->slots[7].program.load(), 0xabcdefu);
   CHECK(t->release_if(7, id));
   CHECK_EQ(t->slots[7].id.load(), 0u);
   CHECK_EQ(t->slots[7].holds_ref.load(), BlockRef::kNilBits);
+  CHECK_EQ(t->slots[7].program.load(), 0u);  // a free slot names no program
   CHECK(t->take(kMaxSlots - 1, 0, id));  // every one of the 4096 slots is usable
 }
 

@@ -282,14 +282,14 @@ def segment_layout(out: Path) -> None:
     # (label, byte offset, drawn width, color)
     parts = [
         (
-            "header\nmagic, layout version 6,\npool id, instance id,\nprogram root (pid,\nstart time, pid ns), settings,\nstate, needs_repair,\ncheck key",
+            "header\nmagic, layout version 7,\npool id, instance id,\nprogram root (pid,\nstart time, pid ns), settings,\nstate, needs_repair,\ncheck key",
             "0",
             2.0,
             C_PARENT,
         ),
         ("lock word\n(own cache\nline)", "128", 1.05, C_WARN),
         (
-            "process table\n4096 slots × 64 B:\nid = pid<<2 | kind,\nhold list ref + length,\ninline capacity, exiting",
+            "process table\n4096 slots × 64 B:\nid = pid<<2 | kind,\nhold list ref + length,\ninline capacity, exiting,\nprogram",
             "192",
             2.45,
             C_WORKER,

@@ -354,6 +354,17 @@ def test_install_without_min_bytes_turns_auto_mode_off(client, workers):
     _release(base, x, pool)
 
 
+def test_removing_the_plugin_turns_auto_mode_off_in_the_workers(client, workers):
+    (w0, w1), before = workers
+    base = pyarraypool.stats().used_bytes
+    client.unregister_worker_plugin("pyarraypool")
+    x = client.submit(make_plain, 2 * MiB, 2, workers=[w0], pure=False)
+    got = client.submit(arrival, x, workers=[w1], pure=False).result()
+    assert got["type"] == "ndarray" and got["in_pool"] is False
+    assert _delta(client, before)[w0]["auto_sent_by_handle"] == 0
+    _release(base, x)
+
+
 def test_min_bytes_must_be_a_size(client):
     for bad in (-1, 1.5, "1M", True):
         with pytest.raises((TypeError, ValueError)):

@@ -231,6 +231,15 @@ bench-dask: install
 	@mkdir -p build
 	$(VPY) bench/dask_bench.py --json build/dask_bench.json $(BENCH_DASK_ARGS)
 
+# bench-dask-auto: (x + x.T).sum() on a 2 GiB dask.array, auto mode on and off
+# in one run (docs/dask.md, "Auto mode"); needs 6 GiB free in /dev/shm and
+# about 10 GiB of memory. BENCH_DASK_AUTO_ARGS=--quick for a short run.
+BENCH_DASK_AUTO_ARGS ?=
+.PHONY: bench-dask-auto
+bench-dask-auto: install
+	@mkdir -p build
+	$(VPY) bench/dask_auto_bench.py --json build/dask_auto_bench.json $(BENCH_DASK_AUTO_ARGS)
+
 # bench-tools: apt-get install libbenchmark-dev (Google Benchmark) if its header
 # is missing (apt-get update only when the package lists cannot provide it).
 bench-tools:

@@ -6,6 +6,7 @@ Reads, from --build (default build/):
   core_bench.json    the C++ core's Google Benchmark results (make core-bench),
                      if present
   bench_scale.json   bench/bench_scale.py's scale checks, if present
+  dask_auto_bench.json  bench/dask_auto_bench.py (make bench-dask-auto), if present
 and writes --out (default docs/benchmarks.md) with the machine, how to rerun,
 every table, the targets with PASS/MISS computed from the data, and two PNG
 plots (matplotlib) next to it. Missing inputs leave their sections empty and
@@ -351,6 +352,66 @@ def targets(
     else:
         na("7", "S1/S2/S3 under each start method", "no bench_e2e.json")
     return rows
+
+
+def dask_auto_targets(res: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
+    """The Dask auto mode target (issue 11) from dask_auto_bench.json."""
+    text = (
+        "Dask LocalCluster (2 processes): (x + x.T).sum(), 16384^2 float64 in 4096^2 chunks: "
+        "auto mode >=2x faster than without; comm bytes <=1% of the array bytes moved"
+    )
+    if not res or res.get("quick"):
+        return [("D1", text, "no full run of dask_auto_bench.json", verdict(None))]
+    off, auto = res["ways"]["off"], res["ways"]["auto"]
+    fraction = res["comm_fraction_auto"]
+    measured = (
+        f"{fmt_s(auto['median_wall_s'])} vs {fmt_s(off['median_wall_s'])}: "
+        f"{res['speedup']:.2f}x; comm bytes {100 * fraction:.3f}% of "
+        f"{fmt_bytes(int(auto['median_moved_bytes']))} moved"
+    )
+    return [("D1", text, measured,
+             verdict(None, {"2x": res["speedup"] >= 2.0, "1% comm": fraction <= 0.01}))]
+
+
+def dask_auto_section(res: dict[str, Any]) -> list[str]:
+    L = [
+        "## Dask auto mode",
+        "",
+        "From `build/dask_auto_bench.json` (`bench/dask_auto_bench.py`, `make bench-dask-auto`): "
+        f"`(x + x.T).sum()` on a {res['n']} x {res['n']} float64 dask.array in "
+        f"{res['chunk']} x {res['chunk']} chunks, LocalCluster(processes=True, n_workers=2, "
+        "threads_per_worker=1); auto mode off and on alternate on one cluster, medians of "
+        f"{res['reps']} repetitions each. Comm bytes: every byte the TCP comms of the workers, "
+        "the client and the scheduler wrote during the compute; array bytes moved: what the "
+        "workers' get_data served (Dask's transfer_outgoing_bytes_total). Generation only: "
+        "x.sum(), where no chunk moves. "
+        f"Machine load average at the end: {res.get('machine', {}).get('load_avg', 'n/a')}.",
+        "",
+        "| way | wall | comm bytes | array bytes moved | chunks by handle | generation only |",
+        "|---|---|---|---|---|---|",
+    ]
+    for way in ("off", "auto"):
+        w = res["ways"][way]
+        L.append(
+            f"| {way} | {fmt_s(w['median_wall_s'])} | {fmt_bytes(int(w['median_comm_bytes']))} "
+            f"| {fmt_bytes(int(w['median_moved_bytes']))} | {w['median_sent_by_handle']:.0f} "
+            f"| {fmt_s(w['generation_only']['wall_s'])} |"
+        )
+    off, auto = res["ways"]["off"], res["ways"]["auto"]
+    L += [
+        "",
+        "Where the time goes (worker seconds, medians, from Dask's task stream): fetching "
+        f"chunks from the other worker {fmt_s(off.get('median_transfer_s', 0))} off, "
+        f"{fmt_s(auto.get('median_transfer_s', 0))} auto; the tasks that add a chunk to a "
+        f"transposed one and sum it {fmt_s(off.get('median_compute_sum_s', 0))} off, "
+        f"{fmt_s(auto.get('median_compute_sum_s', 0))} auto; generating the chunks "
+        f"{fmt_s(off.get('median_compute_random_sample_s', 0))} off, "
+        f"{fmt_s(auto.get('median_compute_random_sample_s', 0))} auto (plus the generation "
+        "fused into other tasks). See docs/dask.md, \"Auto mode\", for why the wall time "
+        "gains less than the transfers.",
+        "",
+    ]
+    return L
 
 
 # ------------------------------------------------------------------ plots
@@ -700,6 +761,10 @@ def build(args: argparse.Namespace) -> str:
             L.append(f"| {name.replace('_', ' ')} | {figs} |")
         L.append("")
 
+    dask_auto = load(os.path.join(args.build, "dask_auto_bench.json"))
+    if dask_auto:
+        L += dask_auto_section(dask_auto)
+
     # -- targets
     L += [
         "## Targets",
@@ -709,7 +774,7 @@ def build(args: argparse.Namespace) -> str:
         "| # | target | measured | result |",
         "|---|---|---|---|",
     ]
-    for num, text, measured, v in targets(bp, e2e, meds):
+    for num, text, measured, v in targets(bp, e2e, meds) + dask_auto_targets(dask_auto):
         L.append(f"| {num} | {text} | {measured} | {v} |")
     L.append("")
     return "\n".join(L)

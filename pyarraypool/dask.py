@@ -17,11 +17,20 @@ if it carries the sender's own pool identity, the array goes as its handle
 disk, ``serialize`` called by hand) it goes exactly as Dask sends a numpy
 array, and the recipient gets a plain ndarray, or a pool array when it asked
 for that (``remote_as_pool``).
+
+Auto mode (``install(client, min_bytes=N)``): a plain ndarray (exact type
+``np.ndarray``) of at least N bytes bound for a process of the sender's pool
+is copied into a fresh pool block and sent as a private handle
+(``_core._auto_reduce``); the recipient gets a plain ndarray on that block,
+its own. Towards anyone else it goes by value, as before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copyreg
+import functools
 import hashlib
 import logging
 import os
@@ -30,6 +39,7 @@ import secrets
 import stat
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any, cast
 
 import numpy as np
@@ -64,6 +74,9 @@ Serialized = tuple[dict[str, Any], list[Any]]
 _lock = threading.Lock()
 _installed = False
 _remote_as_pool = False
+# Auto mode: plain ndarrays of at least this many bytes go by private handle
+# to processes of this pool; None: off.
+_auto_min_bytes: int | None = None
 _original_dask_dumps: Any = None
 _original_ndarray_loads: Any = None
 _original_handshake_info: Any = None
@@ -75,6 +88,8 @@ _counters = {
     "sent_by_value": 0,
     "received_by_handle": 0,
     "received_as_pool": 0,
+    "auto_sent_by_handle": 0,
+    "auto_received_by_handle": 0,
 }
 
 
@@ -84,8 +99,9 @@ def counters() -> dict[str, int]:
     ``sent_by_handle`` / ``sent_by_value``: pool arrays serialized for a
     message; ``received_by_handle``: handles loaded; ``received_as_pool``:
     arrays that arrived by value and were copied into this process's pool
-    (``remote_as_pool``). Use ``client.run(pyarraypool.dask.counters)`` to see
-    every worker's.
+    (``remote_as_pool``); ``auto_sent_by_handle`` / ``auto_received_by_handle``:
+    plain ndarrays sent and loaded as private handles (auto mode, ``min_bytes``).
+    Use ``client.run(pyarraypool.dask.counters)`` to see every worker's.
     """
     with _lock:
         return dict(_counters)
@@ -176,6 +192,10 @@ def _handshake_info(self: Comm) -> dict[str, Any]:
 
 def _dumps(x: object, context: dict[str, Any] | None = None) -> Serialized:
     """Dask's "dask" family, with pool arrays sent by handle when the recipient shares the pool."""
+    if type(x) is np.ndarray:
+        auto = _auto_dumps(x, context)
+        if auto is not None:
+            return auto
     if not isinstance(x, TransferableArray):
         return cast(Serialized, _original_dask_dumps(x, context=context))
     if _recipient_shares_pool(context):
@@ -203,9 +223,81 @@ def _dumps(x: object, context: dict[str, Any] | None = None) -> Serialized:
     return header, frames
 
 
-def _loads_handle(header: dict[str, Any], frames: list[Any]) -> TransferableArray:
-    if header.get(HANDSHAKE_KEY) != "handle" or len(frames) != 1:
-        raise _core.InvalidHandleError("a pyarraypool Dask message without a handle")
+class _PrivateCopy:
+    """Names auto mode's messages in Dask's headers (``type-serialized``):
+    a plain ndarray's private copy in the pool, sent as its handle."""
+
+
+#: Set, while a message is being sent, to the private copies made for it,
+#: as (handle frame, reduce arguments): if the send fails, or a copy is not
+#: in the frames that go out, the sender takes it back.
+_in_flight: contextvars.ContextVar[list[tuple[bytes, Any]] | None] = contextvars.ContextVar(
+    "pyarraypool_dask_in_flight", default=None)
+
+
+def _auto_dumps(x: np.ndarray, context: dict[str, Any] | None) -> Serialized | None:
+    """A plain ndarray as a private handle, or None to send it as before."""
+    min_bytes = _auto_min_bytes
+    if min_bytes is None or x.nbytes < min_bytes or not _recipient_shares_pool(context):
+        return None
+    try:
+        reduced = _core._auto_reduce(x)
+    except _core.PoolFullError as e:
+        # The pool is full: the bytes still fit on the wire.
+        logger.debug("pyarraypool.dask: sending an array by value: %s", e)
+        return None
+    if reduced is NotImplemented:  # a dtype the pool cannot hold (objects, ...)
+        return None
+    _rebuild, args = reduced
+    frame = pickle.dumps(args, protocol=pickle.HIGHEST_PROTOCOL)
+    made = _in_flight.get()
+    if made is not None:
+        made.append((frame, args))
+    _count("auto_sent_by_handle")
+    header = {
+        "sub-header": {HANDSHAKE_KEY: "auto", "pool": _own_identity()},
+        "type": "pyarraypool.auto",
+        "type-serialized": _PRIVATE_COPY_TYPE,
+    }
+    return header, [frame]
+
+
+_PRIVATE_COPY_TYPE = pickle.dumps(_PrivateCopy)
+
+
+def _take_back(made: list[tuple[bytes, Any]]) -> None:
+    """Frees the private copies of a message that may not have arrived.
+
+    A private handle loads once: loading it here consumes the pending
+    transfer that would otherwise keep the block until the transfer timeout
+    (and then warn). If the recipient loaded it first, this load is refused
+    and the copy is the recipient's.
+    """
+    for _frame, args in made:
+        try:
+            _core._rebuild(*args)
+        except StaleHandleError:
+            pass
+
+
+@contextlib.contextmanager
+def _sending() -> Iterator[None]:
+    """Around a send: private copies made for it are taken back if it fails."""
+    if _in_flight.get() is not None:
+        yield  # an enclosing send (get_data around its write) takes them back
+        return
+    made: list[tuple[bytes, Any]] = []
+    token = _in_flight.set(made)
+    try:
+        yield
+    except BaseException:
+        _take_back(made)
+        raise
+    finally:
+        _in_flight.reset(token)
+
+
+def _check_sender_pool(header: dict[str, Any]) -> None:
     own = _own_identity()
     if not _same_pool(header.get("pool"), own):
         # Reachable only if something relays a message it did not open to a
@@ -216,8 +308,23 @@ def _loads_handle(header: dict[str, Any], frames: list[Any]) -> TransferableArra
             f"process uses pool {own!r}: handles work only within one pool on one host "
             "(see docs/dask.md, 'Limits')"
         )
+
+
+def _loads_handle(header: dict[str, Any], frames: list[Any]) -> TransferableArray:
+    if header.get(HANDSHAKE_KEY) != "handle" or len(frames) != 1:
+        raise _core.InvalidHandleError("a pyarraypool Dask message without a handle")
+    _check_sender_pool(header)
     arr: TransferableArray = pickle.loads(frames[0])
     _count("received_by_handle")
+    return arr
+
+
+def _loads_private_copy(header: dict[str, Any], frames: list[Any]) -> np.ndarray:
+    if header.get(HANDSHAKE_KEY) != "auto" or len(frames) != 1:
+        raise _core.InvalidHandleError("a pyarraypool Dask message without a handle")
+    _check_sender_pool(header)
+    arr: np.ndarray = _core._rebuild(*pickle.loads(frames[0]))
+    _count("auto_received_by_handle")
     return arr
 
 
@@ -263,12 +370,103 @@ def _env_remote_as_pool() -> bool:
     return os.environ.get(ENV_REMOTE_AS_POOL, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _install_here(remote_as_pool: bool | None) -> None:
-    """Registers the serializers and the handshake in this process (idempotent)."""
+def _check_min_bytes(min_bytes: int | None) -> int | None:
+    if min_bytes is None:
+        return None
+    if isinstance(min_bytes, bool) or not isinstance(min_bytes, int):
+        raise TypeError(f"min_bytes must be an int (bytes) or None, not {min_bytes!r}")
+    if min_bytes < 0:
+        raise ValueError(f"min_bytes must be at least 0, not {min_bytes}")
+    return min_bytes
+
+
+def _frames_read(frames: list[Any]) -> list[int]:
+    """The indices of the frames of Dask's message `frames` that its reader
+    deserializes as sub-frames of a serialized object (as
+    ``distributed.protocol.core.loads`` walks them)."""
+    import msgpack  # type: ignore[import-untyped]
+    from distributed.protocol.utils import msgpack_opts
+
+    offsets: list[int] = []
+
+    def note(obj: dict[str, Any]) -> dict[str, Any]:
+        offset = obj.get("__Serialized__", 0)
+        if offset > 0:
+            offsets.append(offset)
+        return obj
+
+    msgpack.loads(frames[0], object_hook=note, use_list=False, **msgpack_opts)
+    read: list[int] = []
+    for offset in offsets:
+        sub_header = msgpack.loads(frames[offset], use_list=False, **msgpack_opts)
+        read.extend(range(offset + 1, offset + 1 + sub_header["num-sub-frames"]))
+    return read
+
+
+def _wrap_tcp_write() -> None:
+    from distributed.comm import tcp
+    from distributed.comm.tcp import TCP
+
+    original = TCP.write
+    original_to_frames = tcp.to_frames
+
+    @functools.wraps(original_to_frames)
+    async def to_frames(msg: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        # When msgpack cannot encode part of a message, Dask serializes the
+        # whole message again (with a pickle fallback), keeping the frames of
+        # the first try in the list: they go out, but no reader looks at
+        # them. A copy is sent only if its frame is one the header points
+        # to (each copy's frame names its own block: no two are equal).
+        made = _in_flight.get()
+        start = len(made) if made is not None else 0
+        frames: list[Any] = await original_to_frames(msg, *args, **kwargs)
+        # (A lone copy is always read: a second try would have made another.)
+        if made is not None and len(made) - start > 1:
+            read = {bytes(frames[i]) for i in _frames_read(frames)}
+            sent = [m for m in made[start:] if m[0] in read]
+            if len(sent) < len(made) - start:
+                _take_back([m for m in made[start:] if m[0] not in read])
+                made[start:] = sent
+        return frames
+
+    @functools.wraps(original)
+    async def write(self: TCP, *args: Any, **kwargs: Any) -> int:
+        # Serialization happens inside (possibly in Dask's offload thread,
+        # which runs in a copy of this context: it sees the same list).
+        with _sending():
+            n: int = await original(self, *args, **kwargs)
+            return n
+
+    TCP.write = write  # type: ignore[method-assign]
+    tcp.to_frames = to_frames
+
+
+def _wrap_get_data(worker: Any) -> None:
+    """A worker's get_data waits for the recipient's "OK" after its write:
+    if that fails, the private copies it sent may never have been loaded."""
+    original = worker.handlers.get("get_data")
+    if original is None or getattr(original, "_pyarraypool", False):
+        return
+
+    @functools.wraps(original)  # Dask reads the handler's signature
+    async def get_data(*args: Any, **kwargs: Any) -> Any:
+        with _sending():
+            return await original(*args, **kwargs)
+
+    get_data._pyarraypool = True  # type: ignore[attr-defined]
+    worker.handlers["get_data"] = get_data
+
+
+def _install_here(remote_as_pool: bool | None, min_bytes: int | None = None) -> None:
+    """Registers the serializers and the handshake in this process (idempotent).
+
+    ``min_bytes`` sets auto mode (None: off) every time."""
     global _installed, _remote_as_pool, _original_dask_dumps, _original_ndarray_loads
-    global _original_handshake_info, _original_dask_pickle_dumps
+    global _original_handshake_info, _original_dask_pickle_dumps, _auto_min_bytes
+    min_bytes = _check_min_bytes(min_bytes)
     with _lock:
         _remote_as_pool = _env_remote_as_pool() if remote_as_pool is None else bool(remote_as_pool)
+        _auto_min_bytes = min_bytes
         if _installed:
             return
         # Deserializer first, then the serializer, then the handshake: a peer
@@ -276,6 +474,8 @@ def _install_here(remote_as_pool: bool | None) -> None:
         _original_ndarray_loads = dask_deserialize.dispatch(np.ndarray)
         dask_deserialize.register(np.ndarray)(_loads_ndarray)
         dask_deserialize.register(TransferableArray)(_loads_handle)
+        dask_deserialize.register(_PrivateCopy)(_loads_private_copy)
+        _wrap_tcp_write()
         dumps, loads, _ = families["dask"]
         _original_dask_dumps = dumps
         register_serialization_family("dask", _dumps, loads)
@@ -430,25 +630,42 @@ class PyArrayPoolPlugin(WorkerPlugin):
     plugin made by ``dask_setup``, for ``--preload``, uses the user's secret
     file instead). ``remote_as_pool`` (default: the
     ``PYARRAYPOOL_DASK_REMOTE_AS_POOL`` variable) copies pool arrays that
-    arrive by value into the worker's pool.
+    arrive by value into the worker's pool. ``min_bytes`` turns auto mode on
+    (see :func:`install`); removing the plugin turns it off.
     """
 
     name = "pyarraypool"
-    idempotent = True
+    # Registering again replaces the plugin in every worker: a new
+    # min_bytes must reach them.
+    idempotent = False
 
     def __init__(self, remote_as_pool: bool | None = None, *,
-                 secret: str | None = "random") -> None:
+                 secret: str | None = "random", min_bytes: int | None = None) -> None:
         self.remote_as_pool = remote_as_pool
+        self.min_bytes = _check_min_bytes(min_bytes)
         # The cluster pool's secret travels with the plugin: every worker
         # the scheduler gives this plugin agrees on one pool per host.
         self.secret = secrets.token_hex(16) if secret == "random" else secret
 
     def setup(self, worker: Any) -> None:
         _join_cluster_pool(worker.scheduler.address, self.secret)
-        _install_here(self.remote_as_pool)
+        _install_here(self.remote_as_pool, self.min_bytes)
+        _wrap_get_data(worker)
+
+    def teardown(self, worker: Any) -> None:
+        global _auto_min_bytes
+        with _lock:
+            _auto_min_bytes = None
 
 
-def install(client: Any = None, *, remote_as_pool: bool | None = None) -> Any:
+#: The cluster pool secret of the plugins this process registers: one per
+#: process, so that installing again (another min_bytes) keeps every
+#: worker, old or joining later, on the same cluster pool.
+_plugin_secret = secrets.token_hex(16)
+
+
+def install(client: Any = None, *, remote_as_pool: bool | None = None,
+            min_bytes: int | None = None) -> Any:
     """Sends pool arrays by handle between processes that share a pool.
 
     Installs in this process and, given a ``distributed.Client``, in every
@@ -460,19 +677,31 @@ def install(client: Any = None, *, remote_as_pool: bool | None = None) -> Any:
     pool arrays in the receiving process instead of plain ndarrays; None
     reads ``PYARRAYPOOL_DASK_REMOTE_AS_POOL``. Given with a client, it applies
     to the workers too.
+
+    ``min_bytes``: auto mode. A plain ndarray (exact type ``np.ndarray``:
+    dask.array chunks, task results, scattered data) of at least this many
+    bytes that goes to a process sharing the sender's pool is copied once into
+    the pool and sent as a private handle; the recipient gets a plain ndarray
+    that lives in the pool, its own (the sender's later writes do not reach
+    it), until it drops it. Smaller arrays, other types, arrays of dtypes the
+    pool cannot hold, arrays to other hosts and spilling are unchanged; a full
+    pool sends by value. None (the default) turns auto mode off: calling
+    ``install(client)`` again goes back to pool arrays only. Raises TypeError
+    or ValueError for a ``min_bytes`` that is not an int >= 0.
     """
-    _install_here(remote_as_pool)
+    _install_here(remote_as_pool, min_bytes)
     if client is None:
         return None
+    plugin = PyArrayPoolPlugin(remote_as_pool, secret=_plugin_secret, min_bytes=min_bytes)
     if client.asynchronous:
-        return _install_on_cluster_async(client, remote_as_pool)
-    client.register_plugin(PyArrayPoolPlugin(remote_as_pool), name="pyarraypool")
+        return _install_on_cluster_async(client, plugin)
+    client.register_plugin(plugin, name="pyarraypool")
     _gather_directly_if_shared(client, client.run(_own_identity))
     return None
 
 
-async def _install_on_cluster_async(client: Any, remote_as_pool: bool | None) -> None:
-    await client.register_plugin(PyArrayPoolPlugin(remote_as_pool), name="pyarraypool")
+async def _install_on_cluster_async(client: Any, plugin: PyArrayPoolPlugin) -> None:
+    await client.register_plugin(plugin, name="pyarraypool")
     _gather_directly_if_shared(client, await client.run(_own_identity))
 
 

@@ -394,6 +394,48 @@ def test_pool_arrays_cross_hosts_by_value_and_stay_by_handle_on_one_host(
     assert {n for n in new if any(t in n for t in tokens)} == set()
 
 
+def _make_plain_array(seed: int) -> np.ndarray:
+    return _expected(seed)
+
+
+def _describe_plain(arr: np.ndarray) -> dict[str, Any]:
+    """_describe, and whether the array lives in a pool block (auto mode's copies do)."""
+    return dict(_describe(arr), in_pool=pyarraypool._core._block_of(arr) is not None)
+
+
+def test_auto_mode_plain_arrays_by_handle_on_one_host_by_value_across(
+    namespaces_available: None, tmp_path: Path
+) -> None:
+    """install(client, min_bytes=...): a plain ndarray goes between the two
+    workers of this host as a private copy in their pool, and to and from
+    the second host by value."""
+    with two_hosts(tmp_path) as ch:
+        c, remote = ch.client, ch.remote
+        local0, local1 = ch.local
+        pyarraypool.dask.install(c, min_bytes=1 << 20)
+        try:
+            src = _on(c, local0, _make_plain_array, 3)
+            expected = _digest(_expected(3))
+            before = c.run(_counters)
+            here = _on(c, local1, _describe_plain, src).result(timeout=RESULT_TIMEOUT)
+            assert (here["digest"], here["type"], here["in_pool"]) == (expected, "ndarray", True)
+            there = _on(c, remote, _describe_plain, src).result(timeout=RESULT_TIMEOUT)
+            assert (there["digest"], there["type"], there["in_pool"]) == (
+                expected, "ndarray", False)
+            made = _on(c, remote, _make_plain_array, 4)
+            back = _on(c, local1, _describe_plain, made).result(timeout=RESULT_TIMEOUT)
+            assert (back["digest"], back["in_pool"]) == (_digest(_expected(4)), False)
+            after = c.run(_counters)
+            assert _delta(after, before, local0, "auto_sent_by_handle") == 1
+            assert _delta(after, before, local1, "auto_received_by_handle") == 1
+            assert _delta(after, before, remote, "auto_received_by_handle") == 0
+            assert _delta(after, before, remote, "auto_sent_by_handle") == 0
+            del src, made
+        finally:
+            pyarraypool.dask.install(c)  # auto mode off again in this process
+    _assert_all_gone(ch)
+
+
 def _assert_all_gone(ch: Cluster) -> None:
     assert ch.killed == [], "these processes of this host did not stop on SIGTERM"
     assert ch.host.name not in netns_list()

@@ -107,6 +107,20 @@ def test_a_sent_array_is_a_small_private_handle_that_loads_once(auto):
     assert len(ForkingPickler.dumps(a)) >= a.nbytes
 
 
+def test_a_private_copy_loads_only_through_its_private_handle(auto):
+    # Clearing the handle's private flag (byte 5 of the handle) must not turn
+    # the receiver's own copy into a shared pool array that a second load
+    # could reach: the block itself records that it is a private copy.
+    data = bytes(ForkingPickler.dumps(big()))
+    at = data.index(b"PAPH")
+    assert data[at + 5] == 5  # transfer required | private
+    tampered = data[:at + 5] + bytes([1]) + data[at + 6:]
+    with pytest.raises(pyarraypool.InvalidHandleError):
+        pickle.loads(tampered)
+    b = pickle.loads(data)  # the refused load used nothing up
+    assert type(b) is np.ndarray and b[5] == 5.0
+
+
 @pytest.mark.parametrize("layout", ["fortran", "strided", "readonly"])
 def test_any_layout_arrives_equal_and_writeable(auto, layout):
     a = np.arange(300 * 300, dtype=np.float64).reshape(300, 300)

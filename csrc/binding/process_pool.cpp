@@ -166,9 +166,9 @@ void ProcessPool::record_hold(pap::BlockRef ref) {
   ++holds_[ref.bits()];
 }
 
-pap::Block ProcessPool::allocate(uint64_t bytes, bool transfer_required) {
+pap::Block ProcessPool::allocate(uint64_t bytes, uint32_t flags) {
   pap::Pool& p = pool();
-  pap::Block b = *call([&](pap::Mode m) { return p.allocate(bytes, transfer_required, m); });
+  pap::Block b = *call([&](pap::Mode m) { return p.allocate(bytes, flags, m); });
   record_hold(b.ref);
   return b;
 }

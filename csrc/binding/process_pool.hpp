@@ -71,7 +71,8 @@ class ProcessPool {
   PyObject* block_object(const pap::Block& b, bool shared);
   void forget(BlockObject* b) { blocks_.erase(b->ref.bits()); }
 
-  pap::Block allocate(uint64_t bytes, bool transfer_required);
+  // `flags`: pap::kFlagTransferRequired (what `true` converts to), pap::kFlagPrivate.
+  pap::Block allocate(uint64_t bytes, uint32_t flags);
   void release(pap::BlockRef ref, uint64_t generation);
   void release(const BlockObject& b);
   void add_pending(pap::BlockRef ref, uint64_t generation);

@@ -143,7 +143,7 @@ OwnedRef allocate_array(PyArray_Descr* descr, int nd, const npy_intp* dims, bool
   check_shareable(descr);
   uint64_t nbytes = checked_nbytes(descr, nd, dims);
   ProcessPool& pp = ProcessPool::get();
-  pap::Block b = pp.allocate(nbytes, transfer_required);
+  pap::Block b = pp.allocate(nbytes, transfer_required ? pap::kFlagTransferRequired : 0u);
   OwnedRef block = check(pp.block_object(b, false));
   Py_INCREF(descr);
   *nbytes_out = nbytes;
@@ -633,7 +633,7 @@ PyObject* auto_reduce(PyObject*, PyObject* obj) {
     const bool fortran = nd > 1 && PyArray_IS_F_CONTIGUOUS(src) && !PyArray_IS_C_CONTIGUOUS(src);
     const uint64_t nbytes = checked_nbytes(descr, nd, PyArray_DIMS(src));
     ProcessPool& pp = ProcessPool::get();
-    pap::Block b = pp.allocate(nbytes, /*transfer_required=*/true);
+    pap::Block b = pp.allocate(nbytes, pap::kFlagTransferRequired | pap::kFlagPrivate);
     // This function's hold ends with it, whatever happens; from add_pending
     // on, the pickle keeps the block.
     struct Hold {

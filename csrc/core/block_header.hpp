@@ -57,6 +57,11 @@ class BlockRef {
 constexpr uint32_t kFlagTransferRequired = 1;
 // The block is a process slot's hold list (hold_list.hpp), not an array.
 constexpr uint32_t kFlagHoldList = 2;
+// An auto-mode copy (handle.hpp, kHandleFlagPrivate): only a private
+// handle loads it, and a private handle loads nothing else, so flipping a
+// handle's flag can neither share a receiver's copy nor make a shared
+// array look private.
+constexpr uint32_t kFlagPrivate = 4;
 constexpr uint32_t kFlagBits = 0xff;
 constexpr uint32_t kSenderShift = 8;
 inline uint32_t with_sender(uint32_t flags, int pid) {

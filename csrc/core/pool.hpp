@@ -127,8 +127,9 @@ class Pool {
   PoolId instance() const;
   uint32_t slot() const { return slot_; }
 
-  // A new block of at least `bytes` payload, held by this process.
-  std::optional<Block> allocate(uint64_t bytes, bool transfer_required, Mode mode);
+  // A new block of at least `bytes` payload, held by this process. `flags`:
+  // kFlagTransferRequired (what `true` converts to) and kFlagPrivate.
+  std::optional<Block> allocate(uint64_t bytes, uint32_t flags, Mode mode);
   // Drops this process's hold on a block; frees it if nobody else needs it.
   bool release(BlockRef ref, uint64_t generation, Mode mode);
   // The same for a block this process allocated and never shared (no
@@ -286,7 +287,7 @@ class Pool {
   bool nobody_needs_pool_locked(bool leaver_is_root);
   void leave_impl(bool unlink_if_last, LeaveStep die_at);
   SlotKind my_kind() const { return observer_ ? SlotKind::kObserver : SlotKind::kActive; }
-  std::optional<Block> allocate_locked(uint64_t block_size, bool transfer_required);
+  std::optional<Block> allocate_locked(uint64_t block_size, uint32_t flags);
   void grow_locked(uint64_t block_size, uint64_t requested);
   void free_if_unused(BlockRef ref, BlockHeader& h);
   BlockHeader* checked_header(BlockRef ref, uint64_t generation);

@@ -11,33 +11,34 @@
 
 namespace pap {
 
-std::optional<Block> Pool::allocate(uint64_t bytes, bool transfer_required, Mode mode) {
+std::optional<Block> Pool::allocate(uint64_t bytes, uint32_t flags, Mode mode) {
+  flags &= kFlagTransferRequired | kFlagPrivate;
   uint64_t block_size = Allocator::block_size_for(bytes);
   if (block_size == 0)
     throw CoreError(ErrorKind::kPoolFull, "pyarraypool cannot allocate " + std::to_string(bytes) +
                                               " bytes: larger than any block can be");
   // No cache while a fork is under way: the child must hold every block.
   if (mode == Mode::kFast && cache_.bytes() != 0 && child_slot_.load(std::memory_order_relaxed) < 0)
-    if (auto b = cache_.take(bytes, transfer_required ? kFlagTransferRequired : 0u)) return b;
+    if (auto b = cache_.take(bytes, flags)) return b;
   Guard g(*this, mode);
   if (!g.held()) return std::nullopt;
   // Room in our hold list first: once the block is ours, naming it there
   // must not fail.
   if (!reserve_hold_locked(mode)) return std::nullopt;
-  if (auto b = allocate_locked(block_size, transfer_required)) return b;
+  if (auto b = allocate_locked(block_size, flags)) return b;
   if (mode == Mode::kFast) return std::nullopt;
   // Out of room: first take back what dead processes and expired pickles
   // hold, then grow by a segment.
   if (maintain_locked(false) > 0)
-    if (auto b = allocate_locked(block_size, transfer_required)) return b;
+    if (auto b = allocate_locked(block_size, flags)) return b;
   grow_locked(block_size, bytes);
-  if (auto b = allocate_locked(block_size, transfer_required)) return b;
+  if (auto b = allocate_locked(block_size, flags)) return b;
   throw_full(bytes);
 }
 
-std::optional<Block> Pool::allocate_locked(uint64_t block_size, bool transfer_required) {
+std::optional<Block> Pool::allocate_locked(uint64_t block_size, uint32_t flags) {
   Counters& c = hdr_->counters;
-  UsedInit init{c.next_generation, 0, transfer_required ? kFlagTransferRequired : 0u};
+  UsedInit init{c.next_generation, 0, flags};
   Allocator a = allocator();
   BlockRef ref = a.allocate(block_size, init);
   if (ref.nil()) return std::nullopt;
@@ -199,6 +200,11 @@ std::optional<Block> Pool::attach_block(const Handle& hd, uint64_t lo, uint64_t 
   // A private handle (auto mode) loads once: its block's one pending count
   // is gone once it has loaded (or expired), and a second load would share
   // memory that the first receiver owns alone.
+  if (((hd.flags & kHandleFlagPrivate) != 0) != ((h->flags & kFlagPrivate) != 0))
+    throw CoreError(ErrorKind::kInvalidHandle,
+                    (hd.flags & kHandleFlagPrivate)
+                        ? "a private handle names a block that is not an auto-mode copy"
+                        : "an auto-mode copy can only be loaded by its own private handle");
   if ((hd.flags & kHandleFlagPrivate) && h->pending == 0)
     throw CoreError(ErrorKind::kStaleHandle,
                     "this pickle is a private copy sent by auto mode and loads once: it has "

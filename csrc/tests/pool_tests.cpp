@@ -152,10 +152,24 @@ TEST(pool_pending_transfers) {
 TEST(pool_private_handle_loads_once) {
   const std::string tok = new_token();
   Attached p(tok, make_config(64u << 20, 2u << 20));
-  auto b = p->allocate(4096, true, Mode::kSlow);
+  auto b = p->allocate(4096, kFlagTransferRequired | kFlagPrivate, Mode::kSlow);
   REQUIRE(b);
   CHECK(p->add_pending(b->ref, b->generation, Mode::kSlow));
   CHECK(p->release(b->ref, b->generation, Mode::kSlow));  // the sender lets go
+  // Neither a non-private handle to it nor a private one to another block
+  // loads: the block says what it is.
+  CHECK_THROWS(ErrorKind::kInvalidHandle,
+               attach_handle(*p, handle_of(*p, *b, kHandleFlagTransferRequired)));
+  auto shared = p->allocate(4096, true, Mode::kSlow);
+  REQUIRE(shared);
+  CHECK(p->add_pending(shared->ref, shared->generation, Mode::kSlow));
+  CHECK_THROWS(ErrorKind::kInvalidHandle,
+               attach_handle(*p, handle_of(*p, *shared, kHandleFlagTransferRequired |
+                                                           kHandleFlagPrivate)));
+  CHECK_EQ(p->stats().pending_transfers, 2u);  // refused loads use up nothing
+  CHECK(attach_handle(*p, handle_of(*p, *shared, kHandleFlagTransferRequired)));
+  // One hold per process, however often it loads: one release frees it.
+  CHECK(p->release(shared->ref, shared->generation, Mode::kSlow));
   CHECK_EQ(p->stats().live_blocks, 1u);
   const Handle h = handle_of(*p, *b, kHandleFlagTransferRequired | kHandleFlagPrivate);
   auto a = attach_handle(*p, h);

@@ -6,6 +6,9 @@ Reads, from --build (default build/):
   core_bench.json    the C++ core's Google Benchmark results (make core-bench),
                      if present
   bench_scale.json   bench/bench_scale.py's scale checks, if present
+  bench_auto.json    bench/bench_auto.py's auto-mode targets and threshold sweep
+                     (make bench-auto), if present; if not, the auto-mode
+                     section already in --out is kept (bench/report_auto.py)
 and writes --out (default docs/benchmarks.md) with the machine, how to rerun,
 every table, the targets with PASS/MISS computed from the data, and two PNG
 plots (matplotlib) next to it. Missing inputs leave their sections empty and
@@ -22,6 +25,7 @@ import re
 import sys
 from typing import Any
 
+import report_auto
 from machine import machine_info
 
 PER_ARRAY_PNG = "bench_per_array.png"
@@ -700,11 +704,17 @@ def build(args: argparse.Namespace) -> str:
             L.append(f"| {name.replace('_', ' ')} | {figs} |")
         L.append("")
 
+    # -- auto mode (bench/bench_auto.py): from build/bench_auto.json, else as it was
+    auto = load(os.path.join(args.build, "bench_auto.json"))
+    kept = None if auto else report_auto.existing(args.out)
+    L += [kept, ""] if kept else report_auto.section(auto) + [""]
+
     # -- targets
     L += [
         "## Targets",
         "",
-        "Each verdict is computed by `bench/report.py` from the figures above.",
+        "Each verdict is computed by `bench/report.py` from the figures above; "
+        "the auto-mode targets (A-D) are in their own section above.",
         "",
         "| # | target | measured | result |",
         "|---|---|---|---|",
@@ -723,8 +733,19 @@ def main() -> int:
     ap.add_argument(
         "--out", default="docs/benchmarks.md", help="the report (default docs/benchmarks.md)"
     )
+    ap.add_argument(
+        "--only-auto",
+        action="store_true",
+        help="rewrite only the auto-mode section from build/bench_auto.json (make bench-auto)",
+    )
     args = ap.parse_args()
-    text = build(args)
+    if args.only_auto:
+        with open(args.out) as f:
+            old = f.read()
+        auto = load(os.path.join(args.build, "bench_auto.json"))
+        text = report_auto.splice(old, "\n".join(report_auto.section(auto)))
+    else:
+        text = build(args)
     with open(args.out, "w") as f:
         f.write(text)
     print(f"wrote {args.out}")

@@ -167,6 +167,9 @@ def main() -> int:
     run = {"ppe": run_ppe, "joblib": run_joblib, "sweep": run_sweep}[args.kind]
     out = run(args)
     out["pid"] = os.getpid()
+    # The pool auto mode made for this program, if any (read, not imported):
+    # the bench looks for what it left in /dev/shm by this name.
+    out["pool"] = os.environ.get("PYARRAYPOOL_POOL")
     print(json.dumps(out))
     return 0
 

@@ -104,10 +104,13 @@ def run_program(args: list[str], auto: str | None, pythonpath: str | None) -> di
     return out
 
 
-def leftovers(pid: int, before: dict[str, set[str]], wait_s: float = 10.0) -> list[str]:
+def leftovers(r: dict[str, Any], before: dict[str, set[str]], wait_s: float = 10.0) -> list[str]:
     """What a finished program left in /dev/shm or the temp folder: new entries
-    naming its pid (joblib's memmapping folders, loky's semaphores) or any new
-    pyarraypool entry, polled for up to wait_s (its workers may exit after it)."""
+    naming its pid (joblib's memmapping folders, loky's semaphores) or its pool,
+    polled for up to wait_s (its workers may exit after it). Only its own: other
+    programs on the machine come and go meanwhile."""
+    marks = [f"_{r['pid']}_", f"-{r['pid']}-"]
+    pool = f"pyarraypool-{r['pool']}" if r.get("pool") else None
     deadline = time.monotonic() + wait_s
     while True:
         left = []
@@ -117,7 +120,7 @@ def leftovers(pid: int, before: dict[str, set[str]], wait_s: float = 10.0) -> li
             except OSError:
                 continue
             for name in sorted(now - old):
-                if f"_{pid}_" in name or f"-{pid}-" in name or name.startswith("pyarraypool-"):
+                if any(m in name for m in marks) or (pool and name.startswith(pool)):
                     left.append(os.path.join(d, name))
         if not left or time.monotonic() > deadline:
             return left
@@ -173,7 +176,7 @@ def run_targets(args: argparse.Namespace) -> dict[str, Any]:
         def one(mode: str, wargs: list[str] = wargs, name: str = name) -> dict[str, Any]:
             before = snapshot()
             r = run_program(wargs, args.auto if mode == "on" else None, args.pythonpath)
-            r["leftovers"] = leftovers(r["pid"], before)
+            r["leftovers"] = leftovers(r, before)
             print(
                 f"  {name} {mode}: loop {r['loop_s'] * 1e3:.0f} ms, start-up "
                 f"{r['startup_s'] * 1e3:.0f} ms, load {_load()[0]}",

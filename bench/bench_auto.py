@@ -24,12 +24,13 @@ The sweep: for a multiprocessing Pipe round trip and a ProcessPoolExecutor(2)
 round trip, with auto forced on for every size (PYARRAYPOOL_AUTO=1, a 1-byte
 threshold) against off, the median time per round trip at 1 KiB ... 64 MiB,
 and the crossover: the smallest size from which on is no slower than off at
-that size and every larger one. The recommended default threshold is that
+that size and every larger one (median of the paired on/off ratios <= 1). The recommended default threshold is that
 size for the slower of the two APIs.
 
 Run: `make bench-auto` (then bench/report.py rewrites the auto-mode section
 of docs/benchmarks.md), or `.venv/bin/python bench/bench_auto.py [--quick]
-[--reps N] [--sweep-reps N] [--only targets|sweep] [--json build/bench_auto.json]`.
+[--reps N] [--sweep-reps N] [--only targets|sweep] [--json build/bench_auto.json]`;
+with --only, the other part is kept from the existing --json file.
 """
 
 from __future__ import annotations
@@ -235,11 +236,12 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def crossover(sizes: list[int], per_size: dict[str, Any]) -> int | None:
-    """The smallest size from which on is no slower (by the ratio of medians)
-    than off at that size and every larger one; None if on loses at the largest."""
+    """The smallest size from which on is no slower than off at that size and
+    every larger one (by the median of the paired on/off ratios, the statistic
+    of target C, without its tolerance); None if on loses at the largest."""
     best = None
     for n in reversed(sizes):
-        if per_size[str(n)]["median_on_s"] > per_size[str(n)]["median_off_s"]:
+        if per_size[str(n)]["median_pair_ratio_on_off"] > 1.0:
             break
         best = n
     return best
@@ -273,20 +275,28 @@ def main() -> int:
     if args.reps < 1 or args.sweep_reps < 1:
         ap.error("--reps and --sweep-reps must be at least 1")
 
-    doc: dict[str, Any] = {
-        "machine": machine_info(),
-        "quick": args.quick,
-        "auto": args.auto,
-        "reps": args.reps,
-        "sweep_reps": args.sweep_reps,
-        "no_slower_tolerance": NO_SLOWER_TOLERANCE,
-        "pythonpath": args.pythonpath,
-    }
-    if args.only != "sweep":
-        doc["targets"] = run_targets(args)
-    if args.only != "targets":
-        doc["sweep"] = run_sweep(args)
-    doc["load_after"] = _load()
+    # With --only, the other part comes from the existing --json file, so that
+    # one part can be rerun when the machine is quiet.
+    doc: dict[str, Any] = {}
+    if args.only and args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            doc = json.load(f)
+    doc.update(machine=machine_info(), no_slower_tolerance=NO_SLOWER_TOLERANCE)
+    for part, runner, reps in (
+        ("targets", run_targets, args.reps),
+        ("sweep", run_sweep, args.sweep_reps),
+    ):
+        if args.only in (None, part):
+            run = {
+                "date": machine_info()["date"],
+                "load_start": _load(),
+                "reps": reps,
+                "auto": args.auto if part == "targets" else "1",
+                "pythonpath": args.pythonpath,
+                "quick": args.quick,
+            }
+            doc[part] = runner(args)
+            doc[part]["run"] = {**run, "load_end": _load()}
     print(json.dumps({k: v for k, v in doc.items() if k != "machine"}, indent=1)[:4000])
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -86,27 +86,34 @@ def section(doc: dict[str, Any] | None) -> list[str]:
     if not doc:
         return L + ["No `build/bench_auto.json`: run `make bench-auto`.", "", END]
     m = doc["machine"]
+    parts = {k: doc[k]["run"] for k in ("targets", "sweep") if k in doc}
     L += [
         "`bench/bench_auto.py` (`make bench-auto`) runs `bench/auto_workload.py`, a program "
         "that never imports pyarraypool, once with `PYARRAYPOOL_AUTO` in its environment (on) "
         "and once without (off), alternating, the order flipped every other pair. The program "
         "times its transfer loop; the start-up (creating the executor, warm-up tasks) is "
-        f"reported apart. Targets ran with `PYARRAYPOOL_AUTO={doc['auto']}`, "
-        f"{doc['reps']} pairs each; the sweep with `PYARRAYPOOL_AUTO=1` (every size), "
-        f"{doc['sweep_reps']} pairs.",
+        "reported apart. The targets run with the default threshold, the sweep with "
+        "`PYARRAYPOOL_AUTO=1` (every size).",
         "",
-        f"Run {m['date']} on {m['cpu_model']}, {m['cores']} cores, Python {m['python']}, "
-        f"numpy {m['numpy']}; load average {m['load_avg'][0] if m.get('load_avg') else '?'} "
-        f"at the start, {doc.get('load_after', ['?'])[0]} at the end.",
+        f"Machine: {m['cpu_model']}, {m['cores']} cores, Python {m['python']}, numpy {m['numpy']}.",
         "",
     ]
-    if doc.get("pythonpath"):
+    for k, r in parts.items():
+        L.append(
+            f"- {k}: run {r['date']}, `PYARRAYPOOL_AUTO={r['auto']}`, {r['reps']} pairs, "
+            f"load average {r['load_start'][0]} at the start, {r['load_end'][0]} at the end"
+            + (", `--quick`" if r["quick"] else "")
+            + "."
+        )
+    L.append("")
+    shims = sorted({r["pythonpath"] for r in parts.values() if r.get("pythonpath")})
+    if shims:
         L += [
-            f"> **Provisional:** these runs had `{doc['pythonpath']}` on `PYTHONPATH`, a "
+            f"> **Provisional:** these runs had `{', '.join(shims)}` on `PYTHONPATH`, a "
             "development stand-in for auto mode, not the package's own mechanism.",
             "",
         ]
-    if doc.get("quick"):
+    if any(r["quick"] for r in parts.values()):
         L += ["> **Smoke run** (`--quick`): the verdicts are not to be quoted.", ""]
     t = doc.get("targets")
     if t:
@@ -115,7 +122,7 @@ def section(doc: dict[str, Any] | None) -> list[str]:
             "| off runs' MAD / median | start-up off / on | load averages |",
             "|---|---:|---:|---:|---:|---:|---:|---|",
         ]
-        for key, r in t.items():
+        for key, r in ((k, v) for k, v in t.items() if k != "run"):
             L.append(
                 f"| {key}: {r['title']} | {_ms(r['median_off_s'])} | {_ms(r['median_on_s'])} "
                 f"| {r['speedup']:.2f}x | {r['median_pair_ratio_on_off']:.3f} "
@@ -144,7 +151,8 @@ def section(doc: dict[str, Any] | None) -> list[str]:
             "Median time per round trip of a uint8 array, auto forced on for every size "
             "(`PYARRAYPOOL_AUTO=1`) against off: a multiprocessing `Pipe` to a spawn child "
             "that sends back what it got, and `ProcessPoolExecutor(2)` (spawn) whose task "
-            "returns its input.",
+            "returns its input. on/off is the median of the paired ratios (each on run over "
+            "the off run next to it), the statistic of target C.",
             "",
         ]
         apis = list(s["apis"])
@@ -159,7 +167,7 @@ def section(doc: dict[str, Any] | None) -> list[str]:
                 cells += [
                     _ms(r["median_off_s"]),
                     _ms(r["median_on_s"]),
-                    f"{r['median_on_s'] / r['median_off_s']:.2f}",
+                    f"{r['median_pair_ratio_on_off']:.2f}",
                 ]
             L.append(f"| {_size(n)} | " + " | ".join(cells) + " |")
         L.append("")

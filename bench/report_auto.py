@@ -181,9 +181,12 @@ def section(doc: dict[str, Any] | None) -> list[str]:
         rec = s.get("recommended_threshold_bytes")
         L += [
             "",
-            "Recommended default threshold (the larger crossover, so that auto mode is "
-            "no slower than off at any size for both): "
-            + (f"**{_size(rec)}** ({rec} bytes)." if rec else "none found."),
+            "The smallest threshold with which auto mode was no slower than off at every "
+            "measured size for both, in this run (the larger crossover): "
+            + (f"**{_size(rec)}** ({rec} bytes)." if rec else "none found.")
+            + " Below 64 KiB a round trip costs tens of microseconds either way and the "
+            "ratios move from run to run with the machine's load: judge the default from "
+            "several runs (`make bench-auto BENCH_AUTO_ARGS='--only sweep'`), not one.",
             "",
         ]
     return L + [END]

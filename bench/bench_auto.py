@@ -215,7 +215,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
             wargs += ["--budget", str(32 * MiB)]
 
         def one(mode: str, wargs: list[str] = wargs, api: str = api) -> dict[str, Any]:
-            r = run_program(wargs, "1" if mode == "on" else None, args.pythonpath)
+            r = run_program(wargs, args.sweep_auto if mode == "on" else None, args.pythonpath)
             print(f"  sweep {api} {mode}: load {_load()[0]}", flush=True)
             return r
 
@@ -265,6 +265,11 @@ def main() -> int:
         help=f"PYARRAYPOOL_AUTO for the targets (default {DEFAULT_AUTO})",
     )
     ap.add_argument(
+        "--sweep-auto",
+        default="1",
+        help="PYARRAYPOOL_AUTO for the sweep's on runs: a 1-byte threshold (default 1)",
+    )
+    ap.add_argument(
         "--pythonpath",
         help="prepended to PYTHONPATH of every run, on and off alike (development: a stand-in for auto mode)",
     )
@@ -291,7 +296,7 @@ def main() -> int:
                 "date": machine_info()["date"],
                 "load_start": _load(),
                 "reps": reps,
-                "auto": args.auto if part == "targets" else "1",
+                "auto": args.auto if part == "targets" else args.sweep_auto,
                 "pythonpath": args.pythonpath,
                 "quick": args.quick,
             }

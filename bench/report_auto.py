@@ -93,7 +93,7 @@ def section(doc: dict[str, Any] | None) -> list[str]:
         "and once without (off), alternating, the order flipped every other pair. The program "
         "times its transfer loop; the start-up (creating the executor, warm-up tasks) is "
         "reported apart. The targets run with the default threshold, the sweep with "
-        "`PYARRAYPOOL_AUTO=1` (every size).",
+        "a 1-byte threshold (every size; the value is below).",
         "",
         f"Machine: {m['cpu_model']}, {m['cores']} cores, Python {m['python']}, numpy {m['numpy']}.",
         "",
@@ -149,7 +149,7 @@ def section(doc: dict[str, Any] | None) -> list[str]:
             "### Threshold sweep",
             "",
             "Median time per round trip of a uint8 array, auto forced on for every size "
-            "(`PYARRAYPOOL_AUTO=1`) against off: a multiprocessing `Pipe` to a spawn child "
+            "(a 1-byte threshold) against off: a multiprocessing `Pipe` to a spawn child "
             "that sends back what it got, and `ProcessPoolExecutor(2)` (spawn) whose task "
             "returns its input. on/off is the median of the paired ratios (each on run over "
             "the off run next to it), the statistic of target C.",

@@ -240,6 +240,18 @@ bench-dask-auto: install
 	@mkdir -p build
 	$(VPY) bench/dask_auto_bench.py --json build/dask_auto_bench.json $(BENCH_DASK_AUTO_ARGS)
 
+# bench-auto: auto mode on unchanged programs (bench/auto_workload.py run with and
+# without PYARRAYPOOL_AUTO): the targets and the threshold sweep, to
+# build/bench_auto.json, then only the auto-mode section of docs/benchmarks.md
+# (bench/report.py --only-auto; a later `make bench` keeps that section). About
+# ten minutes on 2 cores. BENCH_AUTO_ARGS, e.g. --quick, --only sweep, --reps 5.
+BENCH_AUTO_ARGS ?=
+.PHONY: bench-auto
+bench-auto: install
+	@mkdir -p build
+	$(VPY) bench/bench_auto.py --json build/bench_auto.json $(BENCH_AUTO_ARGS)
+	$(VPY) bench/report.py --only-auto
+
 # bench-tools: apt-get install libbenchmark-dev (Google Benchmark) if its header
 # is missing (apt-get update only when the package lists cannot provide it).
 bench-tools:

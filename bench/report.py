@@ -7,6 +7,9 @@ Reads, from --build (default build/):
                      if present
   bench_scale.json   bench/bench_scale.py's scale checks, if present
   dask_auto_bench.json  bench/dask_auto_bench.py (make bench-dask-auto), if present
+  bench_auto.json    bench/bench_auto.py's auto-mode targets and threshold sweep
+                     (make bench-auto), if present; if not, the auto-mode
+                     section already in --out is kept (bench/report_auto.py)
 and writes --out (default docs/benchmarks.md) with the machine, how to rerun,
 every table, the targets with PASS/MISS computed from the data, and two PNG
 plots (matplotlib) next to it. Missing inputs leave their sections empty and
@@ -23,6 +26,7 @@ import re
 import sys
 from typing import Any
 
+import report_auto
 from machine import machine_info
 
 PER_ARRAY_PNG = "bench_per_array.png"
@@ -764,12 +768,17 @@ def build(args: argparse.Namespace) -> str:
     dask_auto = load(os.path.join(args.build, "dask_auto_bench.json"))
     if dask_auto:
         L += dask_auto_section(dask_auto)
+    # -- auto mode (bench/bench_auto.py): from build/bench_auto.json, else as it was
+    auto = load(os.path.join(args.build, "bench_auto.json"))
+    kept = None if auto else report_auto.existing(args.out)
+    L += [kept, ""] if kept else report_auto.section(auto) + [""]
 
     # -- targets
     L += [
         "## Targets",
         "",
-        "Each verdict is computed by `bench/report.py` from the figures above.",
+        "Each verdict is computed by `bench/report.py` from the figures above; "
+        "the auto-mode targets (A-D) are in their own section above.",
         "",
         "| # | target | measured | result |",
         "|---|---|---|---|",
@@ -788,8 +797,19 @@ def main() -> int:
     ap.add_argument(
         "--out", default="docs/benchmarks.md", help="the report (default docs/benchmarks.md)"
     )
+    ap.add_argument(
+        "--only-auto",
+        action="store_true",
+        help="rewrite only the auto-mode section from build/bench_auto.json (make bench-auto)",
+    )
     args = ap.parse_args()
-    text = build(args)
+    if args.only_auto:
+        with open(args.out) as f:
+            old = f.read()
+        auto = load(os.path.join(args.build, "bench_auto.json"))
+        text = report_auto.splice(old, "\n".join(report_auto.section(auto)))
+    else:
+        text = build(args)
     with open(args.out, "w") as f:
         f.write(text)
     print(f"wrote {args.out}")

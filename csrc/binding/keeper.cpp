@@ -42,8 +42,12 @@ namespace {
 
 // What the keeper's interpreter runs: load pyarraypool._keeper from this
 // extension's file and watch the pool. argv: this file, token, instance.
+// Its second line is for Python 3.10, which has no -P (start_keeper): there
+// `-c` puts the current directory ('') first on sys.path, and it goes before
+// the first import. Under -P nothing is put there and the line does nothing.
 constexpr const char* kKeeperCode =
     "import sys\n"
+    "if sys.path[:1] == ['']: del sys.path[0]\n"
     "from importlib.machinery import ExtensionFileLoader, ModuleSpec\n"
     "name = 'pyarraypool._keeper'\n"
     "loader = ExtensionFileLoader(name, sys.argv[1])\n"
@@ -195,9 +199,13 @@ void start_keeper(const pap::Pool& pool) noexcept {
       return;
     }
     // -S: no site (no .pth files to run, nothing of site-packages imported);
-    // -P: no script or current directory on sys.path.
-    std::vector<std::string> argv = {exe,  "-S",        "-P",         "-c",
-                                     kKeeperCode, so, pool.token(), pool.instance_id()};
+    // -P: no script or current directory on sys.path (Python 3.11 and later;
+    // on 3.10 kKeeperCode removes it).
+    std::vector<std::string> argv = {exe, "-S"};
+#if PY_VERSION_HEX >= 0x030B0000
+    argv.emplace_back("-P");
+#endif
+    argv.insert(argv.end(), {"-c", kKeeperCode, so, pool.token(), pool.instance_id()});
     std::vector<std::string> env = keeper_environment();
     // posix_spawn returns only once the child has exec'd, which on a busy
     // machine waits for the scheduler to run it (measured: 0.15 to 10 ms).

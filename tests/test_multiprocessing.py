@@ -214,6 +214,8 @@ def test_process_pool_executor_returns_pool_arrays(method, balance):
 
 
 # (ProcessPoolExecutor refuses max_tasks_per_child under fork.)
+@pytest.mark.skipif(sys.version_info < (3, 11),
+                    reason="ProcessPoolExecutor takes max_tasks_per_child from Python 3.11 on")
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_process_pool_executor_max_tasks_per_child(method, balance):
     ctx = multiprocessing.get_context(method)

@@ -83,7 +83,7 @@ def check_wheel(path: str) -> None:
 
     Run with the Python the wheel was built for (make dist-check uses that venv).
     """
-    cp = "cp%d%d" % sys.version_info[:2]
+    cp = f"cp{sys.version_info[0]}{sys.version_info[1]}"
     # name-version-pyTAG-abiTAG-platformTAG.whl; auditwheel may join several
     # platform tags with dots (manylinux_2_17_x86_64.manylinux2014_x86_64).
     match = re.fullmatch(r"pyarraypool-[^-]+-(\w+)-(\w+)-([\w.]+)\.whl", os.path.basename(path))

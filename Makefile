@@ -26,10 +26,16 @@ VENV_NP1   := .venv-$(PY)-np1
 endif
 VPY        := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.pyarraypool-venv-stamp
-# ml_dtypes: a user-defined dtype (bfloat16) for the tests that a handle carries the full dtype.
-# pip picks, for each Python, the newest release that supports it (NumPy 2.2 on 3.10).
-PY_DEPS    := "numpy>=2.0" "setuptools>=64" wheel build pytest hypothesis ruff mypy matplotlib \
-              joblib "dask[distributed]" sphinx myst-parser ml_dtypes
+# What the build and the test suite need (mypy: tests/test_typing.py; ml_dtypes:
+# a user-defined dtype, bfloat16, for the tests that a handle carries the full
+# dtype). pip picks, for each Python, the newest release that supports it (NumPy
+# 2.2 on 3.10).
+PY_DEPS    := "numpy>=2.0" "setuptools>=64" wheel build pytest hypothesis mypy \
+              joblib "dask[distributed]" ml_dtypes
+# What only docs, lint, diagrams and bench use: put into a venv by those targets
+# (dev-tools), so that the test venvs of the other Pythons go without them.
+DEV_DEPS   := ruff matplotlib sphinx myst-parser
+DEV_STAMP  := $(VENV)/.pyarraypool-dev-stamp
 # atheris (test_fuzz.py) only as a wheel: its newest releases have none for some
 # Pythons (3.10), and building one needs clang's libFuzzer; --only-binary makes
 # pip take the newest release that has a wheel for this Python.
@@ -77,6 +83,14 @@ $(VENV_STAMP): Makefile
 	$(PIP) install --progress-bar off $(PY_DEPS)
 	$(PIP) install --progress-bar off $(ATHERIS) || \
 	  echo "note: atheris has no wheel for this Python; test_fuzz.py skips in $(VENV)" >&2
+	touch $@
+
+# dev-tools: DEV_DEPS in the venv (a stamp, like venv's).
+.PHONY: dev-tools
+dev-tools: $(DEV_STAMP)
+
+$(DEV_STAMP): $(VENV_STAMP)
+	$(PIP) install --progress-bar off $(DEV_DEPS)
 	touch $@
 
 # install: build pyarraypool._core (incremental, in build/lib-X.Y) and put it beside
@@ -284,12 +298,12 @@ demo: install
 # built extension, which Sphinx does not track). The pictures are committed PNGs;
 # `make diagrams` redraws them.
 .PHONY: docs diagrams
-docs: install
+docs: install dev-tools
 	$(VPY) -m sphinx -E -W --keep-going -b html docs build/docs
 
 # diagrams: redraw docs/images/*.png (lifetime sequence, segment layout, handle,
 # lock, refcount states) with matplotlib from docs/diagrams/make_diagrams.py.
-diagrams: venv
+diagrams: dev-tools
 	$(VPY) docs/diagrams/make_diagrams.py
 
 # bench: the whole benchmark suite, then docs/benchmarks.md (and its plots) from
@@ -301,7 +315,7 @@ diagrams: venv
 # machine. Options: BENCH_ARGS (core-bench), BENCH_PY_ARGS (bench_python.py),
 # BENCH_E2E_ARGS (bench_e2e.py), BENCH_SCALE_ARGS (bench_scale.py: 10^6 live arrays,
 # 32 processes, a 16 GiB pool; --skip-16g), e.g. BENCH_PY_ARGS=--quick BENCH_E2E_ARGS=--quick.
-bench: install
+bench: install dev-tools
 	@mkdir -p build
 	@$(MAKE) --no-print-directory core-bench || \
 	  { echo "note: core-bench failed; the report has no C++ core section" >&2; rm -f build/core_bench.json; }
@@ -359,7 +373,7 @@ lint-tools:
 	fi
 
 # lint: clang-format check, cppcheck on the C++ sources, ruff and mypy on the Python.
-lint: lint-tools venv
+lint: lint-tools dev-tools
 	clang-format --dry-run --Werror $(CSRC_FILES)
 	cppcheck --enable=warning,performance,portability --error-exitcode=1 --inline-suppr \
 	  --std=c++20 -Icsrc csrc/core csrc/binding --suppress=missingIncludeSystem

@@ -104,7 +104,7 @@ def check_wheel(path: str) -> None:
          "pyarraypool/__init__.py", "*.dist-info/METADATA"],
         path,
     )
-    so = [n for n in names if n.startswith("pyarraypool/_core.")]
+    so = [n for n in names if n.startswith("pyarraypool/_core.") and n.endswith(".so")]
     if so != [f"pyarraypool/_core.cpython-{cp[2:]}-{machine}-linux-gnu.so"]:
         sys.exit(f"FAIL: {path}: the extension is {so}, not built for {cp}")
     print(f"{path}: {cp}-{cp}-{plat_tags}, {len(names)} files, "

@@ -154,8 +154,8 @@ std::vector<std::string> keeper_environment() {
 
 // The keeper being spawned by a thread of this process (start_keeper);
 // read and written with the GIL held. The thread, once done, waits to be
-// joined at exit (finish_keeper_start); in a fork child, where it does not
-// exist, this is left alone.
+// joined before the next fork or at exit (finish_keeper_start); in a fork
+// child, where it does not exist, this is left alone.
 struct Spawning {
   pthread_t thread;
   pid_t spawner;  // the process whose thread it is

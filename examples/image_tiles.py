@@ -30,7 +30,9 @@ def gradient(size: int) -> npt.NDArray[np.uint8]:
     y = np.arange(size)[:, None, None]
     x = np.arange(size)[None, :, None]
     c = np.arange(3)[None, None, :]
-    return ((x + 2 * y + 85 * c) % 256).astype(np.uint8)
+    # Annotated: NumPy 2.2's stubs (the last NumPy for Python 3.10) type this as Any.
+    picture: npt.NDArray[np.uint8] = ((x + 2 * y + 85 * c) % 256).astype(np.uint8)
+    return picture
 
 
 def invert_tile(image: npt.NDArray[np.uint8], y0: int, x0: int) -> int:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+
+import pytest
 
 import pyarraypool
 
@@ -139,3 +143,16 @@ def kill_keeper(token: str, *, expect: bool = True, timeout: float = 10) -> list
         assert time.monotonic() < deadline, f"keeper {pids} of {token} still running"
         time.sleep(0.01)
     return pids
+
+
+def build_preload_shim(tmp_path: pathlib.Path, name: str, source: str) -> str:
+    """Compiles the C `source` of an LD_PRELOAD shim (one that widens a race
+    window) into tmp_path/name.so and returns its path; skips without gcc."""
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc to build the LD_PRELOAD shim")
+    src = tmp_path / f"{name}.c"
+    src.write_text(source)
+    lib = tmp_path / f"{name}.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", str(lib), str(src), "-ldl"],
+                   check=True)
+    return str(lib)

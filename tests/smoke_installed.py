@@ -1,7 +1,7 @@
 """Checks of the built distributions, for `make dist-check` (pytest does not collect it).
 
     python smoke_installed.py                      # in a venv where pyarraypool is installed
-    python smoke_installed.py --check-wheel WHEEL  # what the wheel must hold
+    python smoke_installed.py --check-wheel WHEEL  # what the wheel must hold, and its tags
     python smoke_installed.py --check-sdist SDIST  # what the sdist must hold (run in the repo)
 
 The first form must run from outside the source tree (make dist-check copies this
@@ -16,6 +16,8 @@ import fnmatch
 import glob
 import multiprocessing
 import os
+import platform
+import re
 import subprocess
 import sys
 import tarfile
@@ -41,7 +43,8 @@ def smoke() -> None:
     prefix = os.path.realpath(sys.prefix)
     if not where.startswith(prefix + os.sep):
         sys.exit(f"FAIL: pyarraypool imported from {where}, not from the venv {prefix}")
-    print(f"pyarraypool {pyarraypool.__version__} from {where}, numpy {np.__version__}")
+    print(f"pyarraypool {pyarraypool.__version__} from {where}, "
+          f"python {platform.python_version()}, numpy {np.__version__}")
 
     before = pyarraypool.stats()
     # For make dist-check, which checks that this pool leaves nothing in /dev/shm.
@@ -113,6 +116,24 @@ AUTO_FILES = ["pyarraypool_auto.pth", "_pyarraypool_autostart.py"]
 
 
 def check_wheel(path: str) -> None:
+    """The wheel's contents, and its tags: this Python's, and a manylinux platform.
+
+    Run with the Python the wheel was built for (make dist-check uses that venv).
+    """
+    cp = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    # name-version-pyTAG-abiTAG-platformTAG.whl; auditwheel may join several
+    # platform tags with dots (manylinux_2_17_x86_64.manylinux2014_x86_64).
+    match = re.fullmatch(r"pyarraypool-[^-]+-(\w+)-(\w+)-([\w.]+)\.whl", os.path.basename(path))
+    if not match:
+        sys.exit(f"FAIL: {path} is not named like a wheel")
+    py_tag, abi_tag, plat_tags = match.groups()
+    if (py_tag, abi_tag) != (cp, cp):
+        sys.exit(f"FAIL: {path} is tagged {py_tag}-{abi_tag}, not {cp}-{cp} (this Python)")
+    machine = platform.machine()
+    plats = plat_tags.split(".")
+    if not all(re.fullmatch(r"manylinux(_\d+_\d+|2014|2010|1)_" + machine, p) for p in plats):
+        sys.exit(f"FAIL: {path}: platform tag {plat_tags} is not manylinux_*_{machine} "
+                 "(was the wheel repaired with auditwheel?)")
     names = zipfile.ZipFile(path).namelist()
     _need(
         names,
@@ -120,7 +141,11 @@ def check_wheel(path: str) -> None:
          "pyarraypool/__init__.py", "*.dist-info/METADATA"] + AUTO_FILES,
         path,
     )
-    print(f"{path}: {len(names)} files, extension, py.typed, stub and auto mode's files present")
+    so = [n for n in names if n.startswith("pyarraypool/_core.") and n.endswith(".so")]
+    if so != [f"pyarraypool/_core.cpython-{cp[2:]}-{machine}-linux-gnu.so"]:
+        sys.exit(f"FAIL: {path}: the extension is {so}, not built for {cp}")
+    print(f"{path}: {cp}-{cp}-{plat_tags}, {len(names)} files, "
+          "extension, py.typed, stub and auto mode's files present")
 
 
 def check_sdist(path: str) -> None:

@@ -15,11 +15,16 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
 from helpers import (
     KEEPER_COMM,
+    build_preload_shim,
+    fresh_env,
     group_alive,
     keeper_pids,
     kill_keeper,
@@ -274,3 +279,60 @@ def test_a_killed_keeper_leaves_the_pool_working_and_clean_still_removes_it(prog
     r = run_cli("clean")
     assert r.returncode == 0 and f"pyarraypool-{token}" in r.stdout, r.stdout + r.stderr
     assert pool_files(token) == []
+
+
+# LD_PRELOAD shim: posix_spawn (only the keeper's start calls it) waits 200 ms
+# before spawning, so the thread that spawns the keeper is surely still
+# there when the program forks. Only the race window grows.
+SLOW_SPAWN_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <spawn.h>
+#include <time.h>
+int posix_spawn(pid_t* pid, const char* path, const posix_spawn_file_actions_t* actions,
+                const posix_spawnattr_t* attr, char* const argv[], char* const envp[]) {
+  static int (*real)(pid_t*, const char*, const posix_spawn_file_actions_t*,
+                     const posix_spawnattr_t*, char* const[], char* const[]);
+  if (!real) real = dlsym(RTLD_NEXT, "posix_spawn");
+  struct timespec ts = {0, 200 * 1000 * 1000};
+  nanosleep(&ts, 0);
+  return real(pid, path, actions, attr, argv, envp);
+}
+"""
+
+# A program that forks the moment its pool exists, by os.fork() and by a
+# fork Pool, and prints OK.
+FORKS_AT_ONCE = """
+    import multiprocessing as mp, os
+    import numpy as np, pyarraypool
+
+    def fill(k):
+        x = pyarraypool.zeros(1000)
+        x[:] = k
+        return x
+
+    if __name__ == "__main__":
+        x = pyarraypool.make_transferable(np.arange(1000.0))   # makes the pool
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if x[999] == 999.0 else 1)
+        assert os.waitpid(pid, 0)[1] == 0
+        with mp.get_context("fork").Pool(2) as pool:
+            assert [float(r[0]) for r in pool.map(fill, range(4))] == [0.0, 1.0, 2.0, 3.0]
+        print("OK", flush=True)
+"""
+
+
+def test_a_program_forking_as_its_pool_starts_gets_no_warning(tmp_path):
+    """The keeper is spawned by a short-lived thread of the program (creating
+    the pool does not wait for the exec). No fork may see that thread: Python
+    3.12+ warns from os.fork() when the process has another thread ("This
+    process is multi-threaded, use of fork() may lead to deadlocks in the
+    child"), and a correct program prints no warning (contract point 23).
+    -W always::DeprecationWarning prints every such warning (-W error would
+    not show it: os.fork() drops this warning silently when it is an error)."""
+    lib = build_preload_shim(tmp_path, "slowspawn", SLOW_SPAWN_C)
+    proc = subprocess.run(
+        [sys.executable, "-W", "always::DeprecationWarning", "-c", textwrap.dedent(FORKS_AT_ONCE)],
+        env=fresh_env(LD_PRELOAD=lib), capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "OK\n", ""), proc.stderr

@@ -183,6 +183,9 @@ def test_pool_imap_returns_pool_arrays(method, balance):
     del results
 
 
+# Under fork, the Pool's own worker-handler thread forks the replacement workers:
+# what this test is about, and what Python 3.12+ warns of in any program doing it.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 @pytest.mark.parametrize("method", METHODS)
 def test_pool_with_maxtasksperchild_1_worker_exits_before_result_is_used(method, balance):
     ctx = multiprocessing.get_context(method)
@@ -214,6 +217,8 @@ def test_process_pool_executor_returns_pool_arrays(method, balance):
 
 
 # (ProcessPoolExecutor refuses max_tasks_per_child under fork.)
+@pytest.mark.skipif(sys.version_info < (3, 11),
+                    reason="ProcessPoolExecutor takes max_tasks_per_child from Python 3.11 on")
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_process_pool_executor_max_tasks_per_child(method, balance):
     ctx = multiprocessing.get_context(method)

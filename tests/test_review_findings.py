@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from helpers import fresh_env, pool_files, run_python
+from helpers import build_preload_shim, fresh_env, pool_files, run_python
 
 
 def _gone(pid: int) -> bool:
@@ -176,17 +176,13 @@ def _push_range() -> tuple[int, int] | None:
 def test_a_fork_while_another_thread_records_an_event_does_not_hang_the_child(
     tmp_path: pathlib.Path,
 ) -> None:
-    if shutil.which("gcc") is None or shutil.which("nm") is None:
-        pytest.skip("needs gcc and nm to build the LD_PRELOAD shim")
+    if shutil.which("nm") is None:
+        pytest.skip("needs nm to find pap::EventLog::push for the LD_PRELOAD shim")
     rng = _push_range()
     if rng is None:
         pytest.skip("pap::EventLog::push is not a separate function in this build")
-    src = tmp_path / "slowpush.c"
-    src.write_text(SLOW_PUSH_C)
-    lib = tmp_path / "slowpush.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", str(lib), str(src), "-ldl"],
-                   check=True)
-    env = fresh_env(PYARRAYPOOL_TRANSFER_TIMEOUT="0.000001", LD_PRELOAD=str(lib),
+    lib = build_preload_shim(tmp_path, "slowpush", SLOW_PUSH_C)
+    env = fresh_env(PYARRAYPOOL_TRANSFER_TIMEOUT="0.000001", LD_PRELOAD=lib,
                     SLOWPUSH_LO=f"{rng[0]:x}", SLOWPUSH_HI=f"{rng[1]:x}")
     out = run_python(FORK_DURING_PUSH, env=env, timeout=300)
     res = json.loads(out.stdout)

@@ -71,13 +71,16 @@ class OtherUserPython:
     """A Python and a PYTHONPATH with which another user imports numpy and
     pyarraypool (this one's build)."""
 
-    def __init__(self, python: str, path: list[str], tmpdir: str | None):
-        self.python, self.path, self.tmpdir = python, path, tmpdir
+    def __init__(self, python: str, path: list[str], tmpdir: str | None,
+                 libdir: str | None = None):
+        self.python, self.path, self.tmpdir, self.libdir = python, path, tmpdir, libdir
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/",
                "PYTHONPATH": os.pathsep.join(self.path), "PYTHONDONTWRITEBYTECODE": "1",
                "PYTHONNOUSERSITE": "1", "LANG": "C.UTF-8"}
+        if self.libdir:  # a copied interpreter's libpython (its RUNPATH names the original)
+            env["LD_LIBRARY_PATH"] = self.libdir
         env.update(extra)
         return env
 
@@ -101,10 +104,31 @@ print(os.geteuid(), numpy.__version__, int(ok), pyarraypool.__file__)
 """
 
 
+def _copy_interpreter(dest: str) -> tuple[str, str]:
+    """A copy of this interpreter (its executable, libpython, the standard
+    library without site-packages and tests) under `dest`, for a user who
+    may not read where it is installed (pyenv's under /root, mode 0700): the
+    copy finds its standard library beside it. Returns (executable, libdir)."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    base = sys.base_prefix
+    os.makedirs(os.path.join(dest, "bin"))
+    exe = os.path.join(dest, "bin", version)
+    shutil.copy2(os.path.realpath(os.path.join(base, "bin", version)), exe)
+    libdir = os.path.join(dest, "lib")
+    shutil.copytree(os.path.join(base, "lib", version), os.path.join(libdir, version),
+                    ignore=shutil.ignore_patterns("site-packages", "test", "__pycache__",
+                                                  "idlelib", "tkinter", "turtledemo", "ensurepip"))
+    for name in os.listdir(os.path.join(base, "lib")):
+        if name.startswith(f"lib{version}") and ".so" in name:
+            shutil.copy2(os.path.join(base, "lib", name), os.path.join(libdir, name))
+    return exe, libdir
+
+
 def _find_python(account) -> tuple[OtherUserPython | None, str]:
     """This interpreter if the other user may run it, else a system Python of
-    the same version; the repository and numpy's site-packages in place if
-    the other user may read them, else copies in a directory it can read."""
+    the same version, else a copy of this one; the repository and numpy's
+    site-packages in place if the other user may read them, else copies in a
+    directory it can read."""
     site = os.path.dirname(os.path.dirname(np.__file__))
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     pythons = [os.path.realpath(sys.executable)]
@@ -112,7 +136,7 @@ def _find_python(account) -> tuple[OtherUserPython | None, str]:
         if os.path.exists(os.path.join(d, version)):
             pythons.append(os.path.join(d, version))
     tried = []
-    for layout in ("in place", "copied"):
+    for layout in ("in place", "copied", "copied with the interpreter"):
         tmpdir = None
         if layout == "in place":
             path = [REPO, site]
@@ -134,8 +158,11 @@ def _find_python(account) -> tuple[OtherUserPython | None, str]:
                     p = os.path.join(root, f)
                     os.chmod(p, os.stat(p).st_mode | 0o444)
             path = [tmpdir]
-        for python in pythons:
-            cand = OtherUserPython(python, path, tmpdir)
+        candidates = [(python, None) for python in pythons]
+        if layout == "copied with the interpreter":
+            candidates = [_copy_interpreter(os.path.join(tmpdir, "python"))]
+        for python, libdir in candidates:
+            cand = OtherUserPython(python, path, tmpdir, libdir)
             try:
                 r = cand.run(account, PROBE, timeout=60)
             except (OSError, subprocess.TimeoutExpired) as e:

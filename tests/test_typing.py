@@ -45,7 +45,7 @@ def test_mypy_rejects_a_wrong_dtype(tmp_path) -> None:
     # claim about a dtype and a shape must be an error.
     wrong = tmp_path / "wrong.py"
     wrong.write_text(textwrap.dedent("""
-        from typing import assert_type
+        from typing_extensions import assert_type  # typing's from 3.11 on; mypy has both
         import numpy as np
         import pyarraypool
         from pyarraypool import TransferableArray

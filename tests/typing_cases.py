@@ -7,7 +7,17 @@ what its static type says). Not collected by pytest on its own.
 
 from __future__ import annotations
 
-from typing import Any, assert_type, get_args, get_origin
+import sys
+from typing import TYPE_CHECKING, Any, get_args, get_origin
+
+if sys.version_info >= (3, 11):
+    from typing import assert_type
+elif TYPE_CHECKING:  # Python 3.10: mypy knows it from typing_extensions
+    from typing_extensions import assert_type
+else:  # ... and at run time it is the identity, as typing's is
+
+    def assert_type(value: Any, typ: Any, /) -> Any:
+        return value
 
 import numpy as np
 

@@ -42,8 +42,12 @@ namespace {
 
 // What the keeper's interpreter runs: load pyarraypool._keeper from this
 // extension's file and watch the pool. argv: this file, token, instance.
+// Its second line is for Python 3.10, which has no -P (start_keeper): there
+// `-c` puts the current directory ('') first on sys.path, and it goes before
+// the first import. Under -P nothing is put there and the line does nothing.
 constexpr const char* kKeeperCode =
     "import sys\n"
+    "if sys.path[:1] == ['']: del sys.path[0]\n"
     "from importlib.machinery import ExtensionFileLoader, ModuleSpec\n"
     "name = 'pyarraypool._keeper'\n"
     "loader = ExtensionFileLoader(name, sys.argv[1])\n"
@@ -150,8 +154,8 @@ std::vector<std::string> keeper_environment() {
 
 // The keeper being spawned by a thread of this process (start_keeper);
 // read and written with the GIL held. The thread, once done, waits to be
-// joined at exit (finish_keeper_start); in a fork child, where it does not
-// exist, this is left alone.
+// joined before the next fork or at exit (finish_keeper_start); in a fork
+// child, where it does not exist, this is left alone.
 struct Spawning {
   pthread_t thread;
   pid_t spawner;  // the process whose thread it is
@@ -195,9 +199,13 @@ void start_keeper(const pap::Pool& pool) noexcept {
       return;
     }
     // -S: no site (no .pth files to run, nothing of site-packages imported);
-    // -P: no script or current directory on sys.path.
-    std::vector<std::string> argv = {exe,  "-S",        "-P",         "-c",
-                                     kKeeperCode, so, pool.token(), pool.instance_id()};
+    // -P: no script or current directory on sys.path (Python 3.11 and later;
+    // on 3.10 kKeeperCode removes it).
+    std::vector<std::string> argv = {exe, "-S"};
+#if PY_VERSION_HEX >= 0x030B0000
+    argv.emplace_back("-P");
+#endif
+    argv.insert(argv.end(), {"-c", kKeeperCode, so, pool.token(), pool.instance_id()});
     std::vector<std::string> env = keeper_environment();
     // posix_spawn returns only once the child has exec'd, which on a busy
     // machine waits for the scheduler to run it (measured: 0.15 to 10 ms).

@@ -24,10 +24,12 @@ namespace pyb {
 void start_keeper(const pap::Pool& pool) noexcept;
 
 // Waits until the keeper start_keeper began spawning is spawned (the exec
-// is done), if it is not yet; the GIL is released meanwhile. Called as the
-// process leaves the pool at exit: a creator that exits within milliseconds
-// of making the pool, leaving it to others (or, kept for the program's
-// root, to nobody attached), still leaves the pool its keeper.
+// is done) and joins the thread that spawned it, if not done yet; the GIL
+// is released meanwhile. Called before every fork (the os.register_at_fork
+// hook): the process forks with no thread of ours. And as the process
+// leaves the pool at exit: a creator that exits within milliseconds of
+// making the pool, leaving it to others (or, kept for the program's root,
+// to nobody attached), still leaves the pool its keeper.
 void finish_keeper_start() noexcept;
 
 }  // namespace pyb

@@ -281,6 +281,11 @@ void ProcessPool::shutdown() {
 }
 
 void ProcessPool::before_fork() {
+  // The thread spawning the keeper must be gone before the fork: a fork of
+  // a process with another thread may leave the child a lock that thread
+  // held, and Python 3.12+ warns ("This process is multi-threaded") from
+  // os.fork(). It lives for milliseconds at most.
+  finish_keeper_start();
   pap::Pool* p = attached();
   if (!p) return;
   fork_in_progress_ = true;

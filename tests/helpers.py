@@ -17,6 +17,17 @@ import pyarraypool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The time the stress tests (soak, fuzzers, property tests) spend: full by
+# default; PAP_TEST_STRESS=short shortens them, never skips them. CI spends
+# the full budget on its main Python and the short one on every other
+# Python and NumPy, where the same tests check the same code again.
+SHORT_STRESS = os.environ.get("PAP_TEST_STRESS") == "short"
+
+
+def stress(full: int, short: int) -> int:
+    """`full`, or `short` under PAP_TEST_STRESS=short."""
+    return short if SHORT_STRESS else full
+
 
 def fresh_env(**extra: str) -> dict[str, str]:
     """The environment of an unrelated program: no inherited pool name."""

@@ -34,9 +34,9 @@ import sys
 import textwrap
 
 import pytest
-from helpers import fresh_env, pool_files
+from helpers import fresh_env, pool_files, stress
 
-FUZZ_SECONDS = 18
+FUZZ_SECONDS = stress(18, 6)
 
 try:
     import atheris  # noqa: F401

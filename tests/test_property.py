@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import stress
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -25,7 +26,7 @@ import pyarraypool
 from pyarraypool import _core
 
 SETTINGS = settings(
-    max_examples=60,
+    max_examples=stress(60, 20),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                            HealthCheck.data_too_large],

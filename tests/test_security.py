@@ -146,6 +146,9 @@ def _find_python(account) -> tuple[OtherUserPython | None, str]:
             shutil.copytree(os.path.join(REPO, "pyarraypool"),
                             os.path.join(tmpdir, "pyarraypool"),
                             ignore=shutil.ignore_patterns("__pycache__"))
+            # The package imports auto mode's top-level module (beside it in
+            # site-packages, at the root of the source tree).
+            shutil.copy2(os.path.join(REPO, "_pyarraypool_autostart.py"), tmpdir)
             for name in os.listdir(site):
                 if name == "numpy" or name.startswith("numpy.libs") or name.startswith("numpy-"):
                     src = os.path.join(site, name)
@@ -191,10 +194,17 @@ def _why_not() -> str | None:
 def other_python():
     why = _why_not()
     if why:
+        if os.environ.get(REQUIRE_ROOT_ENV) == "1":
+            pytest.fail(f"{REQUIRE_ROOT_ENV}=1 but {why}")
         pytest.skip(why)
     py, tried = _find_python(NOBODY)
     if py is None:
-        pytest.skip(f"user nobody cannot run a Python that imports numpy and pyarraypool: {tried}")
+        why = f"user nobody cannot run a Python that imports numpy and pyarraypool: {tried}"
+        # As root (CI), some layout always works: not finding one is a failure
+        # of the test's own set-up, which must not pass as a skip.
+        if os.environ.get(REQUIRE_ROOT_ENV) == "1":
+            pytest.fail(f"{REQUIRE_ROOT_ENV}=1 but {why}")
+        pytest.skip(why)
     yield py
     if py.tmpdir:
         shutil.rmtree(py.tmpdir, ignore_errors=True)

@@ -23,6 +23,11 @@ SECONDS = stress(60, 20)
 HARD_TIMEOUT = 150
 
 
+def at_least(count_in_60_s: int) -> int:
+    """What a soak of SECONDS must reach where 60 s must reach `count_in_60_s`."""
+    return max(1, count_in_60_s * SECONDS // 60)
+
+
 @pytest.mark.soak
 def test_chaos_soak(tmp_path):
     # In the test's own folder: CI runs the suites of several Pythons at once
@@ -62,22 +67,25 @@ def test_chaos_soak(tmp_path):
         assert r["ok"] is True
         # It ran, and the chaos happened.
         assert r["soak_seconds"] >= SECONDS
-        assert r["ops"] >= 20_000, r["ops"]
-        assert r["received"] >= 2_000 and r["verified"] >= 5_000, (r["received"], r["verified"])
-        assert r["driver_verified"] >= 50, r.get("driver_verified")
-        assert r["kills"] >= 100, r["kills"]
-        assert r["kills_in_lock"] >= 10, r["kills_in_lock"]
+        # The counts a 60 s soak must reach, in proportion for a shorter one
+        # (PAP_TEST_STRESS=short): the same rates of work and of kills.
+        assert r["ops"] >= at_least(20_000), r["ops"]
+        assert r["received"] >= at_least(2_000) and r["verified"] >= at_least(5_000), (
+            r["received"], r["verified"])
+        assert r["driver_verified"] >= at_least(50), r.get("driver_verified")
+        assert r["kills"] >= at_least(100), r["kills"]
+        assert r["kills_in_lock"] >= at_least(10), r["kills_in_lock"]
         assert r["kills_in_lock_confirmed"] >= 1, r["kills_in_lock_confirmed"]
-        assert r["hold_lock_calls"] >= 100, r["hold_lock_calls"]
+        assert r["hold_lock_calls"] >= at_least(100), r["hold_lock_calls"]
         assert r["spawn_starts"] >= 1, r["spawn_starts"]
         # As root, some workers run in a pid namespace of their own (killed
         # there too); PYARRAYPOOL_REQUIRE_ROOT_TESTS=1 (CI) insists on it.
         if os.geteuid() == 0:
-            assert r["pid_ns_starts"] >= 3, r["pid_ns_starts"]
+            assert r["pid_ns_starts"] >= at_least(3), r["pid_ns_starts"]
         elif os.environ.get("PYARRAYPOOL_REQUIRE_ROOT_TESTS") == "1":
             pytest.fail("PYARRAYPOOL_REQUIRE_ROOT_TESTS=1 but the soak cannot start workers "
                         "in another pid namespace (needs root)")
-        assert r["exec_children"] >= 20, r["exec_children"]
+        assert r["exec_children"] >= at_least(20), r["exec_children"]
         # And nothing went wrong.
         assert r["hangs"] == 0
         assert r["corruptions"] == 0

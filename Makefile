@@ -236,9 +236,13 @@ $(TOOLS_STAMP): Makefile
 # unrepaired wheel stays in dist/pyX.Y/raw.
 DIST_DIR := dist/py$(PYVER)
 AUDITWHEEL := PATH="$(abspath $(TOOLS_VENV))/bin:$$PATH" $(TOOLS_VENV)/bin/auditwheel
+# One build at a time (flock): setuptools writes the sdist's tree into the
+# project directory, so two Pythons' builds at once (CI's lanes) trip on
+# each other's files.
 dist: venv $(TOOLS_STAMP)
 	rm -rf $(DIST_DIR)
-	$(VPY) -m build --outdir $(DIST_DIR)/raw .
+	@mkdir -p build
+	flock build/.dist.lock $(VPY) -m build --outdir $(DIST_DIR)/raw .
 	mv $(DIST_DIR)/raw/pyarraypool-*.tar.gz $(DIST_DIR)/
 	$(AUDITWHEEL) repair --wheel-dir $(DIST_DIR) $(DIST_DIR)/raw/pyarraypool-*.whl
 	$(AUDITWHEEL) show $(DIST_DIR)/pyarraypool-*.whl

@@ -33,6 +33,7 @@ from ._core import (  # noqa: E402
 )
 from ._identity import PoolIdentity, pool_identity  # noqa: E402
 from ._settings import (  # noqa: E402
+    DEFAULT_DECAY,
     DEFAULT_SEGMENT_BYTES,
     DEFAULT_TRANSFER_TIMEOUT,
     default_max_bytes,
@@ -68,6 +69,7 @@ def _init_settings() -> None:
         int(env.get("segment_bytes", DEFAULT_SEGMENT_BYTES)),
         float(env.get("transfer_timeout", DEFAULT_TRANSFER_TIMEOUT)),
         False,  # only the settings for creating the pool; never attaches
+        float(env.get("decay", DEFAULT_DECAY)),
     )
 
 

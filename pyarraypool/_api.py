@@ -12,7 +12,7 @@ from numpy.typing import ArrayLike, DTypeLike
 
 from . import _core
 from ._core import TransferableArray
-from ._settings import parse_size
+from ._settings import check_decay, parse_size
 
 __all__ = ["empty", "zeros", "empty_like", "zeros_like", "configure", "stats", "PoolStats"]
 
@@ -293,14 +293,16 @@ def configure(
     max_bytes: int | str | None = None,
     segment_bytes: int | str | None = None,
     transfer_timeout: float | None = None,
+    decay: float | None = None,
 ) -> None:
     """Set the pool's settings; call it before the program first uses the pool.
 
     The pool is created with these settings by the first process of the
     program that uses it (allocates or loads a handle). Settings left out keep
     their current values. The same settings come from the environment
-    variables ``PYARRAYPOOL_MAX_BYTES``, ``PYARRAYPOOL_SEGMENT_BYTES`` and
-    ``PYARRAYPOOL_TRANSFER_TIMEOUT``; ``configure`` sets them as well, so
+    variables ``PYARRAYPOOL_MAX_BYTES``, ``PYARRAYPOOL_SEGMENT_BYTES``,
+    ``PYARRAYPOOL_TRANSFER_TIMEOUT`` and ``PYARRAYPOOL_DECAY``; ``configure``
+    sets them as well, so
     processes started afterwards (which may be the first to use the pool)
     agree.
 
@@ -317,6 +319,12 @@ def configure(
     transfer_timeout : float, optional
         Seconds after which a pickle made with ``transfer_required=True`` that
         was never loaded stops keeping its block alive (default 300).
+    decay : float, optional
+        Seconds free pool memory stays reserved before it goes back to the
+        system (default 1). Memory reused within that time costs nothing to
+        reuse; memory given back costs reserving (zeroing) pages again.
+        0 gives it back as soon as the pool's keeper (or ``collect()``,
+        ``stats()``) next looks.
 
     Raises
     ------
@@ -337,12 +345,14 @@ def configure(
         new_timeout = float(transfer_timeout)
         if not new_timeout > 0:
             raise ValueError("transfer_timeout must be a positive number of seconds")
-    _core._configure(new_max, new_seg, new_timeout, True)
+    new_decay = current["decay"] if decay is None else check_decay(float(decay))
+    _core._configure(new_max, new_seg, new_timeout, True, new_decay)
     # Processes started from now on (spawn workers may be the first to use
     # the pool and so create it) take the same settings.
     os.environ["PYARRAYPOOL_MAX_BYTES"] = str(new_max)
     os.environ["PYARRAYPOOL_SEGMENT_BYTES"] = str(new_seg)
     os.environ["PYARRAYPOOL_TRANSFER_TIMEOUT"] = repr(new_timeout)
+    os.environ["PYARRAYPOOL_DECAY"] = repr(new_decay)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,6 +373,11 @@ class PoolStats:
     max_bytes: int  #: the most shared memory the pool may map (a setting)
     segment_bytes: int  #: the size by which the pool grows (a setting)
     transfer_timeout: float  #: seconds an unloaded pickle keeps its block (a setting)
+    #: bytes of /dev/shm the pool's files hold now (pages reserved; control segment included)
+    reserved_bytes: int = 0
+    #: bytes given back to the system since the pool was made (idle pages, removed segments)
+    returned_bytes: int = 0
+    decay: float = 1.0  #: seconds free memory stays reserved before it goes back (a setting)
     # Only with stats(detail=True), which walks every block; empty otherwise.
     # `python -m pyarraypool stats --json` prints the same fields.
     size_classes: tuple[dict[str, int], ...] = ()  #: used/free blocks and bytes per size class

@@ -24,22 +24,31 @@ std::optional<Block> Pool::allocate(uint64_t bytes, bool transfer_required, Mode
   // Room in our hold list first: once the block is ours, naming it there
   // must not fail.
   if (!reserve_hold_locked(mode)) return std::nullopt;
-  if (auto b = allocate_locked(block_size, transfer_required)) return b;
-  if (mode == Mode::kFast) return std::nullopt;
+  if (mode == Mode::kFast) return allocate_locked(block_size, transfer_required, mode, bytes);
+  try {
+    if (auto b = allocate_locked(block_size, transfer_required, mode, bytes)) return b;
+  } catch (const CoreError& e) {
+    // /dev/shm had no room for the pages of the block found. What dead
+    // processes held may be free pages (reserved already) that serve it.
+    if (e.kind() != ErrorKind::kPoolFull || maintain_locked(false) == 0) throw;
+    if (auto b = allocate_locked(block_size, transfer_required, mode, bytes)) return b;
+  }
   // Out of room: first take back what dead processes and expired pickles
   // hold, then grow by a segment.
   if (maintain_locked(false) > 0)
-    if (auto b = allocate_locked(block_size, transfer_required)) return b;
+    if (auto b = allocate_locked(block_size, transfer_required, mode, bytes)) return b;
   grow_locked(block_size, bytes);
-  if (auto b = allocate_locked(block_size, transfer_required)) return b;
+  if (auto b = allocate_locked(block_size, transfer_required, mode, bytes)) return b;
   throw_full(bytes);
 }
 
-std::optional<Block> Pool::allocate_locked(uint64_t block_size, bool transfer_required) {
+std::optional<Block> Pool::allocate_locked(uint64_t block_size, bool transfer_required, Mode mode,
+                                           uint64_t requested) {
   Counters& c = hdr_->counters;
   UsedInit init{c.next_generation, 0, transfer_required ? kFlagTransferRequired : 0u};
   Allocator a = allocator();
-  BlockRef ref = a.allocate(block_size, init);
+  Reserver reserver(*this, mode, requested);
+  BlockRef ref = a.allocate(block_size, init, &reserver);
   if (ref.nil()) return std::nullopt;
   ++c.next_generation;
   BlockHeader* h = a.header(ref);
@@ -61,7 +70,7 @@ std::string Pool::usage_locked() {
 
 void Pool::throw_full(uint64_t bytes) {
   const Counters& c = hdr_->counters;
-  const PoolConfig cfg = hdr_->config;
+  const PoolConfig cfg = config();
   throw CoreError(
       ErrorKind::kPoolFull,
       "pyarraypool cannot allocate " + std::to_string(bytes) + " bytes: the pool uses " +
@@ -108,9 +117,11 @@ BlockHeader* Pool::checked_header(BlockRef ref, uint64_t generation) {
 void Pool::free_if_unused(BlockRef ref, BlockHeader& h) {
   if (h.holders > 0 || h.pending > 0) return;
   Counters& c = hdr_->counters;
-  c.used_bytes -= h.size();
+  const uint64_t size = h.size();
+  c.used_bytes -= size;
   --c.live_blocks;
   allocator().free(ref);
+  if (size > kPageSize) note_freed_locked();
 }
 
 bool Pool::release_unshared(const Block& b, Mode mode) {

@@ -218,7 +218,15 @@ bench: install
 	$(VPY) bench/bench_python.py --json build/bench_python.json $(BENCH_PY_ARGS)
 	$(VPY) bench/bench_e2e.py --json build/bench_e2e.json $(BENCH_E2E_ARGS)
 	$(VPY) bench/bench_scale.py --json build/bench_scale.json $(BENCH_SCALE_ARGS)
+	$(VPY) bench/bench_memory.py --json build/bench_memory.json
 	$(VPY) bench/report.py
+
+# bench-memory: issue 12's memory targets (footprint, idle memory, growth, reuse)
+# alone, into build/bench_memory.json; `make bench` runs it too.
+.PHONY: bench-memory
+bench-memory: install
+	@mkdir -p build
+	$(VPY) bench/bench_memory.py --json build/bench_memory.json
 
 # bench-dask: a Dask LocalCluster map whose inputs live on the other worker, with
 # and without pyarraypool.dask (docs/dask.md); BENCH_DASK_ARGS=--quick for a short run.

@@ -62,7 +62,8 @@ def default_max_bytes() -> int:
 
 
 def settings_from_env() -> dict[str, int | float]:
-    """Settings given by ``PYARRAYPOOL_MAX_BYTES``, ``_SEGMENT_BYTES``, ``_TRANSFER_TIMEOUT``, ``_DECAY``."""
+    """Settings given by ``PYARRAYPOOL_MAX_BYTES``, ``_SEGMENT_BYTES``, ``_TRANSFER_TIMEOUT``,
+    ``_DECAY``."""
     out: dict[str, int | float] = {}
     for key in ("max_bytes", "segment_bytes"):
         raw = os.environ.get("PYARRAYPOOL_" + key.upper())

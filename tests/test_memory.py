@@ -15,33 +15,18 @@ Each test runs a program of its own (its own pool, its own settings).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
-from helpers import fresh_env, run_python
+from helpers import REPO, fresh_env, run_python
 
 MIB = 1 << 20
 
-# Shared by the children below: what /dev/shm holds for the program's pool
-# (allocated pages of its files), and this process's RssShmem.
-MEASURE = """
-import os
-def shm_bytes(token):
-    total = 0
-    for n in os.listdir("/dev/shm"):
-        if n.startswith("pyarraypool-" + token):
-            try:
-                total += os.stat("/dev/shm/" + n).st_blocks * 512
-            except FileNotFoundError:
-                pass
-    return total
-def rss_shmem():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssShmem:"):
-                return int(line.split()[1]) * 1024
-    return 0
-"""
+# What /dev/shm holds for the program's pool (allocated pages of its files)
+# and the process's RssShmem, measured as the memory benchmark does.
+sys.path.insert(0, os.path.join(REPO, "bench"))
+from bench_memory import MEASURE  # noqa: E402
 
 
 def child_json(code: str, **env: str) -> dict:
@@ -60,7 +45,7 @@ def make(i):
     return pyarraypool.make_transferable(np.full(1 << 17, i, dtype=np.float64))
 
 if __name__ == "__main__":
-    token = pyarraypool._core._pool_token() or (pyarraypool.stats() and pyarraypool._core._pool_token())
+    token = token()
     with mp.get_context("fork").Pool(2) as pool:
         arrays = pool.map(make, range(200), chunksize=4)
     assert all(int(a[0]) == i for i, a in enumerate(arrays))
@@ -82,7 +67,7 @@ def test_mixed_sizes_footprint():
     # is reused before the pool grows; what is not reused goes back).
     r = child_json(
         """
-import json, random
+import json, random, time
 import numpy as np
 import pyarraypool
 rng = random.Random(1)
@@ -97,10 +82,14 @@ for step in range(400):
         arrays[-1][::4096] = 1
     peak_live = max(peak_live, sum(a.nbytes for a in arrays))
     peak_shm = max(peak_shm, shm_bytes(token))
-print(json.dumps({"peak_live": peak_live, "peak_shm": peak_shm}))
+del arrays
+time.sleep(3)  # idle: the keeper gives back what the holes between arrays hid
+print(json.dumps({"peak_live": peak_live, "peak_shm": peak_shm, "idle_shm": shm_bytes(token),
+                  "idle_rss": rss_shmem()}))
 """
     )
     assert r["peak_shm"] <= 1.05 * r["peak_live"] + 8 * MIB, r
+    assert r["idle_shm"] <= 8 * MIB and r["idle_rss"] <= 8 * MIB, r
 
 
 def test_idle_memory_goes_back_without_a_call():

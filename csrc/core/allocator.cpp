@@ -41,7 +41,10 @@ FreeState merged(const FreeState& a, const FreeState& b) {
   } else {
     m.lo = std::min(a.lo, b.lo);
     m.hi = std::max(a.hi, b.hi);
+    // Pages between two ranges that do not touch are reserved ones.
+    m.mixed = a.hi < b.lo || b.hi < a.lo;
   }
+  m.mixed = m.mixed || a.mixed || b.mixed;
   m.since_ms = std::max(a.since_ms, b.since_ms);
   return m;
 }
@@ -51,7 +54,7 @@ bool has_reserved_interior(BlockRef ref, uint64_t size, const FreeState& s) {
   uint64_t lo, hi;
   Allocator::interior(ref, size, &lo, &hi);
   if (lo >= hi) return false;
-  return !s.any_holes() || s.lo > lo || s.hi < hi;
+  return s.mixed || !s.any_holes() || s.lo > lo || s.hi < hi;
 }
 
 }  // namespace
@@ -72,21 +75,24 @@ uint64_t Allocator::seal_of(BlockRef ref, uint64_t size, const FreeState& s) con
   // Not secret, only a consistency check: a header whose stores were cut
   // short by a kill, or that belongs to another block, does not pass.
   uint64_t x = header_check(ref.bits() ^ (size << 1), s.lo ^ (s.hi * 0x9E3779B97F4A7C15ull), key_);
-  return x ^ (s.since_ms * 0xD6E8FEB86659FD93ull) ^ 0x5EA1ull;
+  const uint64_t since = s.since_ms | (s.mixed ? kMixedBit : 0);
+  return x ^ (since * 0xD6E8FEB86659FD93ull) ^ 0x5EA1ull;
 }
 
 FreeState Allocator::free_state(BlockRef ref, uint64_t size) const {
   const BlockHeader* h = header(ref);
-  FreeState s{h->holes_lo, h->holes_hi, h->free_since_ms};
+  FreeState s{h->holes_lo, h->holes_hi, h->free_since_ms & ~kMixedBit,
+              (h->free_since_ms & kMixedBit) != 0};
   uint64_t lo, hi;
   interior(ref, size, &lo, &hi);
   const bool sane = s.lo % kPageSize == 0 && s.hi % kPageSize == 0 &&
                     (!s.any_holes() ? s.lo == 0 && s.hi == 0 : s.lo >= lo && s.hi <= hi);
   if (sane && h->free_seal == seal_of(ref, size, s)) return s;
-  FreeState safe;  // every interior page may be returned; nothing left to give back
+  FreeState safe;  // every interior page may be returned, or may not
   if (lo < hi) {
     safe.lo = lo;
     safe.hi = hi;
+    safe.mixed = true;
   }
   return safe;
 }
@@ -98,10 +104,14 @@ void Allocator::set_free_state(BlockRef ref, uint64_t size, const FreeState& s) 
   interior(ref, size, &lo, &hi);
   c.lo = std::max(c.lo, lo);
   c.hi = std::min(c.hi, hi);
-  if (c.lo >= c.hi) c.lo = c.hi = 0;
+  if (c.lo >= c.hi) {
+    c.lo = c.hi = 0;
+    c.mixed = false;  // no range, nothing hidden in it
+  }
+  c.since_ms &= ~kMixedBit;
   h->holes_lo = c.lo;
   h->holes_hi = c.hi;
-  h->free_since_ms = c.since_ms;
+  h->free_since_ms = c.since_ms | (c.mixed ? kMixedBit : 0);
   h->free_seal = seal_of(ref, size, c);
 }
 
@@ -465,7 +475,17 @@ bool Allocator::mark_returned(BlockRef ref, uint64_t max_bytes, uint64_t* lo, ui
   uint64_t ilo, ihi;
   interior(ref, size, &ilo, &ihi);
   max_bytes = std::max(max_bytes & ~(kPageSize - 1), kPageSize);
-  if (!s.any_holes()) {
+  if (s.mixed) {
+    // Reserved pages may hide anywhere in the range: the whole interior
+    // goes at once (punching pages already returned costs little), and the
+    // record is exact from then on.
+    if (ilo >= ihi) return false;
+    *lo = ilo;
+    *hi = ihi;
+    s.lo = ilo;
+    s.hi = ihi;
+    s.mixed = false;
+  } else if (!s.any_holes()) {
     // From the end down: the front is what the next allocation takes.
     if (ilo >= ihi) return false;
     *hi = ihi;

@@ -153,12 +153,19 @@ constexpr uint64_t kPageSize = 4096;
 // (a process killed between a block's commit and its record) is read as
 // "every interior page may be returned", which is always safe: an
 // allocation reserves those pages again, at worst for nothing.
+// `mixed`: the range may also hold reserved pages (two ranges merged across
+// reserved pages between them, or a record that did not check out): the
+// whole range is punched when the block is given back, which makes the
+// record exact again.
 struct FreeState {
   uint64_t lo = 0;
   uint64_t hi = 0;
   uint64_t since_ms = 0;
+  bool mixed = false;
   bool any_holes() const { return lo < hi; }
 };
+// FreeState::mixed is kept in the top bit of free_since_ms.
+constexpr uint64_t kMixedBit = uint64_t{1} << 63;
 
 // A block this process holds, as the binding sees it.
 struct Block {

@@ -311,6 +311,10 @@ class Pool {
                                        uint64_t requested);
   // Reserves pages of a data segment for an allocation (pool_memory.cpp).
   class Reserver;
+  // allocate() under the lock; then the pages it reserved are mapped.
+  std::optional<Block> allocate_guarded(uint64_t bytes, bool transfer_required, Mode mode);
+  // `map`: map them (an allocation that succeeded), else only forget them.
+  static void populate_reserved(bool map) noexcept;
   // A descriptor of data segment `i`, opened by its name and checked to be
   // the file this process maps there (under the lock).
   UniqueFd segment_fd(uint32_t i);

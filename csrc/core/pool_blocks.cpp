@@ -12,6 +12,18 @@
 namespace pap {
 
 std::optional<Block> Pool::allocate(uint64_t bytes, bool transfer_required, Mode mode) {
+  std::optional<Block> b;
+  try {
+    b = allocate_guarded(bytes, transfer_required, mode);
+  } catch (...) {
+    populate_reserved(false);
+    throw;
+  }
+  populate_reserved(b.has_value());
+  return b;
+}
+
+std::optional<Block> Pool::allocate_guarded(uint64_t bytes, bool transfer_required, Mode mode) {
   uint64_t block_size = Allocator::block_size_for(bytes);
   if (block_size == 0)
     throw CoreError(ErrorKind::kPoolFull, "pyarraypool cannot allocate " + std::to_string(bytes) +
@@ -47,7 +59,7 @@ std::optional<Block> Pool::allocate_locked(uint64_t block_size, bool transfer_re
   Counters& c = hdr_->counters;
   UsedInit init{c.next_generation, 0, transfer_required ? kFlagTransferRequired : 0u};
   Allocator a = allocator();
-  Reserver reserver(*this, mode, requested);
+  Reserver reserver(*this, mode, requested, /*populate=*/true);
   BlockRef ref = a.allocate(block_size, init, &reserver);
   if (ref.nil()) return std::nullopt;
   ++c.next_generation;

@@ -48,6 +48,29 @@ uint64_t allocated_bytes(int fd) {
 
 }  // namespace
 
+namespace {
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+// Pages this thread reserved in its last allocation, to map once the lock
+// is released (populate_reserved).
+thread_local unsigned char* t_populate_addr = nullptr;
+thread_local uint64_t t_populate_len = 0;
+}  // namespace
+
+void Pool::populate_reserved(bool map) noexcept {
+  unsigned char* addr = t_populate_addr;
+  const uint64_t len = t_populate_len;
+  t_populate_addr = nullptr;
+  t_populate_len = 0;
+  // Pages just reserved are about to be written by this process (a copy
+  // in): mapping them in one call costs a third of taking a fault on each
+  // (measured: 64 MiB, 22 ms against 64 ms on 4 KiB shmem pages). Outside
+  // the lock. Best effort: kernels before 5.14 say EINVAL, and the copy
+  // takes the faults instead.
+  if (map && addr && len) ::madvise(addr, len, MADV_POPULATE_WRITE);
+}
+
 bool Pool::Reserver::reserve(BlockRef block, uint64_t lo, uint64_t hi) {
   if (mode_ == Mode::kFast) return false;  // a system call: for kSlow
   p_.keep_footprint_locked(block, hi - lo);
@@ -73,6 +96,10 @@ bool Pool::Reserver::reserve(BlockRef block, uint64_t lo, uint64_t hi) {
                         ". /dev/shm is the limit, not max_bytes: free space there, or make it "
                         "larger (docker run --shm-size=2g, or mount -o remount,size=... /dev/shm)",
                     e.error_number());
+  }
+  if (populate_) {
+    t_populate_addr = p_.spans_[block.seg()].base + lo;
+    t_populate_len = hi - lo;
   }
   return true;
 }
@@ -195,7 +222,7 @@ void Pool::retire_returned_segments_locked() {
     const FreeState s = a.free_state(ref, size);
     uint64_t lo, hi;
     Allocator::interior(ref, size, &lo, &hi);
-    if (lo < hi && !(s.lo == lo && s.hi == hi)) continue;  // pages still reserved: not idle yet
+    if (lo < hi && (s.mixed || s.lo != lo || s.hi != hi)) continue;  // pages still reserved
     retire_segment_locked(i);
   }
 }

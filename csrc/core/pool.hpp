@@ -306,15 +306,21 @@ class Pool {
   bool nobody_needs_pool_locked(bool leaver_is_root);
   void leave_impl(bool unlink_if_last, LeaveStep die_at);
   SlotKind my_kind() const { return observer_ ? SlotKind::kObserver : SlotKind::kActive; }
+  // Pages an allocation reserved, in this process's mapping.
+  struct Reserved {
+    unsigned char* addr = nullptr;
+    uint64_t len = 0;
+  };
   // `requested`: the payload bytes asked for (for a full /dev/shm's message).
   std::optional<Block> allocate_locked(uint64_t block_size, bool transfer_required, Mode mode,
-                                       uint64_t requested);
+                                       uint64_t requested, Reserved* reserved);
   // Reserves pages of a data segment for an allocation (pool_memory.cpp).
   class Reserver;
-  // allocate() under the lock; then the pages it reserved are mapped.
-  std::optional<Block> allocate_guarded(uint64_t bytes, bool transfer_required, Mode mode);
-  // `map`: map them (an allocation that succeeded), else only forget them.
-  static void populate_reserved(bool map) noexcept;
+  // allocate() under the lock; `reserved` gets the pages it reserved, which
+  // allocate() maps once the lock is released (populate_reserved).
+  std::optional<Block> allocate_guarded(uint64_t bytes, bool transfer_required, Mode mode,
+                                        Reserved* reserved);
+  static void populate_reserved(const Reserved& r) noexcept;
   // A descriptor of data segment `i`, opened by its name and checked to be
   // the file this process maps there (under the lock).
   UniqueFd segment_fd(uint32_t i);

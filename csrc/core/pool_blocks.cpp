@@ -12,18 +12,14 @@
 namespace pap {
 
 std::optional<Block> Pool::allocate(uint64_t bytes, bool transfer_required, Mode mode) {
-  std::optional<Block> b;
-  try {
-    b = allocate_guarded(bytes, transfer_required, mode);
-  } catch (...) {
-    populate_reserved(false);
-    throw;
-  }
-  populate_reserved(b.has_value());
+  Reserved reserved;
+  std::optional<Block> b = allocate_guarded(bytes, transfer_required, mode, &reserved);
+  if (b && reserved.len) populate_reserved(reserved);
   return b;
 }
 
-std::optional<Block> Pool::allocate_guarded(uint64_t bytes, bool transfer_required, Mode mode) {
+std::optional<Block> Pool::allocate_guarded(uint64_t bytes, bool transfer_required, Mode mode,
+                                            Reserved* reserved) {
   uint64_t block_size = Allocator::block_size_for(bytes);
   if (block_size == 0)
     throw CoreError(ErrorKind::kPoolFull, "pyarraypool cannot allocate " + std::to_string(bytes) +
@@ -36,30 +32,30 @@ std::optional<Block> Pool::allocate_guarded(uint64_t bytes, bool transfer_requir
   // Room in our hold list first: once the block is ours, naming it there
   // must not fail.
   if (!reserve_hold_locked(mode)) return std::nullopt;
-  if (mode == Mode::kFast) return allocate_locked(block_size, transfer_required, mode, bytes);
+  if (mode == Mode::kFast) return allocate_locked(block_size, transfer_required, mode, bytes, reserved);
   try {
-    if (auto b = allocate_locked(block_size, transfer_required, mode, bytes)) return b;
+    if (auto b = allocate_locked(block_size, transfer_required, mode, bytes, reserved)) return b;
   } catch (const CoreError& e) {
     // /dev/shm had no room for the pages of the block found. What dead
     // processes held may be free pages (reserved already) that serve it.
     if (e.kind() != ErrorKind::kPoolFull || maintain_locked(false) == 0) throw;
-    if (auto b = allocate_locked(block_size, transfer_required, mode, bytes)) return b;
+    if (auto b = allocate_locked(block_size, transfer_required, mode, bytes, reserved)) return b;
   }
   // Out of room: first take back what dead processes and expired pickles
   // hold, then grow by a segment.
   if (maintain_locked(false) > 0)
-    if (auto b = allocate_locked(block_size, transfer_required, mode, bytes)) return b;
+    if (auto b = allocate_locked(block_size, transfer_required, mode, bytes, reserved)) return b;
   grow_locked(block_size, bytes);
-  if (auto b = allocate_locked(block_size, transfer_required, mode, bytes)) return b;
+  if (auto b = allocate_locked(block_size, transfer_required, mode, bytes, reserved)) return b;
   throw_full(bytes);
 }
 
 std::optional<Block> Pool::allocate_locked(uint64_t block_size, bool transfer_required, Mode mode,
-                                           uint64_t requested) {
+                                           uint64_t requested, Reserved* reserved) {
   Counters& c = hdr_->counters;
   UsedInit init{c.next_generation, 0, transfer_required ? kFlagTransferRequired : 0u};
   Allocator a = allocator();
-  Reserver reserver(*this, mode, requested, /*populate=*/true);
+  Reserver reserver(*this, mode, requested, reserved);
   BlockRef ref = a.allocate(block_size, init, &reserver);
   if (ref.nil()) return std::nullopt;
   ++c.next_generation;

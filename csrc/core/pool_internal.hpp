@@ -180,17 +180,17 @@ void unlink_pool_files(const std::string& token);
 // declines (a system call), and the allocation is retried in kSlow.
 class Pool::Reserver final : public PageReserver {
  public:
-  // `populate`: an array's block, which its allocator maps at once
-  // (Pool::populate_reserved).
-  Reserver(Pool& p, Mode mode, uint64_t requested, bool populate = false)
-      : p_(p), mode_(mode), requested_(requested), populate_(populate) {}
+  // `populated` (if not null) gets the pages reserved: an array's block,
+  // which its allocator maps at once (Pool::populate_reserved).
+  Reserver(Pool& p, Mode mode, uint64_t requested, Reserved* populated = nullptr)
+      : p_(p), mode_(mode), requested_(requested), populated_(populated) {}
   bool reserve(BlockRef block, uint64_t lo, uint64_t hi) override;
 
  private:
   Pool& p_;
   Mode mode_;
   uint64_t requested_;  // for the error message
-  bool populate_;
+  Reserved* populated_;
 };
 
 // On every allocate and release: inline, not a call.

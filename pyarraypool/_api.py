@@ -321,7 +321,7 @@ def configure(
         was never loaded stops keeping its block alive (default 300).
     decay : float, optional
         Seconds free pool memory stays reserved before it goes back to the
-        system (default 1). Memory reused within that time costs nothing to
+        system (default 2). Memory reused within that time costs nothing to
         reuse; memory given back costs reserving (zeroing) pages again.
         0 gives it back as soon as the pool's keeper (or ``collect()``,
         ``stats()``) next looks.
@@ -377,7 +377,7 @@ class PoolStats:
     reserved_bytes: int = 0
     #: bytes given back to the system since the pool was made (idle pages, removed segments)
     returned_bytes: int = 0
-    decay: float = 1.0  #: seconds free memory stays reserved before it goes back (a setting)
+    decay: float = 2.0  #: seconds free memory stays reserved before it goes back (a setting)
     # Only with stats(detail=True), which walks every block; empty otherwise.
     # `python -m pyarraypool stats --json` prints the same fields.
     size_classes: tuple[dict[str, int], ...] = ()  #: used/free blocks and bytes per size class

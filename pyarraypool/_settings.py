@@ -22,7 +22,7 @@ DEFAULT_TRANSFER_TIMEOUT = 300.0
 #: (like jemalloc's dirty-page decay: long enough that a loop reusing the
 #: same memory never gives it back, short enough that an idle program holds
 #: almost nothing).
-DEFAULT_DECAY = 1.0
+DEFAULT_DECAY = 2.0
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)

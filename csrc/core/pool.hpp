@@ -42,7 +42,7 @@ namespace pap {
 
 // How long free memory stays reserved before it goes back to the kernel,
 // by default (see Pool::return_idle_memory).
-inline constexpr uint64_t kDefaultDecayNs = 1'000'000'000ull;
+inline constexpr uint64_t kDefaultDecayNs = 2'000'000'000ull;
 
 struct PoolConfig {
   uint64_t max_bytes;

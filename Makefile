@@ -332,7 +332,25 @@ bench: install dev-tools
 	$(VPY) bench/bench_python.py --json build/bench_python.json $(BENCH_PY_ARGS)
 	$(VPY) bench/bench_e2e.py --json build/bench_e2e.json $(BENCH_E2E_ARGS)
 	$(VPY) bench/bench_scale.py --json build/bench_scale.json $(BENCH_SCALE_ARGS)
+	$(VPY) bench/bench_memory.py --json build/bench_memory.json
 	$(VPY) bench/report.py
+
+# bench-memory: issue 12's memory targets (footprint, idle memory, growth, reuse)
+# alone, into build/bench_memory.json; `make bench` runs it too.
+.PHONY: bench-memory
+bench-memory: install build/growth_floor
+	@mkdir -p build
+	$(VPY) bench/bench_memory.py --json build/bench_memory.json
+
+# bench-growth-floor: 64 MiB of fresh memory filled by a copy, every way the
+# kernel offers (numpy's huge pages; /dev/shm's pages): the floor under M3.
+.PHONY: bench-growth-floor
+bench-growth-floor: build/growth_floor
+	./build/growth_floor
+
+build/growth_floor: bench/growth_floor.cpp
+	@mkdir -p build
+	$(CXX) -std=c++20 -O2 -Wall -Wextra -o $@ $<
 
 # bench-dask: a Dask LocalCluster map whose inputs live on the other worker, with
 # and without pyarraypool.dask (docs/dask.md); BENCH_DASK_ARGS=--quick for a short run.

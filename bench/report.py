@@ -568,10 +568,52 @@ def machine_section(
     return out
 
 
+MIB = 1 << 20
+
+
+def memory_targets(mem: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
+    """The memory targets of issue 12 (M1-M3, R) from bench_memory.json."""
+    rows: list[tuple[str, str, str, str]] = []
+    texts = {
+        "M1": "peak /dev/shm <= 1.05x live bytes + 8 MiB",
+        "M2": "after 3 s idle with everything dropped: /dev/shm and the parent's RssShmem <= 8 MiB each",
+        "M3": "64 MiB make_transferable into a growing pool <= 1.25x a copy into fresh numpy memory",
+        "R": "a loop making and dropping 64 MiB arrays <= 1.2x memcpy (np.copyto into a warm array)",
+    }
+    if not mem:
+        return [(k, t, "no build/bench_memory.json", verdict(None)) for k, t in texts.items()]
+    for name, label in (("pool2", "200 x 1 MiB through Pool(2)"), ("mixed", "mixed sizes")):
+        r = mem[name]
+        bound = 1.05 * r["live"] + 8 * MIB
+        rows.append(("M1", f"{texts['M1']} ({label})",
+                     f"{fmt_bytes(r['peak_shm'])} for {fmt_bytes(r['live'])} live "
+                     f"(bound {fmt_bytes(int(bound))}; load {r['loadavg']})",
+                     verdict(r["peak_shm"] <= bound)))
+    for name, label in (("pool2", "after Pool(2)"), ("mixed", "after mixed sizes")):
+        r = mem[name]
+        rows.append(("M2", f"{texts['M2']} ({label})",
+                     f"/dev/shm {fmt_bytes(r['idle_shm'])}, RssShmem {fmt_bytes(r['idle_rss_shmem'])}",
+                     verdict(None, {"/dev/shm": r["idle_shm"] <= 8 * MIB,
+                                    "RssShmem": r["idle_rss_shmem"] <= 8 * MIB})))
+    g = mem["grow"]
+    ratio = g["pool_ms"] / g["fresh_ms"]
+    rows.append(("M3", texts["M3"],
+                 f"{g['pool_ms']:.1f} ms vs {g['fresh_ms']:.1f} ms: {ratio:.2f}x (load {g['loadavg']})",
+                 verdict(None, {"1.25x": ratio <= 1.25})))
+    s = mem["steady"]
+    ratio = s["pool_ms"] / s["memcpy_ms"]
+    rows.append(("R", texts["R"],
+                 f"{s['pool_ms']:.1f} ms vs {s['memcpy_ms']:.1f} ms: {ratio:.2f}x; "
+                 f"given back meanwhile: {fmt_bytes(s['returned']) if s['returned'] else '0 B'}",
+                 verdict(None, {"1.2x": ratio <= 1.2, "nothing given back": s["returned"] == 0})))
+    return rows
+
+
 def build(args: argparse.Namespace) -> str:
     bp = load(os.path.join(args.build, "bench_python.json"))
     e2e = load(os.path.join(args.build, "bench_e2e.json"))
     core = load(os.path.join(args.build, "core_bench.json"))
+    mem = load(os.path.join(args.build, "bench_memory.json"))
     meds = core_medians(core)
     docs_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(docs_dir, exist_ok=True)
@@ -641,7 +683,10 @@ def build(args: argparse.Namespace) -> str:
             f"{e2e['reps']} timed repetitions (ways slower than {e2e['slow_threshold_s']:g} s: "
             f"{e2e['slow_reps']}; a cell says when it differs), interleaved. Timed: from inputs as "
             "plain ndarrays in the parent to usable results in the parent, plus the clean-up; not "
-            "timed: verifying every result, which the parent does after every run.",
+            "timed: verifying every result, which the parent does after every run. "
+            "Each cell is the warm median, and in brackets the cold figure: the first, "
+            "untimed run of that way (first-touch page faults, a pool that grows, "
+            "lazily mapped segments).",
             "",
         ]
         for s, sc in e2e["scenarios"].items():
@@ -699,6 +744,8 @@ def build(args: argparse.Namespace) -> str:
                     c = fmt_s(r[w]["median_s"])
                     if r[w]["reps"] != e2e["reps"]:
                         c += f" ({r[w]['reps']} reps)"
+                    if "warmup_s" in r[w]:
+                        c += f" (cold {fmt_s(r[w]['warmup_s'])})"
                     cells.append(c)
                 ratios = [
                     f"{r[p]['median_s'] / r['pyarraypool']['median_s']:.1f}x"
@@ -783,7 +830,8 @@ def build(args: argparse.Namespace) -> str:
         "| # | target | measured | result |",
         "|---|---|---|---|",
     ]
-    for num, text, measured, v in targets(bp, e2e, meds) + dask_auto_targets(dask_auto):
+    for num, text, measured, v in (targets(bp, e2e, meds) + dask_auto_targets(dask_auto)
+                                   + memory_targets(mem)):
         L.append(f"| {num} | {text} | {measured} | {v} |")
     L.append("")
     return "\n".join(L)

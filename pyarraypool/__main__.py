@@ -93,6 +93,8 @@ _COLUMNS = (
     ("USED", lambda d: human(d["used_bytes"])),
     ("FREE", lambda d: human(d["free_bytes"])),
     ("CAPACITY", lambda d: human(d["capacity_bytes"])),
+    ("RESERVED", lambda d: human(d["reserved_bytes"])),
+    ("RETURNED", lambda d: human(d["returned_bytes"])),
     ("MAX", lambda d: human(d["max_bytes"])),
     ("SEGMENTS", lambda d: str(d["segments"])),
     ("BLOCKS", lambda d: str(d["live_blocks"])),
@@ -133,6 +135,8 @@ def format_detail(d: dict[str, Any]) -> str:
         f"{human(d['capacity_bytes'])} capacity in {plural(segs, 'segment')} "
         f"(max_bytes {human(d['max_bytes'])}); largest free block "
         f"{human(d['largest_free_block'])}",
+        f"  /dev/shm: {human(d['reserved_bytes'])} reserved now, "
+        f"{human(d['returned_bytes'])} given back so far (decay {seconds(d['decay'])})",
         "",
         "  Blocks by size class (headers included)",
     ]

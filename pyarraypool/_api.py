@@ -13,10 +13,12 @@ from numpy.typing import ArrayLike, DTypeLike
 from . import _core, _lifecycle
 from ._core import TransferableArray
 from ._settings import (
+    DEFAULT_DECAY,
     DEFAULT_SEGMENT_BYTES,
     DEFAULT_TRANSFER_TIMEOUT,
     default_max_bytes,
     env_settings,
+    parse_decay,
     parse_size,
     parse_timeout,
 )
@@ -323,12 +325,13 @@ def init_from_env() -> None:
         int(env.get("segment_bytes", DEFAULT_SEGMENT_BYTES)),
         float(env.get("transfer_timeout", DEFAULT_TRANSFER_TIMEOUT)),
         False,  # only the settings for creating the pool; never attaches
+        float(env.get("decay", DEFAULT_DECAY)),
     )
     set_env_problems(problems)
 
 
 def _leave_inherited_pool_if_settings_differ(max_bytes: int, segment_bytes: int,
-                                             timeout: float) -> None:
+                                             timeout: float, decay: float) -> None:
     # A tool started with subprocess by a program that uses the pool inherits
     # the program's pool name; asking for other settings, it wants a pool of
     # its own, not a PoolError (the rule: _lifecycle.py). Looked at as an
@@ -338,13 +341,15 @@ def _leave_inherited_pool_if_settings_differ(max_bytes: int, segment_bytes: int,
     running = _core._inspect(os.environ[_lifecycle.ENV_POOL], False)
     if running is None:
         return  # no pool yet: this process's settings will create it
-    wanted = (max_bytes, segment_bytes, int(timeout * 1e9))
-    have = (running["max_bytes"], running["segment_bytes"], running["transfer_timeout_ns"])
+    wanted = (max_bytes, segment_bytes, int(timeout * 1e9), int(decay * 1e9))
+    have = (running["max_bytes"], running["segment_bytes"], running["transfer_timeout_ns"],
+            round(running["decay"] * 1e9))
     if wanted != have:
         _lifecycle.take_own_pool(
             f"configure() asked for max_bytes={max_bytes}, segment_bytes={segment_bytes}, "
-            f"transfer_timeout={timeout:g}, and it runs with max_bytes={have[0]}, "
-            f"segment_bytes={have[1]}, transfer_timeout={running['transfer_timeout']:g}")
+            f"transfer_timeout={timeout:g}, decay={decay:g}, and it runs with "
+            f"max_bytes={have[0]}, segment_bytes={have[1]}, "
+            f"transfer_timeout={running['transfer_timeout']:g}, decay={running['decay']:g}")
 
 
 def configure(
@@ -352,14 +357,16 @@ def configure(
     max_bytes: int | str | None = None,
     segment_bytes: int | str | None = None,
     transfer_timeout: float | None = None,
+    decay: float | None = None,
 ) -> None:
     """Set the pool's settings; call it before the program first uses the pool.
 
     The pool is created with these settings by the first process of the
     program that uses it (allocates or loads a handle). Settings left out keep
     their current values. The same settings come from the environment
-    variables ``PYARRAYPOOL_MAX_BYTES``, ``PYARRAYPOOL_SEGMENT_BYTES`` and
-    ``PYARRAYPOOL_TRANSFER_TIMEOUT``; ``configure`` sets them as well, so
+    variables ``PYARRAYPOOL_MAX_BYTES``, ``PYARRAYPOOL_SEGMENT_BYTES``,
+    ``PYARRAYPOOL_TRANSFER_TIMEOUT`` and ``PYARRAYPOOL_DECAY``; ``configure``
+    sets them as well, so
     processes started afterwards (which may be the first to use the pool)
     agree.
 
@@ -376,6 +383,12 @@ def configure(
     transfer_timeout : float, optional
         Seconds after which a pickle made with ``transfer_required=True`` that
         was never loaded stops keeping its block alive (default 300).
+    decay : float, optional
+        Seconds free pool memory stays reserved before it goes back to the
+        system (default 2). Memory reused within that time costs nothing to
+        reuse; memory given back costs reserving (zeroing) pages again.
+        0 gives it back as soon as the pool's keeper (or ``collect()``,
+        ``stats()``) next looks.
 
     A process started with ``subprocess`` (not a multiprocessing worker)
     that inherited the program's pool and has not used it yet gets a fresh
@@ -395,7 +408,7 @@ def configure(
         A size that is neither an int nor a string.
     """
     given = {"max_bytes": max_bytes, "segment_bytes": segment_bytes,
-             "transfer_timeout": transfer_timeout}
+             "transfer_timeout": transfer_timeout, "decay": decay}
     left_bad = [msg for key, msg in _env_problems.items() if given[key] is None]
     if left_bad:
         raise ValueError("; ".join(left_bad))
@@ -406,14 +419,16 @@ def configure(
         new_timeout = current["transfer_timeout"]
     else:
         new_timeout = parse_timeout(transfer_timeout)
-    _leave_inherited_pool_if_settings_differ(new_max, new_seg, new_timeout)
-    _core._configure(new_max, new_seg, new_timeout, True)
+    new_decay = current["decay"] if decay is None else parse_decay(decay)
+    _leave_inherited_pool_if_settings_differ(new_max, new_seg, new_timeout, new_decay)
+    _core._configure(new_max, new_seg, new_timeout, True, new_decay)
     set_env_problems({})  # every bad variable's setting was given here
     # Processes started from now on (spawn workers may be the first to use
     # the pool and so create it) take the same settings.
     os.environ["PYARRAYPOOL_MAX_BYTES"] = str(new_max)
     os.environ["PYARRAYPOOL_SEGMENT_BYTES"] = str(new_seg)
     os.environ["PYARRAYPOOL_TRANSFER_TIMEOUT"] = repr(new_timeout)
+    os.environ["PYARRAYPOOL_DECAY"] = repr(new_decay)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,6 +449,11 @@ class PoolStats:
     max_bytes: int  #: the most shared memory the pool may map (a setting)
     segment_bytes: int  #: the size by which the pool grows (a setting)
     transfer_timeout: float  #: seconds an unloaded pickle keeps its block (a setting)
+    #: bytes of /dev/shm the pool's files hold now (pages reserved; control segment included)
+    reserved_bytes: int = 0
+    #: bytes given back to the system since the pool was made (idle pages, removed segments)
+    returned_bytes: int = 0
+    decay: float = 2.0  #: seconds free memory stays reserved before it goes back (a setting)
     # Only with stats(detail=True), which walks every block; empty otherwise.
     # `python -m pyarraypool stats --json` prints the same fields.
     size_classes: tuple[dict[str, int], ...] = ()  #: used/free blocks and bytes per size class

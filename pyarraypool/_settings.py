@@ -5,14 +5,19 @@ from __future__ import annotations
 import os
 import re
 
-__all__ = ["parse_size", "parse_timeout", "default_max_bytes", "env_settings",
-           "DEFAULT_SEGMENT_BYTES", "DEFAULT_TRANSFER_TIMEOUT"]
+__all__ = ["parse_size", "parse_timeout", "parse_decay", "default_max_bytes", "env_settings",
+           "DEFAULT_SEGMENT_BYTES", "DEFAULT_TRANSFER_TIMEOUT", "DEFAULT_DECAY"]
 
 DEFAULT_SEGMENT_BYTES = 64 << 20
 #: Seconds a pickle made with ``transfer_required=True`` keeps its block alive
 #: if it is never loaded (a terminated pool's queued tasks, a pickle used only
 #: for hashing).
 DEFAULT_TRANSFER_TIMEOUT = 300.0
+#: Seconds free pool memory stays reserved before it goes back to the system
+#: (like jemalloc's dirty-page decay: long enough that a loop reusing the
+#: same memory never gives it back, short enough that an idle program holds
+#: almost nothing).
+DEFAULT_DECAY = 2.0
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -56,6 +61,7 @@ ENV_SETTINGS = {
     "max_bytes": "PYARRAYPOOL_MAX_BYTES",
     "segment_bytes": "PYARRAYPOOL_SEGMENT_BYTES",
     "transfer_timeout": "PYARRAYPOOL_TRANSFER_TIMEOUT",
+    "decay": "PYARRAYPOOL_DECAY",
 }
 
 
@@ -65,6 +71,17 @@ def parse_timeout(value: object) -> float:
     if not timeout > 0:
         raise ValueError(f"transfer_timeout must be a positive number of seconds, got {value!r}")
     return timeout
+
+
+def parse_decay(value: object) -> float:
+    """Seconds, 0 or more (``decay``: how long free memory stays reserved)."""
+    decay = float(value)  # type: ignore[arg-type]
+    if not (decay >= 0 and decay < 1e9):
+        raise ValueError(f"decay must be a number of seconds, 0 or more, got {value!r}")
+    return decay
+
+
+_PARSERS = {"transfer_timeout": parse_timeout, "decay": parse_decay}
 
 
 def env_settings() -> tuple[dict[str, int | float], dict[str, str]]:
@@ -78,7 +95,7 @@ def env_settings() -> tuple[dict[str, int | float], dict[str, str]]:
         if not raw:
             continue
         try:
-            values[key] = parse_timeout(raw) if key == "transfer_timeout" else parse_size(raw)
+            values[key] = _PARSERS.get(key, parse_size)(raw)
         except ValueError as e:
             problems[key] = f"{var}={raw!r} is not valid: {e}; fix or unset the variable"
     return values, problems

@@ -12,11 +12,20 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 
 import pytest
 
 import pyarraypool
+
+# A shell without job control starts background commands with SIGINT
+# ignored, and an ignored signal stays ignored across exec: every program a
+# test starts would then shrug off the Ctrl-C it sends them (the `stats
+# --watch` tests). The tests send SIGINT on purpose, so it gets Python's
+# handler here, and the programs they start get the default disposition.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

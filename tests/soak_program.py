@@ -917,7 +917,9 @@ def main() -> int:
     if args.seed is None:
         args.seed = random.SystemRandom().getrandbits(31)
     faulthandler.enable()
-    pyarraypool.configure(transfer_timeout=TRANSFER_TIMEOUT, max_bytes="2G")
+    # A short decay: memory is given back (by the keeper, collect() and stats())
+    # all the time, also while workers are killed.
+    pyarraypool.configure(transfer_timeout=TRANSFER_TIMEOUT, max_bytes="2G", decay=0.05)
     args.violations = os.path.abspath(args.json) + ".violations"
     os.makedirs(os.path.dirname(args.violations), exist_ok=True)
     if os.path.exists(args.violations):

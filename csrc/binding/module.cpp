@@ -28,8 +28,9 @@ OwnedRef stats_dict(const pap::PoolStats& s) {
     check_status(PyList_Append(pids.get(), p.get()));
   }
   return check(Py_BuildValue(
-      "{s:s,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:I,s:O,s:I,s:K,s:K,s:d}", "pool", s.token.c_str(),
-      "capacity_bytes", static_cast<unsigned long long>(s.capacity_bytes), "used_bytes",
+      "{s:s,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:I,s:O,s:I,s:K,s:K,s:d,s:K,s:K,s:d}", "pool",
+      s.token.c_str(), "capacity_bytes", static_cast<unsigned long long>(s.capacity_bytes),
+      "used_bytes",
       static_cast<unsigned long long>(s.used_bytes), "free_bytes",
       static_cast<unsigned long long>(s.free_bytes), "largest_free_block",
       static_cast<unsigned long long>(s.largest_free_block), "live_blocks",
@@ -40,7 +41,10 @@ OwnedRef stats_dict(const pap::PoolStats& s) {
       pids.get(), "segments", s.segments, "segment_bytes",
       static_cast<unsigned long long>(s.config.segment_bytes), "transfer_timeout_ns",
       static_cast<unsigned long long>(s.config.transfer_timeout_ns), "transfer_timeout",
-      static_cast<double>(s.config.transfer_timeout_ns) / kNs));
+      static_cast<double>(s.config.transfer_timeout_ns) / kNs, "reserved_bytes",
+      static_cast<unsigned long long>(s.reserved_bytes), "returned_bytes",
+      static_cast<unsigned long long>(s.returned_bytes), "decay",
+      static_cast<double>(s.config.decay_ns) / kNs));
 }
 
 // Appends `item` to `list`.
@@ -85,7 +89,8 @@ OwnedRef snapshot_dict(const pap::PoolSnapshot& s) {
 std::string describe(const pap::PoolConfig& c) {
   return "max_bytes=" + std::to_string(c.max_bytes) +
          ", segment_bytes=" + std::to_string(c.segment_bytes) +
-         ", transfer_timeout=" + std::to_string(static_cast<double>(c.transfer_timeout_ns) / kNs);
+         ", transfer_timeout=" + std::to_string(static_cast<double>(c.transfer_timeout_ns) / kNs) +
+         ", decay=" + std::to_string(static_cast<double>(c.decay_ns) / kNs);
 }
 
 PyObject* configure(PyObject*, PyObject* args) {
@@ -93,12 +98,18 @@ PyObject* configure(PyObject*, PyObject* args) {
     unsigned long long max_bytes, segment_bytes;
     double timeout;
     int strict = 1;
-    if (!PyArg_ParseTuple(args, "KKd|p:_configure", &max_bytes, &segment_bytes, &timeout, &strict))
+    double decay = -1;  // not given: the one set before
+    if (!PyArg_ParseTuple(args, "KKd|pd:_configure", &max_bytes, &segment_bytes, &timeout, &strict,
+                          &decay))
       throw PyErrSet{};
     if (max_bytes == 0 || segment_bytes == 0 || !(timeout > 0))
       raise(PyExc_ValueError, "max_bytes, segment_bytes and transfer_timeout must be positive");
-    pap::PoolConfig cfg{max_bytes, segment_bytes, static_cast<uint64_t>(timeout * kNs)};
+    if (decay != -1 && !(decay >= 0 && decay < 1e9))
+      raise(PyExc_ValueError, "decay must be a number of seconds, 0 or more");
     ProcessPool& pp = ProcessPool::get();
+    pap::PoolConfig cfg{max_bytes, segment_bytes, static_cast<uint64_t>(timeout * kNs),
+                        decay == -1 ? pp.creation_config().decay_ns
+                                    : static_cast<uint64_t>(decay * kNs)};
     if (!strict) {
       // Defaults and environment at import: they only say how to create the
       // pool, and must not attach this process to it.
@@ -130,9 +141,11 @@ PyObject* current_config(PyObject*, PyObject*) {
   return boundary<PyObject*>(nullptr, [&] {
     ProcessPool& pp = ProcessPool::get();
     pap::PoolConfig c = pp.attached() ? pp.attached()->config() : pp.creation_config();
-    return Py_BuildValue("{s:K,s:K,s:d}", "max_bytes", static_cast<unsigned long long>(c.max_bytes),
-                         "segment_bytes", static_cast<unsigned long long>(c.segment_bytes),
-                         "transfer_timeout", static_cast<double>(c.transfer_timeout_ns) / kNs);
+    return Py_BuildValue("{s:K,s:K,s:d,s:d}", "max_bytes",
+                         static_cast<unsigned long long>(c.max_bytes), "segment_bytes",
+                         static_cast<unsigned long long>(c.segment_bytes), "transfer_timeout",
+                         static_cast<double>(c.transfer_timeout_ns) / kNs, "decay",
+                         static_cast<double>(c.decay_ns) / kNs);
   });
 }
 

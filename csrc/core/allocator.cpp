@@ -1,5 +1,8 @@
 #include "core/allocator.hpp"
 
+#include <time.h>
+
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <string>
@@ -25,7 +28,96 @@ void clear_used_fields(BlockHeader& h) {
   h.pending_deadline_ns = 0;
 }
 
+// The union of two records: one range covering both (pages between them
+// that are reserved count as maybe returned: safe), the later time.
+FreeState merged(const FreeState& a, const FreeState& b) {
+  FreeState m;
+  if (!a.any_holes()) {
+    m.lo = b.lo;
+    m.hi = b.hi;
+  } else if (!b.any_holes()) {
+    m.lo = a.lo;
+    m.hi = a.hi;
+  } else {
+    m.lo = std::min(a.lo, b.lo);
+    m.hi = std::max(a.hi, b.hi);
+    // Pages between two ranges that do not touch are reserved ones.
+    m.mixed = a.hi < b.lo || b.hi < a.lo;
+  }
+  m.mixed = m.mixed || a.mixed || b.mixed;
+  m.since_ms = std::max(a.since_ms, b.since_ms);
+  return m;
+}
+
+// A block's interior minus its returned range is reserved: true if any.
+bool has_reserved_interior(BlockRef ref, uint64_t size, const FreeState& s) {
+  uint64_t lo, hi;
+  Allocator::interior(ref, size, &lo, &hi);
+  if (lo >= hi) return false;
+  return s.mixed || !s.any_holes() || s.lo > lo || s.hi < hi;
+}
+
 }  // namespace
+
+uint64_t coarse_now_ms() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000u + static_cast<uint64_t>(ts.tv_nsec) / 1'000'000u;
+}
+
+void Allocator::interior(BlockRef ref, uint64_t size, uint64_t* lo, uint64_t* hi) {
+  *lo = (ref.off() + kHeaderSize + kPageSize - 1) & ~(kPageSize - 1);
+  *hi = (ref.off() + size) & ~(kPageSize - 1);
+  if (*hi < *lo) *hi = *lo;
+}
+
+uint64_t Allocator::seal_of(BlockRef ref, uint64_t size, const FreeState& s) const {
+  // Not secret, only a consistency check: a header whose stores were cut
+  // short by a kill, or that belongs to another block, does not pass. It
+  // runs on every allocate and free next to a large free block (a
+  // segment's tail), so independent multiplies the CPU overlaps, not
+  // header_check's chain of them.
+  const uint64_t since = s.since_ms | (s.mixed ? kMixedBit : 0);
+  return (key_ + 0x5EA1) ^ (ref.bits() * 0xC2B2AE3D27D4EB4Full) ^ (size * 0x9E3779B97F4A7C15ull) ^
+         (s.lo * 0xBF58476D1CE4E5B9ull) ^ (s.hi * 0x94D049BB133111EBull) ^
+         (since * 0xD6E8FEB86659FD93ull);
+}
+
+FreeState Allocator::free_state(BlockRef ref, uint64_t size) const {
+  uint64_t lo, hi;
+  interior(ref, size, &lo, &hi);
+  if (lo >= hi) return FreeState{};  // no whole page: nothing to record (small blocks)
+  const BlockHeader* h = header(ref);
+  FreeState s{h->holes_lo, h->holes_hi, h->free_since_ms & ~kMixedBit,
+              (h->free_since_ms & kMixedBit) != 0};
+  const bool sane = s.lo % kPageSize == 0 && s.hi % kPageSize == 0 &&
+                    (!s.any_holes() ? s.lo == 0 && s.hi == 0 : s.lo >= lo && s.hi <= hi);
+  if (sane && h->free_seal == seal_of(ref, size, s)) return s;
+  FreeState safe;  // every interior page may be returned, or may not
+  safe.lo = lo;
+  safe.hi = hi;
+  safe.mixed = true;
+  return safe;
+}
+
+void Allocator::set_free_state(BlockRef ref, uint64_t size, const FreeState& s) {
+  uint64_t lo, hi;
+  interior(ref, size, &lo, &hi);
+  if (lo >= hi) return;  // no whole page: free_state() reads nothing here
+  BlockHeader* h = header(ref);
+  FreeState c = s;
+  c.lo = std::max(c.lo, lo);
+  c.hi = std::min(c.hi, hi);
+  if (c.lo >= c.hi) {
+    c.lo = c.hi = 0;
+    c.mixed = false;  // no range, nothing hidden in it
+  }
+  c.since_ms &= ~kMixedBit;
+  h->holes_lo = c.lo;
+  h->holes_hi = c.hi;
+  h->free_since_ms = c.since_ms | (c.mixed ? kMixedBit : 0);
+  h->free_seal = seal_of(ref, size, c);
+}
 
 void Allocator::mapping_insert(uint64_t units, uint32_t& fl, uint32_t& sl) {
   if (units < kSlCount) {
@@ -131,7 +223,11 @@ void Allocator::format_segment(uint32_t seg) {
   BlockHeader* h = header(BlockRef(seg, 0));
   std::memset(static_cast<void*>(h), 0, sizeof *h);
   h->prev_size = 0;
-  h->commit_size(spans_[seg].size & kSizeMask, false);
+  const uint64_t size = spans_[seg].size & kSizeMask;
+  h->commit_size(size, false);
+  FreeState s;
+  interior(BlockRef(seg, 0), size, &s.lo, &s.hi);
+  set_free_state(BlockRef(seg, 0), size, s);
 }
 
 void Allocator::add_segment(uint32_t seg) {
@@ -158,7 +254,7 @@ BlockRef Allocator::first_fit_in_class(uint64_t block_size) const {
   return BlockRef();
 }
 
-BlockRef Allocator::allocate(uint64_t block_size, const UsedInit& init) {
+BlockRef Allocator::allocate(uint64_t block_size, const UsedInit& init, PageReserver* reserver) {
   uint32_t fl, sl;
   if (!mapping_search(block_size / kAlign, fl, sl)) return BlockRef();
   uint32_t sl_map = st_.sl_bitmap[fl] & (~0u << sl);
@@ -188,10 +284,21 @@ BlockRef Allocator::allocate(uint64_t block_size, const UsedInit& init) {
   }
   BlockHeader* h = header(ref);
   uint64_t have = h->size();
+  const bool split = have - block_size >= kAlign;
+  const FreeState fs = free_state(ref, have);
+  if (fs.any_holes()) {
+    // The pages handed out, and the page of a remainder's header, must be
+    // reserved before anything is stored: a full /dev/shm fails here, with
+    // the pool as it was, never with SIGBUS at the first touch.
+    const uint64_t end = ref.off() + (split ? block_size + kHeaderSize : have);
+    const uint64_t lo = std::max(fs.lo, ref.off());
+    const uint64_t hi = std::min(fs.hi, (end + kPageSize - 1) & ~(kPageSize - 1));
+    if (lo < hi && reserver && !reserver->reserve(ref, lo, hi)) return BlockRef();
+  }
   remove_free(ref, have);
 
   uint64_t size = have;
-  if (have - block_size >= kAlign) {
+  if (split) {
     // Split: the remainder's header lies inside this block, invisible to a
     // chain walk until this block's size shrinks at the commit below.
     size = block_size;
@@ -199,6 +306,9 @@ BlockRef Allocator::allocate(uint64_t block_size, const UsedInit& init) {
     BlockHeader* r = header(rest);
     r->prev_size = size;
     clear_used_fields(*r);
+    // The remainder keeps what is left of the record (set_free_state clips
+    // it to the remainder's interior), sealed before its commit.
+    set_free_state(rest, have - size, fs);
     r->commit_size(have - size, false);
     if (has_next(rest, have - size))
       header(BlockRef(ref.seg(), ref.off() + have))->prev_size = have - size;
@@ -242,7 +352,12 @@ void Allocator::free(BlockRef ref) {
     if (p->size() != psize) corrupt("prev_size disagrees with the previous block", ref);
     if (!p->used()) check_links(prev, psize);
   }
+  // The freed block is reserved; its interior pages start being idle now
+  // (a block of one page or less has none: no clock read on that path).
+  FreeState st;
+  if (size > kPageSize) st.since_ms = coarse_now_ms();
   if (n) {
+    st = merged(st, free_state(next, nsize));
     remove_free(next, nsize);
     size += nsize;
   }
@@ -258,6 +373,7 @@ void Allocator::free(BlockRef ref) {
     BlockHeader* p = header(prev);
     if (!p->used()) {
       uint64_t psize = p->size();
+      st = merged(st, free_state(prev, psize));
       remove_free(prev, psize);
       size += psize;
       p->commit_size(size, false);  // commit: merged into the previous block
@@ -266,10 +382,11 @@ void Allocator::free(BlockRef ref) {
     }
   }
   if (has_next(ref, size)) header(BlockRef(ref.seg(), ref.off() + size))->prev_size = size;
+  set_free_state(ref, size, st);
   insert_free(ref, size);
 }
 
-Allocator::WalkTotals Allocator::rebuild(uint32_t nsegs, const KeepFn& keep) {
+Allocator::WalkTotals Allocator::rebuild(uint32_t nsegs, const KeepFn& keep, uint64_t now_ms) {
   if (nsegs > nspans_) corrupt("segment count " + std::to_string(nsegs) + " past the table", BlockRef());
   reset();
   WalkTotals totals;
@@ -277,8 +394,10 @@ Allocator::WalkTotals Allocator::rebuild(uint32_t nsegs, const KeepFn& keep) {
     const uint64_t end = chain_end(seg);
     BlockRef run;  // the free block being grown by coalescing, if any
     uint64_t run_size = 0, prev_size = 0;
+    FreeState run_state;
     auto close_run = [&] {
       if (run.nil()) return;
+      set_free_state(run, run_size, run_state);
       insert_free(run, run_size);
       totals.free_bytes += run_size;
       totals.free_blocks += 1;
@@ -292,11 +411,14 @@ Allocator::WalkTotals Allocator::rebuild(uint32_t nsegs, const KeepFn& keep) {
       uint64_t size = h->size();
       if (size < kAlign || size > end - off) corrupt("bad block size", ref);
       bool used = h->used();
+      // Read before any merge changes the size its seal names.
+      FreeState state = used ? FreeState{} : free_state(ref, size);
       if (used && !keep(ref, *h)) {
         h->commit_size(size, false);
         // Cleared after the commit, as in free().
         std::atomic_signal_fence(std::memory_order_seq_cst);
         clear_used_fields(*h);
+        state = FreeState{0, 0, now_ms};  // it was used: every page reserved
         used = false;
       }
       if (used) {
@@ -307,8 +429,10 @@ Allocator::WalkTotals Allocator::rebuild(uint32_t nsegs, const KeepFn& keep) {
         h->prev_size = prev_size;
         run = ref;
         run_size = size;
+        run_state = state;
       } else {
         run_size += size;
+        run_state = merged(run_state, state);
         header(run)->commit_size(run_size, false);
       }
       off += size;
@@ -316,6 +440,75 @@ Allocator::WalkTotals Allocator::rebuild(uint32_t nsegs, const KeepFn& keep) {
     close_run();
   }
   return totals;
+}
+
+BlockRef Allocator::find_idle(uint64_t due_ms, uint64_t* next_due_ms, BlockRef skip) const {
+  uint64_t next = ~uint64_t{0};
+  BlockRef found;
+  uint32_t fl0, sl0;
+  mapping_insert(2 * kPageSize / kAlign, fl0, sl0);
+  const uint64_t limit = max_list_length();
+  for (uint32_t fl = fl0; fl < kFlCount && found.nil(); ++fl) {
+    if (!((st_.fl_bitmap >> fl) & 1)) continue;
+    for (uint32_t sl = 0; sl < kSlCount && found.nil(); ++sl) {
+      if (!((st_.sl_bitmap[fl] >> sl) & 1)) continue;
+      uint64_t steps = 0;
+      for (uint64_t bits = st_.heads[fl][sl]; bits != BlockRef::kNilBits; ++steps) {
+        if (steps > limit) corrupt("a free list runs in a cycle", BlockRef::from_bits(bits));
+        const BlockHeader* h = free_block_at(bits, BlockRef());
+        const BlockRef ref = BlockRef::from_bits(bits);
+        const FreeState s = free_state(ref, h->size());
+        if (ref != skip && has_reserved_interior(ref, h->size(), s)) {
+          if (s.since_ms <= due_ms) {
+            found = ref;
+            break;
+          }
+          next = std::min(next, s.since_ms);
+        }
+        bits = h->free_links.next;
+      }
+    }
+  }
+  if (next_due_ms) *next_due_ms = found.nil() ? next : 0;
+  return found;
+}
+
+bool Allocator::mark_returned(BlockRef ref, uint64_t max_bytes, uint64_t* lo, uint64_t* hi) {
+  const uint64_t size = free_block_at(ref.bits(), BlockRef())->size();
+  FreeState s = free_state(ref, size);
+  uint64_t ilo, ihi;
+  interior(ref, size, &ilo, &ihi);
+  max_bytes = std::max(max_bytes & ~(kPageSize - 1), kPageSize);
+  if (s.mixed) {
+    // Reserved pages may hide anywhere in the range: the whole interior
+    // goes at once (punching pages already returned costs little), and the
+    // record is exact from then on.
+    if (ilo >= ihi) return false;
+    *lo = ilo;
+    *hi = ihi;
+    s.lo = ilo;
+    s.hi = ihi;
+    s.mixed = false;
+  } else if (!s.any_holes()) {
+    // From the end down: the front is what the next allocation takes.
+    if (ilo >= ihi) return false;
+    *hi = ihi;
+    *lo = ihi - std::min(ihi - ilo, max_bytes);
+    s.lo = *lo;
+    s.hi = *hi;
+  } else if (s.hi < ihi) {
+    *lo = s.hi;
+    *hi = s.hi + std::min(ihi - s.hi, max_bytes);
+    s.hi = *hi;
+  } else if (s.lo > ilo) {
+    *hi = s.lo;
+    *lo = s.lo - std::min(s.lo - ilo, max_bytes);
+    s.lo = *lo;
+  } else {
+    return false;
+  }
+  set_free_state(ref, size, s);
+  return true;
 }
 
 uint64_t Allocator::largest_free() const {

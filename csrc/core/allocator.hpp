@@ -60,6 +60,22 @@ struct UsedInit {
   uint32_t flags;
 };
 
+// Reserves the pages an allocation is about to hand out (see FreeState).
+class PageReserver {
+ public:
+  // Reserves [lo, hi) (whole pages) of the segment of free block `block`,
+  // which the allocation is about to take. False: not now (a caller that
+  // makes no system call); allocate() then changes nothing. Throws
+  // CoreError(kPoolFull) if /dev/shm has no room.
+  virtual bool reserve(BlockRef block, uint64_t lo, uint64_t hi) = 0;
+
+ protected:
+  ~PageReserver() = default;
+};
+
+// Coarse CLOCK_MONOTONIC milliseconds (FreeState::since_ms).
+uint64_t coarse_now_ms();
+
 class Allocator {
  public:
   // `spans` has `nspans` entries; an entry of size 0 is no segment (not
@@ -72,7 +88,8 @@ class Allocator {
   void reset();
 
   // Writes one free block covering segment `seg` (already mapped, not yet
-  // published to other processes) without indexing it.
+  // published to other processes) without indexing it. Its pages past the
+  // first one (which holds its header) are recorded as not reserved.
   void format_segment(uint32_t seg);
   // Indexes the free block covering a formatted segment.
   void add_segment(uint32_t seg);
@@ -85,8 +102,10 @@ class Allocator {
   static uint64_t block_size_for(uint64_t bytes);
 
   // A used block of at least `block_size` bytes, or a nil ref if no free
-  // block is large enough.
-  BlockRef allocate(uint64_t block_size, const UsedInit& init);
+  // block is large enough (or `reserver` declined). Pages of the block that
+  // its free record says may be returned are reserved through `reserver`
+  // first (nullptr: the memory is reserved already, as anonymous memory is).
+  BlockRef allocate(uint64_t block_size, const UsedInit& init, PageReserver* reserver = nullptr);
 
   // Returns a used block to the free lists, merging it with free neighbours.
   void free(BlockRef ref);
@@ -111,7 +130,29 @@ class Allocator {
   // Walks the physical chain of segments [0, nsegs), asks `keep` about every
   // used block, coalesces free neighbours, fixes `prev_size` and rebuilds the
   // index from scratch. Throws CoreError(kPool) if a chain is broken.
-  WalkTotals rebuild(uint32_t nsegs, const KeepFn& keep);
+  // Free blocks merged here keep the union of their records; a used block
+  // freed here is reserved, free since `now_ms`.
+  WalkTotals rebuild(uint32_t nsegs, const KeepFn& keep, uint64_t now_ms = 0);
+
+  // A free block's record of its memory (see FreeState), or the safe
+  // default (every interior page may be returned) if its seal is wrong.
+  FreeState free_state(BlockRef ref, uint64_t size) const;
+  // Whole pages after the page of the block's header, up to the page of
+  // the next block's: the pages a free block can give back.
+  static void interior(BlockRef ref, uint64_t size, uint64_t* lo, uint64_t* hi);
+
+  // Giving idle memory back (decay). A free block of at least two pages
+  // whose reserved interior pages have been free since `since_ms` <= `due_ms`.
+  // `next_due_ms` (if not null) gets the earliest since_ms of the others
+  // that have reserved interior pages (or ~0). O(free blocks of two pages
+  // and more).
+  // `skip`: a block not to name (one being allocated).
+  BlockRef find_idle(uint64_t due_ms, uint64_t* next_due_ms, BlockRef skip = BlockRef()) const;
+  // Records up to `max_bytes` of the reserved interior of free block `ref`,
+  // next to its returned range, as returned, and gives that range in
+  // [*lo, *hi) for the caller to punch (under the same lock hold): the
+  // record says "returned" before the pages are, never after.
+  bool mark_returned(BlockRef ref, uint64_t max_bytes, uint64_t* lo, uint64_t* hi);
 
   // Size of the largest free block, from the index: O(length of one list).
   uint64_t largest_free() const;
@@ -129,6 +170,8 @@ class Allocator {
   static bool mapping_search(uint64_t units, uint32_t& fl, uint32_t& sl);
 
  private:
+  void set_free_state(BlockRef ref, uint64_t size, const FreeState& s);
+  uint64_t seal_of(BlockRef ref, uint64_t size, const FreeState& s) const;
   void insert_free(BlockRef ref, uint64_t size);
   void remove_free(BlockRef ref, uint64_t size);
   // The free block a link read from shared memory names, after checking

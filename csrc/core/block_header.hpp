@@ -83,7 +83,13 @@ constexpr uint64_t kSizeMask = ~(kAlign - 1);
 struct alignas(64) BlockHeader {
   std::atomic<uint64_t> size_flags;  // whole block size incl. header | kUsedBit
   uint64_t prev_size;                // size of the previous block in the segment (0 if first)
-  uint64_t generation;               // unique per allocation; 0 while free
+  // The fields of a used block; a free block keeps its memory state in some
+  // of them instead (FreeState below: which of its pages are returned to
+  // the kernel, since when it is free).
+  union {
+    uint64_t generation;  // unique per allocation; 0 while free
+    uint64_t holes_lo;    // free: FreeState::lo
+  };
   union {
     struct {
       uint64_t next;  // BlockRef bits of the next free block of the same class
@@ -99,10 +105,21 @@ struct alignas(64) BlockHeader {
       uint64_t unused_;
     };
   };
-  uint32_t pending;              // pickles sent but not loaded yet
-  uint32_t flags;                // kFlag* | sender pid (see kSenderShift)
-  uint64_t pending_deadline_ns;  // CLOCK_MONOTONIC time after which `pending` expires
-  uint64_t check;                // header_check(offset, generation, pool key) while used
+  union {
+    struct {
+      uint32_t pending;  // pickles sent but not loaded yet
+      uint32_t flags;    // kFlag* | sender pid (see kSenderShift)
+    };
+    uint64_t free_seal;  // free: ties holes_lo/hi and free_since_ms to this block
+  };
+  union {
+    uint64_t pending_deadline_ns;  // CLOCK_MONOTONIC time after which `pending` expires
+    uint64_t free_since_ms;        // free: FreeState::since_ms
+  };
+  union {
+    uint64_t check;     // header_check(offset, generation, pool key) while used
+    uint64_t holes_hi;  // free: FreeState::hi
+  };
 
   uint64_t size() const { return size_flags.load(std::memory_order_relaxed) & kSizeMask; }
   bool used() const { return size_flags.load(std::memory_order_relaxed) & kUsedBit; }
@@ -119,9 +136,41 @@ static_assert(sizeof(BlockHeader) == kHeaderSize, "block header must be exactly 
 static_assert(offsetof(BlockHeader, prev_size) == 8 && offsetof(BlockHeader, generation) == 16);
 static_assert(offsetof(BlockHeader, holders) == 24 && offsetof(BlockHeader, pending) == 40);
 static_assert(offsetof(BlockHeader, flags) == 44 && offsetof(BlockHeader, pending_deadline_ns) == 48);
-static_assert(offsetof(BlockHeader, check) == 56);
+static_assert(offsetof(BlockHeader, check) == 56 && offsetof(BlockHeader, holes_lo) == 16);
+static_assert(offsetof(BlockHeader, free_seal) == 40 && offsetof(BlockHeader, free_since_ms) == 48);
+static_assert(offsetof(BlockHeader, holes_hi) == 56);
 static_assert(std::atomic<uint64_t>::is_always_lock_free, "shared atomics must be lock-free");
 static_assert(std::atomic<uint32_t>::is_always_lock_free, "shared atomics must be lock-free");
+
+// Pages: the unit in which /dev/shm reserves memory and gives it back.
+constexpr uint64_t kPageSize = 4096;
+
+// What a free block knows of its memory. Pages of a segment are reserved
+// (posix_fallocate) lazily, just before a block first covers them, and the
+// pages of a block that stays free for a while are given back (a hole
+// punched in the file). A free block records one range of its pages,
+// [lo, hi) (absolute segment offsets, whole pages, inside the block's
+// interior: never the page of its own header nor of the next block's),
+// that may be returned: every page of the block outside it is reserved.
+// lo == hi: none. `since_ms`: when the block's reserved pages last started
+// being free (coarse CLOCK_MONOTONIC milliseconds). The record is sealed
+// with a hash of (block, size, lo, hi, since): one that does not check out
+// (a process killed between a block's commit and its record) is read as
+// "every interior page may be returned", which is always safe: an
+// allocation reserves those pages again, at worst for nothing.
+// `mixed`: the range may also hold reserved pages (two ranges merged across
+// reserved pages between them, or a record that did not check out): the
+// whole range is punched when the block is given back, which makes the
+// record exact again.
+struct FreeState {
+  uint64_t lo = 0;
+  uint64_t hi = 0;
+  uint64_t since_ms = 0;
+  bool mixed = false;
+  bool any_holes() const { return lo < hi; }
+};
+// FreeState::mixed is kept in the top bit of free_since_ms.
+constexpr uint64_t kMixedBit = uint64_t{1} << 63;
 
 // A block this process holds, as the binding sees it.
 struct Block {

@@ -6,8 +6,10 @@
 // creation or `python -m pyarraypool clean`.
 //
 // This is the keeper's loop. It is not one of the pool's processes: it
-// claims no slot (so it never keeps a pool alive nor appears in stats), maps
-// only the control segment, for a moment at each look, and no data segment.
+// claims no slot (so it never keeps a pool alive nor appears in stats) and
+// maps only the control segment, for a moment at each look; only when free
+// memory is due to go back (decay) does it attach as an observer, give it
+// back and leave.
 // Starting the process (spawn, signals, session, descriptors) is the
 // binding's (csrc/binding/keeper.cpp).
 #pragma once

@@ -28,7 +28,10 @@ Pool::Pool(std::string token, Mapping control)
 
 Pool::~Pool() = default;
 
-PoolConfig Pool::config() const { return hdr_->config; }
+PoolConfig Pool::config() const {
+  const StoredConfig& c = hdr_->config;
+  return PoolConfig{c.max_bytes, c.segment_bytes, c.transfer_timeout_ns, hdr_->decay_ns};
+}
 std::string Pool::instance_id() const {
   return to_hex(hdr_->instance_id, sizeof hdr_->instance_id);
 }
@@ -191,7 +194,8 @@ std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& c
     fill_random(h->instance_id, sizeof h->instance_id);
     fill_random(&h->check_key, sizeof h->check_key);
     if (root.pid > 0 && root.start_time != 0) h->root = root;
-    h->config = config;
+    h->config = StoredConfig{config.max_bytes, config.segment_bytes, config.transfer_timeout_ns};
+    h->decay_ns = config.decay_ns;
     h->state.store(kStateRunning);
     h->segment_count.store(0);
     Allocator(h->alloc, nullptr, 0, 0).reset();

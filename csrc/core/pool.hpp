@@ -40,13 +40,18 @@
 
 namespace pap {
 
+// How long free memory stays reserved before it goes back to the kernel,
+// by default (see Pool::return_idle_memory).
+inline constexpr uint64_t kDefaultDecayNs = 2'000'000'000ull;
+
 struct PoolConfig {
   uint64_t max_bytes;
   uint64_t segment_bytes;
   uint64_t transfer_timeout_ns;
+  uint64_t decay_ns = kDefaultDecayNs;
   bool operator==(const PoolConfig& o) const {
     return max_bytes == o.max_bytes && segment_bytes == o.segment_bytes &&
-           transfer_timeout_ns == o.transfer_timeout_ns;
+           transfer_timeout_ns == o.transfer_timeout_ns && decay_ns == o.decay_ns;
   }
 };
 
@@ -59,6 +64,11 @@ struct PoolStats {
   uint64_t pending_blocks = 0;
   uint64_t free_bytes = 0;
   uint64_t largest_free_block = 0;
+  // What /dev/shm holds for the pool (its files' allocated pages, control
+  // segment included), and the bytes given back to the kernel so far
+  // (pages punched out of idle free blocks, segments removed).
+  uint64_t reserved_bytes = 0;
+  uint64_t returned_bytes = 0;
   uint32_t processes = 0;
   uint32_t segments = 0;
   PoolConfig config{};
@@ -146,8 +156,23 @@ class Pool {
   std::optional<Block> attach_block(const Handle& h, uint64_t lo, uint64_t hi, Mode mode);
 
   // Reclaims what dead processes held and expired pending counts. Returns
-  // the bytes freed.
+  // the bytes freed. Also gives idle memory back (return_idle_memory).
   uint64_t collect();
+  // Gives back to the kernel the pages of free blocks that have been free
+  // for config().decay_ns or longer (a hole punched in the segment file,
+  // which leaves every process's page tables at once), and removes data
+  // segments that hold nothing and have no page left. Takes the lock in
+  // short holds, one piece of at most kReturnChunk bytes each. Returns the
+  // bytes given back.
+  uint64_t return_idle_memory();
+  static constexpr uint64_t kReturnChunk = uint64_t{2} << 20;
+  // The keeper's half: if the pool `token` (of `instance`) has memory due
+  // to go back, attaches as an observer and gives it back.
+  static void return_idle_memory_of(const std::string& token, const std::string& instance);
+  // Test hook for crash tests: return_idle_memory as if every free page were
+  // due, SIGKILLed (holding the lock) after a block's record says its first
+  // piece is returned and before the hole is punched.
+  [[noreturn]] void die_while_returning();
   PoolStats stats();
   // stats() and, walking every block, memory by size class, what each
   // process holds and the pending pickles (pool_snapshot.hpp). Runs
@@ -236,8 +261,11 @@ class Pool {
     kRemoved,  // abandoned: removed now (or would be, in a dry run)
     kGone,     // no such pool (or instance), or not ours to judge
   };
+  // `decay_due` (if not null) is set when the pool is in use and has free
+  // memory idle long enough to go back (return_idle_memory_of).
   static Fate remove_if_abandoned(const std::string& token, const std::string& instance,
-                                  bool dry_run, std::vector<std::string>* removed);
+                                  bool dry_run, std::vector<std::string>* removed,
+                                  bool* decay_due = nullptr);
 
   // This process created the pool (attach() made it rather than found it).
   bool created() const { return created_; }
@@ -261,6 +289,8 @@ class Pool {
   bool map_segment(uint32_t i, Mapping* out, uint64_t* nonce);
   uint32_t next_segment_number_locked() const;
   uint64_t retire_free_segments_locked(uint64_t wanted);
+  // Retires the segments that hold nothing and have given back every page.
+  void retire_returned_segments_locked();
   Allocator allocator() {
     return Allocator(alloc_state(), spans_, BlockRef::kMaxSegments, check_key_);
   }
@@ -287,8 +317,43 @@ class Pool {
   bool nobody_needs_pool_locked(bool leaver_is_root);
   void leave_impl(bool unlink_if_last, LeaveStep die_at);
   SlotKind my_kind() const { return observer_ ? SlotKind::kObserver : SlotKind::kActive; }
-  std::optional<Block> allocate_locked(uint64_t block_size, uint32_t flags);
+  // Pages an allocation reserved, in this process's mapping.
+  struct Reserved {
+    unsigned char* addr = nullptr;
+    uint64_t len = 0;
+  };
+  // `requested`: the payload bytes asked for (for a full /dev/shm's message).
+  std::optional<Block> allocate_locked(uint64_t block_size, uint32_t flags, Mode mode,
+                                       uint64_t requested, Reserved* reserved);
+  // Reserves pages of a data segment for an allocation (pool_memory.cpp).
+  class Reserver;
+  // allocate() under the lock; `reserved` gets the pages it reserved, which
+  // allocate() maps once the lock is released (populate_reserved).
+  std::optional<Block> allocate_guarded(uint64_t bytes, uint32_t flags, Mode mode,
+                                        Reserved* reserved);
+  static void populate_reserved(const Reserved& r) noexcept;
+  // A descriptor of data segment `i`, opened by its name and checked to be
+  // the file this process maps there (under the lock).
+  UniqueFd segment_fd(uint32_t i);
+  // Bytes of /dev/shm the pool's files hold (their st_blocks).
+  uint64_t reserved_bytes_locked();
+  // One piece of return_idle_memory: false once nothing is due.
+  bool return_one_piece_locked(uint64_t now_ms, uint64_t* returned);
+  // Before reserving `more` bytes for `block`: gives back free reserved
+  // pages (of other blocks, idle or not) until the pool's reservation stays
+  // within the footprint bound (pool_memory.cpp).
+  void keep_footprint_locked(BlockRef block, uint64_t more);
+  // Gives back up to `bytes` of free reserved pages of blocks other than
+  // `skip`, whatever their age. Returns the bytes given back.
+  uint64_t give_back_locked(BlockRef skip, uint64_t bytes);
+  // Punches [lo, hi), just recorded as returned in a free block of `seg`.
+  void punch_locked(uint32_t seg, uint64_t lo, uint64_t hi, uint64_t* returned);
+  // Retires segment `i`, which holds nothing: its pages punched first, so
+  // that processes that still map it do not keep them.
+  void retire_segment_locked(uint32_t i);
   void grow_locked(uint64_t block_size, uint64_t requested);
+  // Lowers ControlHeader::decay_due_ms to when memory just freed is due.
+  void note_freed_locked();
   void free_if_unused(BlockRef ref, BlockHeader& h);
   BlockHeader* checked_header(BlockRef ref, uint64_t generation);
   // `also_dead` slots are treated as dead owners'; `also_dead_id`, if not 0,
@@ -313,7 +378,7 @@ class Pool {
   // The block an entry names, if it is still that used array block.
   BlockHeader* held_block(const HoldEntry& e);
   bool grow_hold_list_locked(uint32_t slot, uint32_t capacity, Mode mode);
-  std::optional<BlockRef> allocate_list_locked(uint32_t owner, uint32_t capacity);
+  std::optional<BlockRef> allocate_list_locked(uint32_t owner, uint32_t capacity, Mode mode);
   void rebuild_hold_index_locked();
   void drop_all_holds_locked();
   void empty_hold_list_locked();
@@ -374,6 +439,7 @@ class Pool {
   bool left_ = false;
   bool observer_ = false;  // see attach_observer
   bool created_ = false;   // see created()
+  bool kill_in_return_ = false;  // see die_while_returning()
 
   // Local view of the data segments. Entries [0, mapped_) are valid and
   // never change; appends are serialized by local_mutex_, and readers (under

@@ -12,6 +12,14 @@
 namespace pap {
 
 std::optional<Block> Pool::allocate(uint64_t bytes, uint32_t flags, Mode mode) {
+  Reserved reserved;
+  std::optional<Block> b = allocate_guarded(bytes, flags, mode, &reserved);
+  if (b && reserved.len) populate_reserved(reserved);
+  return b;
+}
+
+std::optional<Block> Pool::allocate_guarded(uint64_t bytes, uint32_t flags, Mode mode,
+                                            Reserved* reserved) {
   flags &= kFlagTransferRequired | kFlagPrivate;
   uint64_t block_size = Allocator::block_size_for(bytes);
   if (block_size == 0)
@@ -25,22 +33,31 @@ std::optional<Block> Pool::allocate(uint64_t bytes, uint32_t flags, Mode mode) {
   // Room in our hold list first: once the block is ours, naming it there
   // must not fail.
   if (!reserve_hold_locked(mode)) return std::nullopt;
-  if (auto b = allocate_locked(block_size, flags)) return b;
-  if (mode == Mode::kFast) return std::nullopt;
+  if (mode == Mode::kFast) return allocate_locked(block_size, flags, mode, bytes, reserved);
+  try {
+    if (auto b = allocate_locked(block_size, flags, mode, bytes, reserved)) return b;
+  } catch (const CoreError& e) {
+    // /dev/shm had no room for the pages of the block found. What dead
+    // processes held may be free pages (reserved already) that serve it.
+    if (e.kind() != ErrorKind::kPoolFull || maintain_locked(false) == 0) throw;
+    if (auto b = allocate_locked(block_size, flags, mode, bytes, reserved)) return b;
+  }
   // Out of room: first take back what dead processes and expired pickles
   // hold, then grow by a segment.
   if (maintain_locked(false) > 0)
-    if (auto b = allocate_locked(block_size, flags)) return b;
+    if (auto b = allocate_locked(block_size, flags, mode, bytes, reserved)) return b;
   grow_locked(block_size, bytes);
-  if (auto b = allocate_locked(block_size, flags)) return b;
+  if (auto b = allocate_locked(block_size, flags, mode, bytes, reserved)) return b;
   throw_full(bytes);
 }
 
-std::optional<Block> Pool::allocate_locked(uint64_t block_size, uint32_t flags) {
+std::optional<Block> Pool::allocate_locked(uint64_t block_size, uint32_t flags, Mode mode,
+                                           uint64_t requested, Reserved* reserved) {
   Counters& c = hdr_->counters;
   UsedInit init{c.next_generation, 0, flags};
   Allocator a = allocator();
-  BlockRef ref = a.allocate(block_size, init);
+  Reserver reserver(*this, mode, requested, reserved);
+  BlockRef ref = a.allocate(block_size, init, &reserver);
   if (ref.nil()) return std::nullopt;
   ++c.next_generation;
   BlockHeader* h = a.header(ref);
@@ -62,7 +79,7 @@ std::string Pool::usage_locked() {
 
 void Pool::throw_full(uint64_t bytes) {
   const Counters& c = hdr_->counters;
-  const PoolConfig cfg = hdr_->config;
+  const PoolConfig cfg = config();
   const std::string state =
       "the pool uses " + std::to_string(c.used_bytes) + " (" + human_bytes(c.used_bytes) +
       ") of max_bytes=" + std::to_string(cfg.max_bytes) + " (" + human_bytes(cfg.max_bytes) +
@@ -72,13 +89,13 @@ void Pool::throw_full(uint64_t bytes) {
       shm_space();
   // max_bytes defaults to the size of /dev/shm, so in a small one (Docker
   // gives 64 MB) the request often hits max_bytes and /dev/shm at once.
-  // Raising max_bytes cannot help when /dev/shm has no room for the segment
+  // Raising max_bytes cannot help when /dev/shm has no room for the pages
   // the request needs: then /dev/shm is what to make larger.
   const uint64_t segment = round_up(Allocator::block_size_for(bytes), kPage);
   const ShmSpace shm = shm_usage();
   if (shm.known && shm.free_bytes < segment) {
     std::string advice =
-        ". /dev/shm is the limit, not max_bytes: a segment for this request needs " +
+        ". /dev/shm is the limit, not max_bytes: this request needs " +
         std::to_string(segment) + " bytes. Make /dev/shm larger (docker run --shm-size=2g, or "
         "mount -o remount,size=... /dev/shm); max_bytes defaults to its size";
     if (cfg.max_bytes < shm.total_bytes)
@@ -127,9 +144,11 @@ BlockHeader* Pool::checked_header(BlockRef ref, uint64_t generation) {
 void Pool::free_if_unused(BlockRef ref, BlockHeader& h) {
   if (h.holders > 0 || h.pending > 0) return;
   Counters& c = hdr_->counters;
-  c.used_bytes -= h.size();
+  const uint64_t size = h.size();
+  c.used_bytes -= size;
   --c.live_blocks;
   allocator().free(ref);
+  if (size > kPageSize) note_freed_locked();
 }
 
 bool Pool::release_unshared(const Block& b, Mode mode) {

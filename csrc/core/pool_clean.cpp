@@ -18,7 +18,8 @@
 namespace pap {
 
 Pool::Fate Pool::remove_if_abandoned(const std::string& token, const std::string& instance,
-                                     bool dry_run, std::vector<std::string>* removed) {
+                                     bool dry_run, std::vector<std::string>* removed,
+                                     bool* decay_due) {
   if (!valid_token(token)) return Fate::kGone;
   const std::string name = std::string(kShmPrefix) + token;
   struct stat st;
@@ -61,7 +62,13 @@ Pool::Fate Pool::remove_if_abandoned(const std::string& token, const std::string
     // remove (leave() may have kept it for the root).
     dead = (h->root_left.load() != 0 || !root_alive(h->root)) && !anyone_alive(h);
   }
-  if (!dead) return Fate::kInUse;
+  if (!dead) {
+    if (decay_due && h) {
+      const uint64_t due = h->decay_due_ms.load(std::memory_order_acquire);
+      *decay_due = due != 0 && coarse_now_ms() >= due;
+    }
+    return Fate::kInUse;
+  }
   if (h && !dry_run) {
     // The same handshake as leave(): mark it dead, then look again for a
     // process that attached meanwhile.

@@ -79,11 +79,13 @@ BlockHeader* Pool::held_block(const HoldEntry& e) {
   return h && !(h->flags & kFlagHoldList) ? h : nullptr;
 }
 
-std::optional<BlockRef> Pool::allocate_list_locked(uint32_t owner, uint32_t capacity) {
+std::optional<BlockRef> Pool::allocate_list_locked(uint32_t owner, uint32_t capacity, Mode mode) {
   Counters& c = hdr_->counters;
   const uint64_t block_size = Allocator::block_size_for(uint64_t{capacity} * sizeof(HoldEntry));
   Allocator a = allocator();
-  const BlockRef ref = a.allocate(block_size, UsedInit{c.next_generation, owner + 1, kFlagHoldList});
+  Reserver reserver(*this, mode, block_size - kHeaderSize);
+  const BlockRef ref =
+      a.allocate(block_size, UsedInit{c.next_generation, owner + 1, kFlagHoldList}, &reserver);
   if (ref.nil()) return std::nullopt;
   ++c.next_generation;
   c.used_bytes += a.header(ref)->size();  // bookkeeping: used, though no array
@@ -91,13 +93,13 @@ std::optional<BlockRef> Pool::allocate_list_locked(uint32_t owner, uint32_t capa
 }
 
 bool Pool::grow_hold_list_locked(uint32_t slot, uint32_t capacity, Mode mode) {
-  std::optional<BlockRef> ref = allocate_list_locked(slot, capacity);
+  std::optional<BlockRef> ref = allocate_list_locked(slot, capacity, mode);
   if (!ref && mode == Mode::kSlow) {
-    if (maintain_locked(false) > 0) ref = allocate_list_locked(slot, capacity);
+    if (maintain_locked(false) > 0) ref = allocate_list_locked(slot, capacity, mode);
     if (!ref) {
       const uint64_t bytes = uint64_t{capacity} * sizeof(HoldEntry);
       grow_locked(Allocator::block_size_for(bytes), bytes);
-      ref = allocate_list_locked(slot, capacity);
+      ref = allocate_list_locked(slot, capacity, mode);
     }
   }
   if (!ref) return false;
@@ -116,6 +118,7 @@ bool Pool::grow_hold_list_locked(uint32_t slot, uint32_t capacity, Mode mode) {
     const BlockRef old_ref = BlockRef::from_bits(old_bits);
     hdr_->counters.used_bytes -= allocator().header(old_ref)->size();
     allocator().free(old_ref);
+    note_freed_locked();
   }
   return true;
 }
@@ -191,6 +194,7 @@ void Pool::empty_hold_list_locked() {
   const BlockRef ref = BlockRef::from_bits(bits);
   hdr_->counters.used_bytes -= allocator().header(ref)->size();
   allocator().free(ref);
+  note_freed_locked();
 }
 
 void Pool::drop_all_holds_locked() {
@@ -210,6 +214,7 @@ void Pool::drop_all_holds_locked() {
     const BlockRef ref = BlockRef::from_bits(bits);
     hdr_->counters.used_bytes -= allocator().header(ref)->size();
     allocator().free(ref);
+    note_freed_locked();
   }
   holds_.clear();
   free_holds_.clear();

@@ -26,8 +26,10 @@ constexpr uint64_t kMagic = 0x31304C4F4F505041ull;  // "APPOOL01"
 // 2: instance_id, 3: root, 4: root_left, 5: check_key, and segment numbers
 // reused (a process of version 4 would read a reused number through its
 // mapping of the retired segment), 6: kernel-held liveness, hold lists, 4096
-// process slots, 7: each slot's program (ProcessSlot::program).
-constexpr uint32_t kLayoutVersion = 7;
+// process slots, 7: each slot's program (ProcessSlot::program), 8: pages
+// reserved lazily and given back (FreeState in free headers, decay settings
+// and counters).
+constexpr uint32_t kLayoutVersion = 8;
 constexpr uint32_t kStateRunning = 0;
 constexpr uint32_t kStateDead = 1;  // being removed by its last process or a cleaner
 constexpr uint32_t kUnknownLockOwner = kMaxSlots + 1;  // see ControlHeader::needs_repair
@@ -44,6 +46,17 @@ struct Counters {
   // No pending count expires before this time: maintenance skips its walk
   // until then unless a process died. Only ever moved earlier between walks.
   uint64_t next_expiry_ns;
+  // Bytes given back to the kernel since the pool was made (pages punched,
+  // segments removed).
+  uint64_t returned_bytes;
+};
+
+// The settings as the control segment keeps them (decay_ns is kept apart,
+// at the end of the header).
+struct StoredConfig {
+  uint64_t max_bytes;
+  uint64_t segment_bytes;
+  uint64_t transfer_timeout_ns;
 };
 
 // The control segment. Fields above `lock` are written once by the creator
@@ -65,7 +78,7 @@ struct ControlHeader {
   // and nobody keeps the pool for it (it may still run for a while, in its
   // own exit handlers).
   std::atomic<uint32_t> root_left;
-  PoolConfig config;
+  StoredConfig config;
   std::atomic<uint32_t> state;
   // Set by a waiter that took the lock from a dead owner, cleared once the
   // repair is complete: a repair cut short (an error, another death) is
@@ -91,6 +104,12 @@ struct ControlHeader {
   std::atomic<uint64_t> retired_epoch;
   alignas(64) AllocState alloc;
   Counters counters;
+  // PoolConfig::decay_ns, written once by the creator.
+  uint64_t decay_ns;
+  // When free memory is next due to go back (coarse monotonic ms; 0: none
+  // known). Written under the lock, read without it by the keeper, which
+  // calls return_idle_memory once it has passed.
+  std::atomic<uint64_t> decay_due_ms;
 };
 
 static_assert(std::atomic<uint64_t>::is_always_lock_free);
@@ -173,6 +192,23 @@ class TableProbe : public OwnerProbe {
 // exit and must not fail halfway over a file that is not ours.
 void unlink_data_files(const std::string& token);
 void unlink_pool_files(const std::string& token);
+
+// Reserves the pages an allocation hands out (pool_memory.cpp); in kFast it
+// declines (a system call), and the allocation is retried in kSlow.
+class Pool::Reserver final : public PageReserver {
+ public:
+  // `populated` (if not null) gets the pages reserved: an array's block,
+  // which its allocator maps at once (Pool::populate_reserved).
+  Reserver(Pool& p, Mode mode, uint64_t requested, Reserved* populated = nullptr)
+      : p_(p), mode_(mode), requested_(requested), populated_(populated) {}
+  bool reserve(BlockRef block, uint64_t lo, uint64_t hi) override;
+
+ private:
+  Pool& p_;
+  Mode mode_;
+  uint64_t requested_;  // for the error message
+  Reserved* populated_;
+};
 
 // On every allocate and release: inline, not a call.
 inline AllocState& Pool::alloc_state() { return hdr_->alloc; }

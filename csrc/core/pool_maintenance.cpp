@@ -199,6 +199,7 @@ uint64_t Pool::maintain_locked(bool force_rebuild, int also_dead, uint64_t also_
   const uint64_t used_before = c.used_bytes;
   Counters fresh{};
   fresh.next_generation = c.next_generation;
+  fresh.returned_bytes = c.returned_bytes;
   fresh.next_expiry_ns = ~uint64_t{0};
   auto keep = [&](BlockRef ref, BlockHeader& h) {
     const uint64_t size = h.size();
@@ -227,10 +228,11 @@ uint64_t Pool::maintain_locked(bool force_rebuild, int also_dead, uint64_t also_
     }
     return true;
   };
-  a.rebuild(nsegs, keep);
+  a.rebuild(nsegs, keep, coarse_now_ms());
   for (uint32_t i = 0; i < nsegs; ++i)
     fresh.capacity_bytes += hdr_->segment_sizes[i].load(std::memory_order_relaxed);
   c = fresh;
+  if (c.used_bytes < used_before) note_freed_locked();
   for (const SlotRef& s : dead)
     if (s.id != kReleasingId && s.slot != slot_) table().release_if(s.slot, s.id);
   tally->report(events_);
@@ -238,14 +240,20 @@ uint64_t Pool::maintain_locked(bool force_rebuild, int also_dead, uint64_t also_
 }
 
 uint64_t Pool::collect() {
-  Guard g(*this, Mode::kSlow);
-  const uint64_t used_before = hdr_->counters.used_bytes;
-  drain_cache_locked();
-  const uint64_t cached = used_before - hdr_->counters.used_bytes;
-  return observer_ ? cached : cached + maintain_locked(false);
+  uint64_t freed;
+  {
+    Guard g(*this, Mode::kSlow);
+    const uint64_t used_before = hdr_->counters.used_bytes;
+    drain_cache_locked();
+    const uint64_t cached = used_before - hdr_->counters.used_bytes;
+    freed = observer_ ? cached : cached + maintain_locked(false);
+  }
+  return_idle_memory();
+  return freed;
 }
 
 PoolStats Pool::stats() {
+  return_idle_memory();
   Guard g(*this, Mode::kSlow);
   drain_cache_locked();  // this process's accounting is exact
   if (!observer_) maintain_locked(false);
@@ -301,7 +309,9 @@ void Pool::stats_locked(PoolStats* out) {
   s.pending_transfers = c.pending_transfers;
   s.pending_blocks = c.pending_blocks;
   s.segments = hdr_->segment_count.load();
-  s.config = hdr_->config;
+  s.config = config();
+  s.returned_bytes = c.returned_bytes;
+  s.reserved_bytes = reserved_bytes_locked();
   s.processes = live_processes_locked(monotonic_ns(), &s.pids);
   s.free_bytes = c.capacity_bytes - c.used_bytes;
   s.largest_free_block = allocator().largest_free();

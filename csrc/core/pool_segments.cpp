@@ -122,8 +122,7 @@ uint64_t Pool::retire_free_segments_locked(uint64_t wanted) {
   // such segments until `wanted` bytes of max_bytes are released: this lets
   // an emptied pool of small segments serve a request larger than any of
   // them. Other processes unmap a retired segment at their next locked
-  // operation; until then its pages stay allocated in /dev/shm.
-  Counters& c = hdr_->counters;
+  // operation; its pages are punched out first, so they do not wait for that.
   Allocator a = allocator();
   uint64_t released = 0;
   uint32_t nsegs = published_segments();
@@ -132,26 +131,15 @@ uint64_t Pool::retire_free_segments_locked(uint64_t wanted) {
     if (size == 0) continue;
     BlockHeader* h = a.header(BlockRef(i, 0));
     if (h->used() || h->size() != (spans_[i].size & kSizeMask)) continue;
-    a.remove_segment(i);
-    // Epoch first: a process killed right after the size store must still
-    // leave survivors a reason to look (unmap_retired).
-    hdr_->retired_epoch.fetch_add(1, std::memory_order_acq_rel);
-    hdr_->segment_sizes[i].store(0, std::memory_order_release);
-    c.capacity_bytes -= size;
+    retire_segment_locked(i);  // pool_memory.cpp
     released += size;
-    unlink_segment(segment_name(i));
-    std::lock_guard<std::mutex> local(local_mutex_);
-    spans_[i] = SegmentSpan{nullptr, 0};
-    mappings_[i] = Mapping();
-    span_nonces_[i] = 0;
   }
-  if (released) seen_retired_epoch_ = hdr_->retired_epoch.load(std::memory_order_acquire);
   return released;
 }
 
 void Pool::grow_locked(uint64_t block_size, uint64_t requested) {
   Counters& c = hdr_->counters;
-  const PoolConfig cfg = hdr_->config;
+  const PoolConfig cfg = config();
   // Grow by segment_bytes; a request larger than that gets a segment of its
   // own. Whole pages: a segment's chain ends at its size.
   const uint64_t minimum = round_up(block_size, kPage);
@@ -187,7 +175,10 @@ void Pool::grow_locked(uint64_t block_size, uint64_t requested) {
       do nonce = random_u64();
       while (nonce == 0 || nonce == span_nonces_[index]);
       hdr_->segment_nonces[index].store(nonce, std::memory_order_release);
-      if (create_segment(data_name(token_, index, nonce), size, &m) == CreateResult::kExists) {
+      // Only the first page (the header of the segment's one free block)
+      // is reserved now; an allocation reserves the pages it hands out.
+      if (create_segment(data_name(token_, index, nonce), size, &m, nullptr, kPageSize) ==
+          CreateResult::kExists) {
         // 64 random bits collide with nothing by chance; someone made this
         // name on purpose. Never touch it (nor name it, for the unlink
         // above): draw again.

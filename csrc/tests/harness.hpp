@@ -54,6 +54,7 @@ enum class Area {
   kPoolKeeper,
   kPoolLiveness,
   kPoolScale,
+  kPoolMemory,
   kFinalChecks,  // last, and run whatever the arguments select
 };
 

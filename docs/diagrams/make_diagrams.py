@@ -282,7 +282,7 @@ def segment_layout(out: Path) -> None:
     # (label, byte offset, drawn width, color)
     parts = [
         (
-            "header\nmagic, layout version 7,\npool id, instance id,\nprogram root (pid,\nstart time, pid ns), settings,\nstate, needs_repair,\ncheck key",
+            "header\nmagic, layout version 8,\npool id, instance id,\nprogram root (pid,\nstart time, pid ns), settings,\nstate, needs_repair,\ncheck key",
             "0",
             2.0,
             C_PARENT,
@@ -430,7 +430,8 @@ def segment_layout(out: Path) -> None:
     ax.text(
         0.3 + 1.45 + 1.25 + 1.2 + 1.3 + 0.6,
         yh - 0.02,
-        "free block: bytes 24–39 are its free-list links (next, prev)",
+        "free block: bytes 24–39 are its free-list links (next, prev); 16–23 and 56–63 the range of "
+        "its pages that may be returned, 40–47 a seal, 48–55 since when it is free",
         fontsize=7.8,
         color="#555555",
         va="top",

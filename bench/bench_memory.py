@@ -9,7 +9,10 @@ Each scenario runs in a program of its own (its own pool and settings):
       is dropped (no call into pyarraypool meanwhile), against 8 MiB each;
   M3  a 64 MiB make_transferable into a growing pool (fresh pages: the pool
       gave every page back before each one) against np.copyto into fresh
-      anonymous memory (np.empty of the same size each time), <= 1.25x;
+      numpy memory (np.empty of the same size each time), <= 1.25x; also
+      against fresh anonymous memory of 4 KiB pages, and the floor: every
+      way to fill 64 MiB of fresh /dev/shm pages, with no pool around it
+      (build/growth_floor, bench/growth_floor.cpp);
   R   a loop that makes and drops a 64 MiB array, against np.copyto into a
       preallocated array (memcpy), <= 1.2x: reuse within the decay time is
       never given back.
@@ -92,10 +95,14 @@ print(json.dumps({"live": peak_live, "peak_shm": peak_shm, "idle_shm": shm_bytes
 """
 
 # Growth: decay 0, and collect() gives every page back before the next round.
+# Two peers: numpy's fresh memory (np.empty: numpy asks for transparent huge
+# pages), and fresh anonymous memory of 4 KiB pages (the page size of
+# /dev/shm here), mapped the way np.empty maps it but without that advice.
 GROW = """
+import mmap
 pyarraypool.configure(decay=0)
 src = np.random.default_rng(0).random(8 << 20)  # 64 MiB
-pool_t, fresh_t = [], []
+pool_t, fresh_t, small_t = [], [], []
 for _ in range(REPS):
     t0 = time.perf_counter()
     a = pyarraypool.make_transferable(src)
@@ -107,8 +114,17 @@ for _ in range(REPS):
     np.copyto(d, src)
     fresh_t.append(time.perf_counter() - t0)
     del d
+    t0 = time.perf_counter()
+    m = mmap.mmap(-1, src.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_NOHUGEPAGE)
+    d = np.frombuffer(m, dtype=src.dtype)
+    np.copyto(d, src)
+    small_t.append(time.perf_counter() - t0)
+    del d
+    m.close()
 print(json.dumps({"pool_ms": statistics.median(pool_t) * 1e3,
                   "fresh_ms": statistics.median(fresh_t) * 1e3,
+                  "small_pages_ms": statistics.median(small_t) * 1e3,
                   "returned": pyarraypool.stats().returned_bytes}))
 """
 
@@ -142,6 +158,15 @@ def run(code: str, **env: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def parse_floor(out: str) -> list[dict]:
+    """growth_floor's lines: `<way> TAB <ms> ms TAB <ratio>x numpy's way`."""
+    rows = []
+    for line in out.splitlines():
+        way, ms, _ = line.split("\t")
+        rows.append({"way": way.strip(), "ms": float(ms.split()[0])})
+    return rows
+
+
 def loadavg() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
@@ -163,6 +188,11 @@ def main() -> int:
         res[name] = run(code, **env)
         res[name]["loadavg"] = f"{before} -> {loadavg()}"
         print(name, json.dumps(res[name]), flush=True)
+    floor = os.path.join(REPO, "build", "growth_floor")
+    if os.path.exists(floor):
+        res["growth_floor"] = parse_floor(subprocess.run([floor], capture_output=True, text=True,
+                                                         timeout=600, check=True).stdout)
+        print("growth_floor", json.dumps(res["growth_floor"]), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(res, f, indent=1)

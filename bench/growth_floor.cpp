@@ -136,7 +136,7 @@ int main() {
     w.run();  // warm-up: the source and the code paths
     for (int i = 0; i < kReps; ++i) t.push_back(w.run());
     if (numpy_way.empty()) numpy_way = t;
-    std::printf("%-72s %6.1f ms  %.2fx numpy's way\n", w.name, median(t),
+    std::printf("%-72s\t%6.1f ms\t%.2fx numpy's way\n", w.name, median(t),
                 median(t) / median(numpy_way));
   }
   return sink == 255 ? 1 : 0;

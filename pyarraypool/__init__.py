@@ -12,7 +12,7 @@ from . import _lifecycle
 
 _lifecycle.ensure_pool_name()
 
-from . import _api, _auto, _core  # noqa: E402
+from . import _api, _auto  # noqa: E402
 from ._api import (  # noqa: E402
     PoolStats,
     configure,

@@ -597,7 +597,8 @@ class Driver:
         self.status = self.fork.RawArray("d", args.workers * NFIELDS)
         self.procs: list = [None] * args.workers
         self.in_ns = [False] * args.workers  # started in another pid namespace
-        self.ns_launcher = pid_namespace_launcher() if CAN_UNSHARE_PID and args.ns_every > 0 else None
+        self.ns_launcher = (pid_namespace_launcher() if CAN_UNSHARE_PID and args.ns_every > 0
+                            else None)
         self.started_at = [0.0] * args.workers
         self.counters: dict = {}  # the driver's own receive counters
         self.held: list = []
@@ -697,7 +698,6 @@ class Driver:
                 return
 
     def kill(self, slot: int, lock: LockWatch) -> None:
-        p = self.procs[slot]
         row = slot * NFIELDS
         pool_slot = int(self.status[row + F_POOL_SLOT])
         ph = PHASES[int(self.status[row + F_PHASE])]
@@ -934,7 +934,8 @@ def main() -> int:
         json.dump(result, f, indent=1)
     keys = ["ops", "allocs", "sent_to_workers", "sent_to_driver", "received", "verified",
             "verified_bytes", "kills", "kills_in_lock", "kills_in_lock_confirmed",
-            "fork_starts", "spawn_starts", "pid_ns_starts", "hangs", "corruptions", "premature_stale",
+            "fork_starts", "spawn_starts", "pid_ns_starts", "hangs", "corruptions",
+            "premature_stale",
             "lost_in_transit", "stale_untracked", "rescued_messages", "workers_died_on_their_own",
             "verify_calls", "verify_failures", "pool_full", "exec_children", "exec_pinned",
             "leaked_bytes"]

@@ -11,7 +11,6 @@ test instead of blocking the suite. Each checks the bytes of live arrays,
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
@@ -67,7 +66,8 @@ def test_after_fork_hook_registered_before_import_drops_arrays_as_the_child(prog
         fresh = [pyarraypool.empty(size, dtype=np.uint8) for _ in range(4)]
         for f in fresh:
             a = f.__array_interface__["data"][0]
-            assert a + size <= lo or a >= lo + size, f"round {round_}: the parent's block was reused"
+            assert a + size <= lo or a >= lo + size, (
+                f"round {round_}: the parent's block was reused")
             f[:] = 0xEE
         assert np.array_equal(x, expected), f"round {round_}: the parent's array changed"
         del fresh, f, x
@@ -440,7 +440,7 @@ def test_child_without_reservation_holds_what_it_inherited_or_is_detached(progra
     code reads them, or is detached loudly (its inherited pool memory made
     inaccessible, a message on stderr). It never reads memory that the pool
     handed to another array meanwhile."""
-    out = programs.run("import errno\nHOW = %r\n" % how + FORK_WITHOUT_RESERVATION)
+    out = programs.run(f"import errno\nHOW = {how!r}\n" + FORK_WITHOUT_RESERVATION)
     assert "OK" in out
     assert_left_nothing(out)
 

@@ -181,14 +181,15 @@ void finish_keeper_start() noexcept {
 }
 
 void start_keeper(const pap::Pool& pool) noexcept {
-  const std::string no_keeper = "; if the program is killed, its files stay until the next "
-                                "start or `python -m pyarraypool clean`";
+  const std::string no_keeper =
+      "; if the program is killed, its files stay until the next "
+      "start or `python -m pyarraypool clean`";
   try {
     // The interpreter this program runs, and this extension's file.
     const std::string exe = fs_path(PySys_GetObject("executable"));
     std::string so;
-    if (OwnedRef core = OwnedRef::steal(PyImport_GetModule(
-            OwnedRef::steal(PyUnicode_FromString("pyarraypool._core")).get()))) {
+    if (OwnedRef core = OwnedRef::steal(
+            PyImport_GetModule(OwnedRef::steal(PyUnicode_FromString("pyarraypool._core")).get()))) {
       OwnedRef file = OwnedRef::steal(PyObject_GetAttrString(core.get(), "__file__"));
       so = fs_path(file.get());
     }

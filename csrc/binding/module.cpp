@@ -30,8 +30,7 @@ OwnedRef stats_dict(const pap::PoolStats& s) {
   return check(Py_BuildValue(
       "{s:s,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:I,s:O,s:I,s:K,s:K,s:d,s:K,s:K,s:d}", "pool",
       s.token.c_str(), "capacity_bytes", static_cast<unsigned long long>(s.capacity_bytes),
-      "used_bytes",
-      static_cast<unsigned long long>(s.used_bytes), "free_bytes",
+      "used_bytes", static_cast<unsigned long long>(s.used_bytes), "free_bytes",
       static_cast<unsigned long long>(s.free_bytes), "largest_free_block",
       static_cast<unsigned long long>(s.largest_free_block), "live_blocks",
       static_cast<unsigned long long>(s.live_blocks), "pending_transfers",
@@ -107,9 +106,9 @@ PyObject* configure(PyObject*, PyObject* args) {
     if (decay != -1 && !(decay >= 0 && decay < 1e9))
       raise(PyExc_ValueError, "decay must be a number of seconds, 0 or more");
     ProcessPool& pp = ProcessPool::get();
-    pap::PoolConfig cfg{max_bytes, segment_bytes, static_cast<uint64_t>(timeout * kNs),
-                        decay == -1 ? pp.creation_config().decay_ns
-                                    : static_cast<uint64_t>(decay * kNs)};
+    pap::PoolConfig cfg{
+        max_bytes, segment_bytes, static_cast<uint64_t>(timeout * kNs),
+        decay == -1 ? pp.creation_config().decay_ns : static_cast<uint64_t>(decay * kNs)};
     if (!strict) {
       // Defaults and environment at import: they only say how to create the
       // pool, and must not attach this process to it.
@@ -291,15 +290,15 @@ PyObject* block_info(PyObject*, PyObject* arr) {
       OwnedRef bit = check(PyNumber_Lshift(one.get(), shift.get()));
       holders = check(PyNumber_Or(holders.get(), bit.get()));
     }
-    return Py_BuildValue(
-        "{s:O,s:K,s:K,s:K,s:K,s:O,s:I,s:I,s:I,s:O,s:I,s:K}", "used", info.used ? Py_True : Py_False,
-        "segment", static_cast<unsigned long long>(b->ref.seg()), "offset",
-        static_cast<unsigned long long>(b->ref.off()), "size",
-        static_cast<unsigned long long>(info.size), "generation",
-        static_cast<unsigned long long>(info.generation), "holders", holders.get(),
-        "holder_count", info.holders, "pending",
-        info.pending, "flags", info.flags, "check_ok", info.check_ok ? Py_True : Py_False,
-        "my_slot", p.slot(), "capacity", static_cast<unsigned long long>(b->capacity));
+    return Py_BuildValue("{s:O,s:K,s:K,s:K,s:K,s:O,s:I,s:I,s:I,s:O,s:I,s:K}", "used",
+                         info.used ? Py_True : Py_False, "segment",
+                         static_cast<unsigned long long>(b->ref.seg()), "offset",
+                         static_cast<unsigned long long>(b->ref.off()), "size",
+                         static_cast<unsigned long long>(info.size), "generation",
+                         static_cast<unsigned long long>(info.generation), "holders", holders.get(),
+                         "holder_count", info.holders, "pending", info.pending, "flags", info.flags,
+                         "check_ok", info.check_ok ? Py_True : Py_False, "my_slot", p.slot(),
+                         "capacity", static_cast<unsigned long long>(b->capacity));
   });
 }
 

@@ -83,9 +83,9 @@ void log_pool_events(pap::Pool& p) noexcept {
     }
     if (dropped)
       log_record(logger.get(), dropped == dropped_routine,
-          "pyarraypool: " + std::to_string(dropped) +
-              " more reclaim/expiry events happened at once and were not logged one by one",
-          nullptr);
+                 "pyarraypool: " + std::to_string(dropped) +
+                     " more reclaim/expiry events happened at once and were not logged one by one",
+                 nullptr);
   } catch (...) {
     PyErr_Clear();
   }

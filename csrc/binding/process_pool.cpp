@@ -125,8 +125,7 @@ pap::Pool* ProcessPool::attach_if_exists() {
     const pap::ProgramRoot root = root_from_env();
     without_gil([&] {
       std::lock_guard<std::mutex> once(attach_mutex_);
-      if (!pool_.load(std::memory_order_acquire))
-        publish(pap::Pool::attach_existing(token, root));
+      if (!pool_.load(std::memory_order_acquire)) publish(pap::Pool::attach_existing(token, root));
     });
   }
   return pool_.load(std::memory_order_acquire);

@@ -160,8 +160,7 @@ BlockHeader* Allocator::free_block_at(uint64_t bits, BlockRef from) const {
   const BlockRef ref = BlockRef::from_bits(bits);
   const uint64_t end = chain_end(ref.seg());
   if (ref.off() % kAlign != 0 || ref.off() >= end)
-    corrupt("free-list link " + std::to_string(bits) + " names no block of a mapped segment",
-            from);
+    corrupt("free-list link " + std::to_string(bits) + " names no block of a mapped segment", from);
   BlockHeader* h = header(ref);
   const uint64_t size = h->size();
   if (h->used() || size < kAlign || size > end - ref.off())
@@ -330,8 +329,7 @@ void Allocator::free(BlockRef ref) {
   BlockHeader* h = header(ref);
   const uint64_t end = chain_end(ref.seg());
   uint64_t size = h->size();
-  if (size < kAlign || ref.off() >= end || size > end - ref.off())
-    corrupt("bad block size", ref);
+  if (size < kAlign || ref.off() >= end || size > end - ref.off()) corrupt("bad block size", ref);
   // The neighbours' sizes and links are checked before the first store: a
   // corrupt neighbour leaves this block used and the lists as they were.
   BlockHeader* n = nullptr;
@@ -345,8 +343,7 @@ void Allocator::free(BlockRef ref) {
   }
   if (ref.off() != 0) {
     const uint64_t psize = h->prev_size;
-    if (psize < kAlign || psize % kAlign != 0 || psize > ref.off())
-      corrupt("bad prev_size", ref);
+    if (psize < kAlign || psize % kAlign != 0 || psize > ref.off()) corrupt("bad prev_size", ref);
     const BlockRef prev(ref.seg(), ref.off() - psize);
     const BlockHeader* p = header(prev);
     if (p->size() != psize) corrupt("prev_size disagrees with the previous block", ref);
@@ -387,7 +384,8 @@ void Allocator::free(BlockRef ref) {
 }
 
 Allocator::WalkTotals Allocator::rebuild(uint32_t nsegs, const KeepFn& keep, uint64_t now_ms) {
-  if (nsegs > nspans_) corrupt("segment count " + std::to_string(nsegs) + " past the table", BlockRef());
+  if (nsegs > nspans_)
+    corrupt("segment count " + std::to_string(nsegs) + " past the table", BlockRef());
   reset();
   WalkTotals totals;
   for (uint32_t seg = 0; seg < nsegs; ++seg) {

@@ -135,7 +135,8 @@ static_assert(sizeof(BlockHeader) == kHeaderSize, "block header must be exactly 
 // version and redraw docs/images/segment_layout.png (make diagrams).
 static_assert(offsetof(BlockHeader, prev_size) == 8 && offsetof(BlockHeader, generation) == 16);
 static_assert(offsetof(BlockHeader, holders) == 24 && offsetof(BlockHeader, pending) == 40);
-static_assert(offsetof(BlockHeader, flags) == 44 && offsetof(BlockHeader, pending_deadline_ns) == 48);
+static_assert(offsetof(BlockHeader, flags) == 44 &&
+              offsetof(BlockHeader, pending_deadline_ns) == 48);
 static_assert(offsetof(BlockHeader, check) == 56 && offsetof(BlockHeader, holes_lo) == 16);
 static_assert(offsetof(BlockHeader, free_seal) == 40 && offsetof(BlockHeader, free_since_ms) == 48);
 static_assert(offsetof(BlockHeader, holes_hi) == 56);

@@ -42,8 +42,8 @@ constexpr uint8_t kHandleFlagReadOnly = 2;
 // Always with kHandleFlagTransferRequired: its one pending count is the
 // "not loaded yet" that the load consumes.
 constexpr uint8_t kHandleFlagPrivate = 4;
-constexpr uint8_t kHandleFlags = kHandleFlagTransferRequired | kHandleFlagReadOnly |
-                                 kHandleFlagPrivate;
+constexpr uint8_t kHandleFlags =
+    kHandleFlagTransferRequired | kHandleFlagReadOnly | kHandleFlagPrivate;
 
 // 16 bytes naming a pool: its token (Pool::id()), or its instance
 // (Pool::instance(), the control header's random instance id).

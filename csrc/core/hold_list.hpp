@@ -58,7 +58,7 @@ class HoldIndex {
       if (keys_[i] == kEmpty) return nullptr;
     }
   }
-  void insert(uint64_t key, HoldRef value);  // key not present
+  void insert(uint64_t key, HoldRef value);         // key not present
   void erase(uint64_t key) { take(key, nullptr); }  // no-op if absent
   // Erases `key` and gives its value (one probe sequence, not two); false if
   // absent.

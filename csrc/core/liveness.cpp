@@ -95,7 +95,8 @@ std::vector<bool> locked_bytes_hint(int fd, uint32_t n) {
     const char* last = strtok_r(nullptr, " \t\n", &save);
     if (!first || !last) continue;
     const uintmax_t lo = std::strtoumax(first, nullptr, 10);
-    const uintmax_t hi = std::strcmp(last, "EOF") == 0 ? uintmax_t{n} : std::strtoumax(last, nullptr, 10);
+    const uintmax_t hi =
+        std::strcmp(last, "EOF") == 0 ? uintmax_t{n} : std::strtoumax(last, nullptr, 10);
     for (uintmax_t b = lo; b <= hi && b < n; ++b) out[b] = true;
   }
   std::fclose(f);

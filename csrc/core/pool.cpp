@@ -1,18 +1,17 @@
 // A process's membership of a pool: attach (creating the pool if need be),
 // leave (the last one removes it), and fork. See pool.hpp for the protocol.
 
-#include "core/pool_internal.hpp"
-
 #include <fcntl.h>
 #include <signal.h>
-#include <sys/stat.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <cstring>
 
 #include "core/errors.hpp"
+#include "core/pool_internal.hpp"
 #include "core/shm_segment.hpp"
 
 namespace pap {
@@ -150,15 +149,17 @@ UniqueFd reopen_description(int fd, const std::string& name) {
   if (raw < 0) throw_os_error("reopen " + name, errno);
   UniqueFd out(raw);
   struct stat mine, theirs;
-  if (::fstat(fd, &mine) != 0 || ::fstat(out.get(), &theirs) != 0 ||
-      mine.st_ino != theirs.st_ino || mine.st_dev != theirs.st_dev)
+  if (::fstat(fd, &mine) != 0 || ::fstat(out.get(), &theirs) != 0 || mine.st_ino != theirs.st_ino ||
+      mine.st_dev != theirs.st_dev)
     throw CoreError(ErrorKind::kPool, "the pool's control segment " + name + " was replaced");
   return out;
 }
 
 }  // namespace
 
-UniqueFd Pool::open_control_fd() const { return reopen_description(ctl_fd_.get(), control_name(token_)); }
+UniqueFd Pool::open_control_fd() const {
+  return reopen_description(ctl_fd_.get(), control_name(token_));
+}
 
 std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& config,
                                    ProgramRoot root) {
@@ -208,8 +209,7 @@ std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& c
     fd = reopen_description(fd.get(), tmp_name);
     // Claim our slot before the pool becomes visible: a cleaner must never
     // see a published pool without a live process.
-    if (!liveness::lock_slot(fd.get(), 0))
-      throw_os_error("lock pool control segment", errno);
+    if (!liveness::lock_slot(fd.get(), 0)) throw_os_error("lock pool control segment", errno);
     h->table.take(0, 0, slot_id(::getpid(), SlotKind::kActive), program_id(root));
     int linked = ::link(("/dev/shm" + tmp_name).c_str(), ("/dev/shm" + final_name).c_str());
     int link_errno = errno;
@@ -229,7 +229,7 @@ std::unique_ptr<Pool> Pool::attach(const std::string& token, const PoolConfig& c
   throw CoreError(ErrorKind::kPool, "could not attach to pool " + token);
 }
 
-std::unique_ptr<Pool> Pool::attach_existing(const std::string& token, ProgramRoot root) {
+std::unique_ptr<Pool> Pool::attach_existing(const std::string& token, const ProgramRoot& root) {
   return attach_existing_as(token, false, program_id(root));
 }
 
@@ -262,8 +262,8 @@ std::unique_ptr<Pool> Pool::attach_existing_as(const std::string& token, bool ob
       throw CoreError(ErrorKind::kPool, "pool " + token + " has an incompatible layout");
     // A file of ours under this name that holds another pool (a hard link).
     if (!(h->pool_id == PoolId::from_token(token)))
-      throw CoreError(ErrorKind::kPool, "/dev/shm" + control_name(token) +
-                                            " holds another pool than " + token);
+      throw CoreError(ErrorKind::kPool,
+                      "/dev/shm" + control_name(token) + " holds another pool than " + token);
     if (h->state.load() == kStateDead && ++dead_seen < kStuckDead) {
       sleep_ms(1);  // its last process is removing it; it will be gone soon
       continue;
@@ -400,7 +400,8 @@ void Pool::before_fork() {
   // copied to the child (which would hold them for nothing).
   cache_.freeze();
   LocalCache::Thawed thawed{cache_};
-  cache_.drain_frozen([&](const Block& b) { drop_hold_locked(b.ref, *checked_header(b.ref, b.generation)); });
+  cache_.drain_frozen(
+      [&](const Block& b) { drop_hold_locked(b.ref, *checked_header(b.ref, b.generation)); });
   // The child's own open file description, locked on its byte now: the
   // child inherits it and keeps it; we close our copy once fork() returns.
   // So the reservation lives exactly as long as the child (or, if the fork
@@ -477,4 +478,3 @@ void Pool::after_fork_child() {
 }
 
 }  // namespace pap
-

@@ -116,7 +116,8 @@ class Pool {
   static std::unique_ptr<Pool> attach(const std::string& token, const PoolConfig& config,
                                       ProgramRoot root = {});
   // Attaches only if the pool exists; nullptr otherwise.
-  static std::unique_ptr<Pool> attach_existing(const std::string& token, ProgramRoot root = {});
+  static std::unique_ptr<Pool> attach_existing(const std::string& token,
+                                               const ProgramRoot& root = {});
   // Attaches to an existing pool only to look at it (stats, snapshot):
   // the process is not counted among the pool's processes, keeps no pool
   // alive, and changes nothing but what repairing after a dead lock owner
@@ -238,7 +239,7 @@ class Pool {
     bool used;
     uint64_t size;  // whole block, header included
     uint64_t generation;
-    uint32_t holders;                   // the count in the header
+    uint32_t holders;                    // the count in the header
     std::vector<uint32_t> holder_slots;  // live slots whose hold list names it
     uint32_t pending;
     uint32_t flags;
@@ -412,7 +413,7 @@ class Pool {
   ControlHeader* hdr_;
   uint64_t check_key_;  // ControlHeader::check_key, read once: it never changes
   uint32_t slot_ = 0;
-  int pid_ = 0;  // getpid() is a system call: kept for add_pending's sender
+  int pid_ = 0;           // getpid() is a system call: kept for add_pending's sender
   uint64_t program_ = 0;  // program_id() of this process's program, for its slots
   // This process's own open file description of the control file, whose
   // lock on byte slot_ says it is alive (liveness.hpp). O_CLOEXEC.
@@ -437,8 +438,8 @@ class Pool {
   UniqueFd child_fd_;
   bool fork_prepared_ = false;
   bool left_ = false;
-  bool observer_ = false;  // see attach_observer
-  bool created_ = false;   // see created()
+  bool observer_ = false;        // see attach_observer
+  bool created_ = false;         // see created()
   bool kill_in_return_ = false;  // see die_while_returning()
 
   // Local view of the data segments. Entries [0, mapped_) are valid and

@@ -1,11 +1,10 @@
 // Blocks: allocate, release, count a pickle in flight, take a hold from a
 // handle. Each runs under the pool lock (kFast tries it once).
 
-#include "core/pool_internal.hpp"
-
 #include <algorithm>
 
 #include "core/errors.hpp"
+#include "core/pool_internal.hpp"
 #include "core/pool_snapshot.hpp"
 #include "core/shm_segment.hpp"
 
@@ -85,8 +84,7 @@ void Pool::throw_full(uint64_t bytes) {
       ") of max_bytes=" + std::to_string(cfg.max_bytes) + " (" + human_bytes(cfg.max_bytes) +
       ") in " + std::to_string(c.live_blocks) + " live blocks; capacity " +
       std::to_string(c.capacity_bytes) + " bytes, largest free block " +
-      std::to_string(allocator().largest_free()) + " bytes; " + usage_locked() + "; " +
-      shm_space();
+      std::to_string(allocator().largest_free()) + " bytes; " + usage_locked() + "; " + shm_space();
   // max_bytes defaults to the size of /dev/shm, so in a small one (Docker
   // gives 64 MB) the request often hits max_bytes and /dev/shm at once.
   // Raising max_bytes cannot help when /dev/shm has no room for the pages
@@ -94,10 +92,10 @@ void Pool::throw_full(uint64_t bytes) {
   const uint64_t segment = round_up(Allocator::block_size_for(bytes), kPage);
   const ShmSpace shm = shm_usage();
   if (shm.known && shm.free_bytes < segment) {
-    std::string advice =
-        ". /dev/shm is the limit, not max_bytes: this request needs " +
-        std::to_string(segment) + " bytes. Make /dev/shm larger (docker run --shm-size=2g, or "
-        "mount -o remount,size=... /dev/shm); max_bytes defaults to its size";
+    std::string advice = ". /dev/shm is the limit, not max_bytes: this request needs " +
+                         std::to_string(segment) +
+                         " bytes. Make /dev/shm larger (docker run --shm-size=2g, or "
+                         "mount -o remount,size=... /dev/shm); max_bytes defaults to its size";
     if (cfg.max_bytes < shm.total_bytes)
       advice += ", and was set lower here: raise it as well (PYARRAYPOOL_MAX_BYTES)";
     throw CoreError(ErrorKind::kPoolFull, "pyarraypool cannot allocate " + std::to_string(bytes) +
@@ -137,8 +135,9 @@ BlockHeader* Pool::checked_header(BlockRef ref, uint64_t generation) {
   const uint64_t end = s.size & kSizeMask;  // where the chain of blocks ends
   if (ref.off() % kAlign != 0 || ref.off() + kHeaderSize > end)
     throw CoreError(ErrorKind::kInvalidHandle, "handle points outside its segment");
-  throw CoreError(ErrorKind::kStaleHandle, "the block this handle names has been freed (generation " +
-                                               std::to_string(generation) + ")");
+  throw CoreError(
+      ErrorKind::kStaleHandle,
+      "the block this handle names has been freed (generation " + std::to_string(generation) + ")");
 }
 
 void Pool::free_if_unused(BlockRef ref, BlockHeader& h) {
@@ -158,9 +157,8 @@ bool Pool::release_unshared(const Block& b, Mode mode) {
 }
 
 void Pool::drain_cache_locked() {
-  cache_.drain([&](const Block& b) {
-    drop_hold_locked(b.ref, *checked_header(b.ref, b.generation));
-  });
+  cache_.drain(
+      [&](const Block& b) { drop_hold_locked(b.ref, *checked_header(b.ref, b.generation)); });
 }
 
 bool Pool::release(BlockRef ref, uint64_t generation, Mode mode) {

@@ -2,8 +2,6 @@
 // every pool creation, and each pool's keeper): a pool whose processes and
 // root are all dead.
 
-#include "core/pool_internal.hpp"
-
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -13,6 +11,7 @@
 #include <cstring>
 
 #include "core/errors.hpp"
+#include "core/pool_internal.hpp"
 #include "core/shm_segment.hpp"
 
 namespace pap {
@@ -47,7 +46,8 @@ Pool::Fate Pool::remove_if_abandoned(const std::string& token, const std::string
   };
   // A control segment still being built (its creator died before publishing
   // it) has no valid header: abandoned once it is old enough.
-  auto* h = m.size() >= sizeof(ControlHeader) ? reinterpret_cast<ControlHeader*>(m.data()) : nullptr;
+  auto* h =
+      m.size() >= sizeof(ControlHeader) ? reinterpret_cast<ControlHeader*>(m.data()) : nullptr;
   if (h && h->magic.load(std::memory_order_acquire) != kMagic) h = nullptr;
   if (!instance.empty() && (!h || to_hex(h->instance_id, sizeof h->instance_id) != instance))
     return Fate::kGone;  // removed, and maybe made again: not the pool the caller watches

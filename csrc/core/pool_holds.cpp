@@ -62,8 +62,9 @@ HoldEntry* Pool::my_list(uint32_t* length, uint32_t* capacity) {
     *length = s.holds_length.load(std::memory_order_relaxed);
     *capacity = my_list_capacity_;
     if (*length > *capacity)
-      throw CoreError(ErrorKind::kPool, "this process's hold list is longer than its room: the "
-                                        "pool's shared memory is corrupt");
+      throw CoreError(ErrorKind::kPool,
+                      "this process's hold list is longer than its room: the "
+                      "pool's shared memory is corrupt");
     return my_list_;
   }
   my_list_ = hold_list(slot_, length, capacity);
@@ -244,7 +245,8 @@ void Pool::rebuild_hold_index_locked() {
   std::vector<std::pair<uint64_t, uint64_t>> inherited;
   if (rehold_inherited_) {
     inherited.reserve(holds_.size());
-    holds_.for_each([&](uint64_t key, const HoldRef& r) { inherited.emplace_back(key, r.generation); });
+    holds_.for_each(
+        [&](uint64_t key, const HoldRef& r) { inherited.emplace_back(key, r.generation); });
   }
   holds_.clear();
   free_holds_.clear();
@@ -291,8 +293,8 @@ void Pool::detach_inherited(const char* why) noexcept {
   const uint32_t n = mapped_.load(std::memory_order_acquire);
   for (uint32_t i = 0; i < n; ++i)
     if (spans_[i].base && spans_[i].size)
-      ::mmap(spans_[i].base, spans_[i].size, PROT_NONE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS,
-             -1, 0);
+      ::mmap(spans_[i].base, spans_[i].size, PROT_NONE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1,
+             0);
   // Said once, on stderr: a pool error would come only at the next call.
   char msg[256];
   const int len =

@@ -137,7 +137,8 @@ inline constexpr uint64_t kControlHeaderBytes = (sizeof(ControlHeader) + kPage -
 inline constexpr uint64_t kSlotPageBytes = kPage;
 inline constexpr uint32_t kReservedSlotPages = 16;
 inline constexpr uint32_t kInlineHolds = kSlotPageBytes / sizeof(HoldEntry);
-inline constexpr uint64_t kControlBytes = kControlHeaderBytes + uint64_t{kMaxSlots} * kSlotPageBytes;
+inline constexpr uint64_t kControlBytes =
+    kControlHeaderBytes + uint64_t{kMaxSlots} * kSlotPageBytes;
 inline constexpr uint64_t slot_page_offset(uint32_t slot) {
   return kControlHeaderBytes + uint64_t{slot} * kSlotPageBytes;
 }
@@ -225,7 +226,8 @@ class Pool::Guard {
   Guard(Pool& p, LockOnly) : p_(p) {
     TableProbe probe(p);
     if (futex_lock::lock(p.hdr_->lock, p.slot_ + 1, probe) == Acquired::kFromDeadOwner)
-      p.hdr_->needs_repair.store(probe.dead_owner(), std::memory_order_relaxed);  // by the next full Guard
+      p.hdr_->needs_repair.store(probe.dead_owner(),
+                                 std::memory_order_relaxed);  // by the next full Guard
     held_ = true;
   }
   Guard(Pool& p, Mode mode) : p_(p) {

@@ -2,8 +2,6 @@
 // what expired pickles kept, with the events it reports; stats, snapshot,
 // verify, and the test hooks that hold the lock.
 
-#include "core/pool_internal.hpp"
-
 #include <algorithm>
 #include <chrono>
 #include <memory>
@@ -12,6 +10,7 @@
 #include <unordered_set>
 
 #include "core/errors.hpp"
+#include "core/pool_internal.hpp"
 #include "core/pool_snapshot.hpp"
 #include "core/shm_segment.hpp"
 
@@ -56,10 +55,10 @@ namespace {
 struct ReclaimTally {
   static constexpr int kSenders = 8;
   uint64_t timeout_ns = 0;
-  std::vector<PoolEvent> held;            // one per dead slot, in `dead` order
-  std::vector<bool> reported;             // whether that reclaim is worth a warning
+  std::vector<PoolEvent> held;                        // one per dead slot, in `dead` order
+  std::vector<bool> reported;                         // whether that reclaim is worth a warning
   std::unordered_map<uint64_t, size_t> first_holder;  // block -> its first dead holder
-  PoolEvent expired[kSenders] = {};  // per sender; the last one merges the rest
+  PoolEvent expired[kSenders] = {};                   // per sender; the last one merges the rest
   int senders = 0;
 
   PoolEvent* credit_for(uint64_t ref_bits) {
@@ -147,7 +146,8 @@ uint64_t Pool::maintain_locked(bool force_rebuild, int also_dead, uint64_t also_
     if (live_lists.back().entries)
       named_lists.insert(table().slots[s.slot].holds_ref.load(std::memory_order_relaxed));
   }
-  for (const SlotRef& s : dead) dead_lists.push_back(s.id == kReleasingId ? List{} : list_of(s.slot));
+  for (const SlotRef& s : dead)
+    dead_lists.push_back(s.id == kReleasingId ? List{} : list_of(s.slot));
 
   auto tally = std::make_unique<ReclaimTally>();
   tally->timeout_ns = hdr_->config.transfer_timeout_ns;
@@ -159,8 +159,8 @@ uint64_t Pool::maintain_locked(bool force_rebuild, int also_dead, uint64_t also_
     e.kind = PoolEvent::Kind::kReclaim;
     e.pid = slot_pid(dead[d].id);
     e.reserved = slot_kind(dead[d].id) == SlotKind::kReserved;
-    e.same_program =
-        program_ != 0 && table().slots[dead[d].slot].program.load(std::memory_order_relaxed) == program_;
+    e.same_program = program_ != 0 && table().slots[dead[d].slot].program.load(
+                                          std::memory_order_relaxed) == program_;
     e.held_lock = dead[d].slot == lock_owner;
     const List& l = dead_lists[d];
     for (uint32_t i = 0; i < l.length; ++i) {

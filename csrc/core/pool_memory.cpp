@@ -79,10 +79,9 @@ bool Pool::Reserver::reserve(BlockRef block, uint64_t lo, uint64_t hi) {
     if (e.kind() != ErrorKind::kPoolFull) throw;
     throw CoreError(ErrorKind::kPoolFull,
                     "pyarraypool cannot allocate " + std::to_string(requested_) +
-                        " bytes: /dev/shm has no room for them (" + e.what() + "; " +
-                        shm_space() + "). The pool holds " +
-                        human_bytes(p_.reserved_bytes_locked()) + " of /dev/shm, " +
-                        p_.usage_locked() +
+                        " bytes: /dev/shm has no room for them (" + e.what() + "; " + shm_space() +
+                        "). The pool holds " + human_bytes(p_.reserved_bytes_locked()) +
+                        " of /dev/shm, " + p_.usage_locked() +
                         ". /dev/shm is the limit, not max_bytes: free space there, or make it "
                         "larger (docker run --shm-size=2g, or mount -o remount,size=... /dev/shm)",
                     e.error_number());
@@ -153,8 +152,7 @@ bool Pool::return_one_piece_locked(uint64_t now_ms, uint64_t* returned) {
   uint64_t lo = 0, hi = 0;
   if (ref.nil() || !a.mark_returned(ref, kReturnChunk, &lo, &hi)) {
     retire_returned_segments_locked();
-    hdr_->decay_due_ms.store(next == ~uint64_t{0} ? 0 : next + decay_ms,
-                             std::memory_order_release);
+    hdr_->decay_due_ms.store(next == ~uint64_t{0} ? 0 : next + decay_ms, std::memory_order_release);
     return false;
   }
   punch_locked(ref.seg(), lo, hi, returned);

@@ -1,14 +1,13 @@
 // The pool's data segments as this process sees them: mapping those other
 // processes published, growing by a new one, retiring empty ones.
 
-#include "core/pool_internal.hpp"
-
 #include <sys/mman.h>
 
 #include <algorithm>
 #include <cerrno>
 
 #include "core/errors.hpp"
+#include "core/pool_internal.hpp"
 #include "core/shm_segment.hpp"
 
 namespace pap {
@@ -197,8 +196,7 @@ void Pool::grow_locked(uint64_t block_size, uint64_t requested) {
                           "pyarraypool cannot allocate " + std::to_string(requested) +
                               " bytes: /dev/shm has no room for them (" + e.what() + "; " +
                               shm_space() + "). The pool has " + std::to_string(c.capacity_bytes) +
-                              " bytes, " +
-                              usage_locked() +
+                              " bytes, " + usage_locked() +
                               ". /dev/shm is the limit, not max_bytes: free space there, or "
                               "make it larger (docker run --shm-size=2g, or mount -o "
                               "remount,size=... /dev/shm)",

@@ -87,8 +87,8 @@ uint64_t random_u64() {
   return v;
 }
 
-CreateResult create_segment(const std::string& name, uint64_t size, Mapping* out,
-                            UniqueFd* fd_out, uint64_t reserve_bytes) {
+CreateResult create_segment(const std::string& name, uint64_t size, Mapping* out, UniqueFd* fd_out,
+                            uint64_t reserve_bytes) {
   if (reserve_bytes == 0 || reserve_bytes > size) reserve_bytes = size;
   int raw;
   do {
@@ -118,10 +118,9 @@ CreateResult create_segment(const std::string& name, uint64_t size, Mapping* out
       e = ::posix_fallocate(fd.get(), 0, static_cast<off_t>(reserve_bytes));
     } while (e == EINTR);
     if (e == ENOSPC || e == ENOMEM || e == EFBIG)
-      throw CoreError(ErrorKind::kPoolFull,
-                      "/dev/shm has no room for a segment of " + std::to_string(reserve_bytes) +
-                          " bytes",
-                      e);
+      throw CoreError(
+          ErrorKind::kPoolFull,
+          "/dev/shm has no room for a segment of " + std::to_string(reserve_bytes) + " bytes", e);
     if (e != 0 && e != EOPNOTSUPP && e != EINVAL) throw_os_error("fallocate " + name, e);
     *out = Mapping(map_fd(fd.get(), size, name), size);
   } catch (...) {
@@ -172,8 +171,8 @@ void reserve_range(int fd, uint64_t offset, uint64_t bytes) {
   if (e != 0 && e != EOPNOTSUPP && e != EINVAL) throw_os_error("fallocate", e);
 }
 
-bool open_segment(const std::string& name, uint64_t expected_size, uint64_t min_size,
-                  Mapping* out, UniqueFd* fd_out) {
+bool open_segment(const std::string& name, uint64_t expected_size, uint64_t min_size, Mapping* out,
+                  UniqueFd* fd_out) {
   int raw;
   do {
     // O_NOFOLLOW: a symbolic link under our name is refused (ELOOP), never

@@ -12,7 +12,8 @@
 namespace pap::test {
 
 pid_t fork_child(const std::function<int()>& body, const ChildOptions& options) {
-  std::fflush(nullptr);  // or the child's _exit would drop, and a parent's exit repeat, buffered output
+  std::fflush(
+      nullptr);  // or the child's _exit would drop, and a parent's exit repeat, buffered output
   const pid_t pid = ::fork();
   if (pid != 0) return pid;
   if (options.die_with_parent) ::prctl(PR_SET_PDEATHSIG, SIGKILL);

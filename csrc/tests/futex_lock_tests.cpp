@@ -1,12 +1,12 @@
 // Futex lock tests: mutual exclusion between threads and between
 // processes, the takeover of a dead owner's lock, a contended handoff.
 
+#include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/time.h>
-#include <pthread.h>
-#include <time.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -215,7 +215,8 @@ TEST(futex_lock_takeover_bounded_under_signals) {
   });
   REQUIRE(::pthread_sigmask(SIG_UNBLOCK, &alrm, nullptr) == 0);
   static std::atomic<long> alarms{0};
-  struct sigaction sa{}, old_sa{};
+  struct sigaction sa {
+  }, old_sa{};
   sa.sa_handler = [](int) { alarms.fetch_add(1); };
   sigemptyset(&sa.sa_mask);
   sa.sa_flags = 0;  // no SA_RESTART: the futex wait returns EINTR

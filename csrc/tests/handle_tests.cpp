@@ -132,9 +132,8 @@ TEST(handle_rejects_malformed) {
   // A private handle always tracks its transfer (its pending count is what
   // makes it load once).
   CHECK_THROWS(bad, decode(with([](std::string& s) { s[5] = kHandleFlagPrivate; })));
-  CHECK_NOTHROW(decode(with([](std::string& s) {
-    s[5] = kHandleFlagPrivate | kHandleFlagTransferRequired;
-  })));
+  CHECK_NOTHROW(decode(
+      with([](std::string& s) { s[5] = kHandleFlagPrivate | kHandleFlagTransferRequired; })));
   CHECK_THROWS(bad, decode(with([](std::string& s) { s[3] = 'h'; })));
   CHECK_THROWS(bad, decode(with([](std::string& s) { s[4] = 0; })));
   CHECK_THROWS(bad, decode(with([](std::string& s) { s[4] = 1; })));  // format 1: no instance

@@ -5,10 +5,10 @@
 #include <signal.h>
 #include <unistd.h>
 
-#include <chrono>
-#include <cstdint>
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <functional>

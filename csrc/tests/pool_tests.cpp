@@ -163,9 +163,9 @@ TEST(pool_private_handle_loads_once) {
   auto shared = p->allocate(4096, true, Mode::kSlow);
   REQUIRE(shared);
   CHECK(p->add_pending(shared->ref, shared->generation, Mode::kSlow));
-  CHECK_THROWS(ErrorKind::kInvalidHandle,
-               attach_handle(*p, handle_of(*p, *shared, kHandleFlagTransferRequired |
-                                                           kHandleFlagPrivate)));
+  CHECK_THROWS(
+      ErrorKind::kInvalidHandle,
+      attach_handle(*p, handle_of(*p, *shared, kHandleFlagTransferRequired | kHandleFlagPrivate)));
   CHECK_EQ(p->stats().pending_transfers, 2u);  // refused loads use up nothing
   CHECK(attach_handle(*p, handle_of(*p, *shared, kHandleFlagTransferRequired)));
   // One hold per process, however often it loads: one release frees it.

@@ -50,7 +50,7 @@ TEST(process_table_take_and_release) {
   CHECK_EQ(t->slots[7].id.load(), id);
   CHECK_EQ(t->slots[7].holds_ref.load(), BlockRef::kNilBits);
   CHECK_EQ(t->slots[7].program.load(), 0xabcdefu);  // the owner's program
-  CHECK(!t->take(7, 0, id));  // not free any more
+  CHECK(!t->take(7, 0, id));                        // not free any more
   t->slots[7].holds_ref.store(123);
   CHECK(!t->release_if(7, id + 4));  // another owner's id: untouched
   CHECK_EQ(t->slots[7].program.load(), 0xabcdefu);
@@ -58,7 +58,7 @@ TEST(process_table_take_and_release) {
   CHECK_EQ(t->slots[7].id.load(), 0u);
   CHECK_EQ(t->slots[7].holds_ref.load(), BlockRef::kNilBits);
   CHECK_EQ(t->slots[7].program.load(), 0u);  // a free slot names no program
-  CHECK(t->take(kMaxSlots - 1, 0, id));  // every one of the 4096 slots is usable
+  CHECK(t->take(kMaxSlots - 1, 0, id));      // every one of the 4096 slots is usable
 }
 
 TEST(liveness_follows_the_kernel_lock) {

@@ -322,7 +322,7 @@ diagrams: dev-tools
 # machine. Options: BENCH_ARGS (core-bench), BENCH_PY_ARGS (bench_python.py),
 # BENCH_E2E_ARGS (bench_e2e.py), BENCH_SCALE_ARGS (bench_scale.py: 10^6 live arrays,
 # 32 processes, a 16 GiB pool; --skip-16g), e.g. BENCH_PY_ARGS=--quick BENCH_E2E_ARGS=--quick.
-bench: install dev-tools
+bench: install dev-tools build/growth_floor
 	@mkdir -p build
 	@$(MAKE) --no-print-directory core-bench || \
 	  { echo "note: core-bench failed; the report has no C++ core section" >&2; rm -f build/core_bench.json; }

@@ -644,14 +644,21 @@ def build(args: argparse.Namespace) -> str:
         "## How to rerun",
         "",
         "```sh",
-        "make bench   # core-bench, bench_python.py, bench_e2e.py, then this report",
+        "make bench             # core-bench, bench_python/e2e/scale/memory, then this report",
+        "make bench-memory      # the memory targets (M1-M3, R) alone",
+        "make bench-growth-floor  # what 64 MiB of fresh pages cost, every way (M3's floor)",
+        "make bench-auto        # auto mode (A-D, threshold sweep)",
+        "make bench-dask-auto   # D1",
         "```",
         "",
         "`make bench` runs, in order: `make core-bench` (the C++ core under Google Benchmark, "
         "to `build/core_bench.json`), `bench/bench_python.py --json build/bench_python.json`, "
-        "`bench/bench_e2e.py --json build/bench_e2e.json`, and `bench/report.py`, which "
-        "rewrites this file and its plots. On the 2-core development machine it takes a few "
-        "minutes. Run it on an otherwise idle machine: every figure is a median, but the "
+        "`bench/bench_e2e.py --json build/bench_e2e.json`, `bench/bench_scale.py`, "
+        "`bench/bench_memory.py` (which runs `build/growth_floor`), and `bench/report.py`, which "
+        "rewrites this file and its plots from every `build/*.json` there is (the auto-mode "
+        "and Dask sections come from their own targets' files). On the 2-core development "
+        "machine it takes about ten minutes and needs a `/dev/shm` of more than 8 GiB. Run it on "
+        "an otherwise idle machine: every figure is a median, but the "
         "two-process and end-to-end benchmarks need both cores. "
         "`bench/bench_e2e.py --quick --methods fork` is a smoke test of a few seconds.",
         "",

@@ -307,7 +307,7 @@ def segment_layout(out: Path) -> None:
             C_SHM,
         ),
         (
-            "counters\ncapacity, used,\nlive blocks, pending,\nnext generation,\nnext expiry",
+            "counters\ncapacity, used,\nlive blocks, pending,\nnext generation,\nnext expiry, returned;\ndecay, decay due",
             "338344",
             1.85,
             C_FREE,
@@ -363,8 +363,9 @@ def segment_layout(out: Path) -> None:
     ax.text(
         0.3,
         ys + 0.2,
-        "segment_bytes each (64 MiB by default; smaller when /dev/shm has no room for a whole "
-        "one); an array larger than segment_bytes gets a segment of its own",
+        "segment_bytes each (64 MiB by default), sparse: a page is reserved when a block first "
+        "covers it, and given back once free for `decay`; an array larger than segment_bytes "
+        "gets a segment of its own",
         fontsize=8.5,
         va="center",
     )

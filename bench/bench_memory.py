@@ -98,34 +98,39 @@ print(json.dumps({"live": peak_live, "peak_shm": peak_shm, "idle_shm": shm_bytes
 # Two peers: numpy's fresh memory (np.empty: numpy asks for transparent huge
 # pages), and fresh anonymous memory of 4 KiB pages (the page size of
 # /dev/shm here), mapped the way np.empty maps it but without that advice.
+# Each way runs in a loop of its own: a way timed right after another way
+# freed 64 MiB of a different kind pays for that (the pool after 4 KiB
+# anonymous pages: 42 ms instead of 31 here), which would measure the order.
 GROW = """
 import mmap
 pyarraypool.configure(decay=0)
 src = np.random.default_rng(0).random(8 << 20)  # 64 MiB
-pool_t, fresh_t, small_t = [], [], []
-for _ in range(REPS):
-    t0 = time.perf_counter()
-    a = pyarraypool.make_transferable(src)
-    pool_t.append(time.perf_counter() - t0)
-    del a
-    pyarraypool.collect()
-    t0 = time.perf_counter()
-    d = np.empty_like(src)
-    np.copyto(d, src)
-    fresh_t.append(time.perf_counter() - t0)
-    del d
-    t0 = time.perf_counter()
+# Each way makes 64 MiB filled from src and returns what drops it again.
+def pool_way():
+    made = [pyarraypool.make_transferable(src)]
+    return lambda: (made.clear(), pyarraypool.collect())  # every page back
+def numpy_way():
+    made = [np.empty_like(src)]
+    np.copyto(made[0], src)
+    return made.clear
+def small_pages_way():
     m = mmap.mmap(-1, src.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     m.madvise(mmap.MADV_NOHUGEPAGE)
-    d = np.frombuffer(m, dtype=src.dtype)
-    np.copyto(d, src)
-    small_t.append(time.perf_counter() - t0)
-    del d
-    m.close()
-print(json.dumps({"pool_ms": statistics.median(pool_t) * 1e3,
-                  "fresh_ms": statistics.median(fresh_t) * 1e3,
-                  "small_pages_ms": statistics.median(small_t) * 1e3,
-                  "returned": pyarraypool.stats().returned_bytes}))
+    made = [np.frombuffer(m, dtype=src.dtype)]
+    np.copyto(made[0], src)
+    return lambda: (made.clear(), m.close())
+def median_ms(way):
+    times = []
+    for _ in range(REPS):
+        t0 = time.perf_counter()
+        drop = way()
+        times.append(time.perf_counter() - t0)
+        drop()
+    return statistics.median(times) * 1e3
+out = {"pool_ms": median_ms(pool_way), "fresh_ms": median_ms(numpy_way),
+       "small_pages_ms": median_ms(small_pages_way),
+       "returned": pyarraypool.stats().returned_bytes}
+print(json.dumps(out))
 """
 
 STEADY = """

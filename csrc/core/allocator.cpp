@@ -253,6 +253,45 @@ BlockRef Allocator::first_fit_in_class(uint64_t block_size) const {
   return BlockRef();
 }
 
+void Allocator::pages_to_reserve(BlockRef ref, uint64_t have, uint64_t block_size,
+                                 const FreeState& fs, uint64_t* lo, uint64_t* hi) {
+  *lo = *hi = 0;
+  if (!fs.any_holes()) return;
+  const bool split = have - block_size >= kAlign;
+  const uint64_t end = ref.off() + (split ? block_size + kHeaderSize : have);
+  *lo = std::max(fs.lo, ref.off());
+  *hi = std::min(fs.hi, (end + kPageSize - 1) & ~(kPageSize - 1));
+}
+
+BlockRef Allocator::reserved_fit(uint64_t block_size, uint32_t fl, uint32_t sl) const {
+  // Bounded: this runs under the pool lock, and only instead of a system
+  // call that reserves pages (which costs far more than these reads).
+  constexpr uint64_t kMaxLooks = 64;
+  const uint64_t limit = max_list_length();
+  uint64_t looks = 0;
+  for (; fl < kFlCount; ++fl, sl = 0) {
+    if (!((st_.fl_bitmap >> fl) & 1)) continue;
+    for (; sl < kSlCount; ++sl) {
+      if (!((st_.sl_bitmap[fl] >> sl) & 1)) continue;
+      uint64_t steps = 0;
+      for (uint64_t bits = st_.heads[fl][sl]; bits != BlockRef::kNilBits; ++steps) {
+        if (steps > limit) corrupt("a free list runs in a cycle", BlockRef::from_bits(bits));
+        if (++looks > kMaxLooks) return BlockRef();
+        const BlockHeader* h = free_block_at(bits, BlockRef());
+        const BlockRef ref = BlockRef::from_bits(bits);
+        const uint64_t have = h->size();
+        if (have >= block_size) {
+          uint64_t lo, hi;
+          pages_to_reserve(ref, have, block_size, free_state(ref, have), &lo, &hi);
+          if (lo >= hi) return ref;
+        }
+        bits = h->free_links.next;
+      }
+    }
+  }
+  return BlockRef();
+}
+
 BlockRef Allocator::allocate(uint64_t block_size, const UsedInit& init, PageReserver* reserver) {
   uint32_t fl, sl;
   if (!mapping_search(block_size / kAlign, fl, sl)) return BlockRef();
@@ -281,19 +320,29 @@ BlockRef Allocator::allocate(uint64_t block_size, const UsedInit& init, PageRese
     ref = first_fit_in_class(block_size);
     if (ref.nil()) return ref;
   }
-  BlockHeader* h = header(ref);
-  uint64_t have = h->size();
-  const bool split = have - block_size >= kAlign;
-  const FreeState fs = free_state(ref, have);
-  if (fs.any_holes()) {
-    // The pages handed out, and the page of a remainder's header, must be
-    // reserved before anything is stored: a full /dev/shm fails here, with
-    // the pool as it was, never with SIGBUS at the first touch.
-    const uint64_t end = ref.off() + (split ? block_size + kHeaderSize : have);
-    const uint64_t lo = std::max(fs.lo, ref.off());
-    const uint64_t hi = std::min(fs.hi, (end + kPageSize - 1) & ~(kPageSize - 1));
-    if (lo < hi && reserver && !reserver->reserve(ref, lo, hi)) return BlockRef();
+  uint64_t have = header(ref)->size();
+  FreeState fs = free_state(ref, have);
+  uint64_t lo, hi;
+  pages_to_reserve(ref, have, block_size, fs, &lo, &hi);
+  if (lo < hi) {
+    // Another free block whose pages are all reserved serves as well,
+    // without a system call, and keeps the reserved pages in use: taking
+    // fresh pages while reserved ones sit free makes the footprint bound
+    // give those back, to be reserved again at their next use.
+    const BlockRef alt = reserved_fit(block_size, fl, sl);
+    if (!alt.nil()) {
+      ref = alt;
+      have = header(ref)->size();
+      fs = free_state(ref, have);
+      lo = hi = 0;
+    }
   }
+  BlockHeader* h = header(ref);
+  const bool split = have - block_size >= kAlign;
+  // The pages handed out, and the page of a remainder's header, must be
+  // reserved before anything is stored: a full /dev/shm fails here, with
+  // the pool as it was, never with SIGBUS at the first touch.
+  if (lo < hi && reserver && !reserver->reserve(ref, lo, hi)) return BlockRef();
   remove_free(ref, have);
 
   uint64_t size = have;

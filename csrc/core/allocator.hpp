@@ -189,6 +189,15 @@ class Allocator {
   // No list holds more blocks than the segments could: a longer walk is a cycle.
   uint64_t max_list_length() const;
   BlockRef first_fit_in_class(uint64_t block_size) const;
+  // The pages [lo, hi) that handing out `block_size` bytes from the front
+  // of free block `ref` (of `have` bytes, record `fs`) would have to
+  // reserve first: the block's own pages and a remainder's header page.
+  // Empty (lo >= hi) when they all are reserved already.
+  static void pages_to_reserve(BlockRef ref, uint64_t have, uint64_t block_size,
+                               const FreeState& fs, uint64_t* lo, uint64_t* hi);
+  // A free block of at least `block_size` bytes, in class (fl, sl) or
+  // above, that needs no page reserved; nil if a bounded walk finds none.
+  BlockRef reserved_fit(uint64_t block_size, uint32_t fl, uint32_t sl) const;
   // The chain ends at the segment size rounded down to kAlign (see
   // format_segment): a segment whose size is not a multiple of 64 has a
   // tail that is no block, and no header may be written there.

@@ -62,6 +62,8 @@ std::optional<Block> Pool::allocate_locked(uint64_t block_size, uint32_t flags, 
   BlockHeader* h = a.header(ref);
   add_hold_locked(ref, init.generation, *h, /*counted=*/true);
   c.used_bytes += h->size();
+  // The peak of the footprint window (keep_footprint_locked).
+  if (c.used_bytes > c.peak_used_bytes) c.peak_used_bytes = c.used_bytes;
   ++c.live_blocks;
   return Block{ref, init.generation, h->payload(), h->capacity(), init.flags};
 }

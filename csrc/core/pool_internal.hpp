@@ -49,6 +49,11 @@ struct Counters {
   // Bytes given back to the kernel since the pool was made (pages punched,
   // segments removed).
   uint64_t returned_bytes;
+  // The most used_bytes has been since peak_window_ms (coarse monotonic
+  // ms): what the footprint bound counts as live (keep_footprint_locked).
+  // Only a policy input: a damaged value bends the bound for one decay time.
+  uint64_t peak_used_bytes;
+  uint64_t peak_window_ms;
 };
 
 // The settings as the control segment keeps them (decay_ns is kept apart,
@@ -123,7 +128,7 @@ static_assert(offsetof(ControlHeader, table) == 192);
 static_assert(offsetof(ControlHeader, segment_count) == 262336);
 static_assert(offsetof(ControlHeader, alloc) == 327936);
 static_assert(offsetof(ControlHeader, counters) == 338344);
-static_assert(sizeof(ControlHeader) == 338432);
+static_assert(sizeof(ControlHeader) == 338496);
 
 inline constexpr uint64_t kPage = 4096;
 // The control segment: the header, then one page per process slot that

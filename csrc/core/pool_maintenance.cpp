@@ -200,6 +200,8 @@ uint64_t Pool::maintain_locked(bool force_rebuild, int also_dead, uint64_t also_
   Counters fresh{};
   fresh.next_generation = c.next_generation;
   fresh.returned_bytes = c.returned_bytes;
+  fresh.peak_used_bytes = c.peak_used_bytes;
+  fresh.peak_window_ms = c.peak_window_ms;
   fresh.next_expiry_ns = ~uint64_t{0};
   auto keep = [&](BlockRef ref, BlockHeader& h) {
     const uint64_t size = h.size();

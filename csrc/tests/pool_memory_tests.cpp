@@ -85,6 +85,32 @@ TEST(pool_keeps_memory_reused_within_the_decay_time) {
   p->leave();
 }
 
+TEST(pool_prefers_free_blocks_whose_pages_are_reserved) {
+  // A free block whose pages are reserved serves a request before one that
+  // would need fresh pages, even when the allocator's size classes name the
+  // other first: here the segment's unreserved tail (about 24 MiB) comes
+  // before the freed, reserved 40 MiB block for a 20 MiB request.
+  const std::string tok = new_token();
+  Attached p(tok, with_decay(30'000'000'000ull));
+  auto x = p->allocate(40 * kMiB, false, Mode::kSlow);
+  auto y = p->allocate(1000, false, Mode::kSlow);  // keeps x from the tail
+  REQUIRE(x && y);
+  std::memset(x->payload, 1, x->capacity);
+  CHECK(p->release(x->ref, x->generation, Mode::kSlow));
+  const uint64_t held = shm_bytes(tok);
+  // No page to reserve, so no system call: even kFast takes it.
+  auto z = p->allocate(20 * kMiB, false, Mode::kFast);
+  REQUIRE(z);
+  CHECK_EQ(z->ref.bits(), x->ref.bits());
+  CHECK_EQ(shm_bytes(tok), held);
+  std::memset(z->payload, 2, z->capacity);
+  CHECK(p->release(z->ref, z->generation, Mode::kSlow));
+  CHECK(p->release(y->ref, y->generation, Mode::kSlow));
+  CHECK_NOTHROW(p->verify());
+  p->leave();
+  CHECK(shm_entries(tok).empty());
+}
+
 TEST(pool_process_killed_while_returning_memory) {
   const std::string tok = new_token();
   const PoolConfig cfg = with_decay(30'000'000'000ull);

@@ -307,7 +307,7 @@ def segment_layout(out: Path) -> None:
             C_SHM,
         ),
         (
-            "counters\ncapacity, used,\nlive blocks, pending,\nnext generation,\nnext expiry, returned;\ndecay, decay due",
+            "counters\ncapacity, used,\nlive blocks, pending,\nnext generation,\nnext expiry, returned,\nrecent peak; decay,\ndecay due",
             "338344",
             1.85,
             C_FREE,
@@ -319,13 +319,13 @@ def segment_layout(out: Path) -> None:
         ax.text(x + 0.03, y0 + h + 0.05, off, fontsize=7.5, color="#555555", va="bottom")
         x += w
     ax.text(
-        x - 0.03, y0 + h + 0.05, "338432", fontsize=7.5, color="#555555", va="bottom", ha="right"
+        x - 0.03, y0 + h + 0.05, "338496", fontsize=7.5, color="#555555", va="bottom", ha="right"
     )
 
     # The slot pages after the header.
     yp = y0 - 1.25
     pages = [
-        ("(padding to\na page)", "338432", 1.3, C_FREE),
+        ("(padding to\na page)", "338496", 1.3, C_FREE),
         ("slot 0's page\n256 hold entries\n{block ref, generation}", "339968", 2.35, C_WORKER),
         ("slot 1's page\n256 hold entries", "344064", 2.0, C_WORKER),
         ("slot 2's page\n(never claimed:\nno memory)", "348160", 2.0, "white"),

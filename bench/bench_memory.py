@@ -83,12 +83,13 @@ for step in range(400):
     if arrays and rng.random() < 0.4:
         arrays.pop(rng.randrange(len(arrays)))
     else:
-        a = pyarraypool.empty(int(2 ** rng.uniform(10, 25)), dtype=np.uint8)
-        a[::4096] = 1
-        arrays.append(a)
+        # Not kept in a variable: a dropped array must be gone, or the pool
+        # holds more than the live bytes counted here.
+        arrays.append(pyarraypool.empty(int(2 ** rng.uniform(10, 25)), dtype=np.uint8))
+        arrays[-1][::4096] = 1
     peak_live = max(peak_live, sum(a.nbytes for a in arrays))
     peak_shm = max(peak_shm, shm_bytes(tok))
-del arrays, a
+del arrays
 time.sleep(3)
 print(json.dumps({"live": peak_live, "peak_shm": peak_shm, "idle_shm": shm_bytes(tok),
                   "idle_rss_shmem": rss_shmem()}))

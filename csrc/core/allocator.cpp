@@ -30,7 +30,7 @@ void clear_used_fields(BlockHeader& h) {
 
 // The union of two records: one range covering both (pages between them
 // that are reserved count as maybe returned: safe), the later time.
-FreeState merged(const FreeState& a, const FreeState& b) {
+[[gnu::always_inline]] inline FreeState merged(const FreeState& a, const FreeState& b) {
   FreeState m;
   if (!a.any_holes()) {
     m.lo = b.lo;
@@ -63,60 +63,6 @@ uint64_t coarse_now_ms() {
   timespec ts;
   clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
   return static_cast<uint64_t>(ts.tv_sec) * 1000u + static_cast<uint64_t>(ts.tv_nsec) / 1'000'000u;
-}
-
-void Allocator::interior(BlockRef ref, uint64_t size, uint64_t* lo, uint64_t* hi) {
-  *lo = (ref.off() + kHeaderSize + kPageSize - 1) & ~(kPageSize - 1);
-  *hi = (ref.off() + size) & ~(kPageSize - 1);
-  if (*hi < *lo) *hi = *lo;
-}
-
-uint64_t Allocator::seal_of(BlockRef ref, uint64_t size, const FreeState& s) const {
-  // Not secret, only a consistency check: a header whose stores were cut
-  // short by a kill, or that belongs to another block, does not pass. It
-  // runs on every allocate and free next to a large free block (a
-  // segment's tail), so independent multiplies the CPU overlaps, not
-  // header_check's chain of them.
-  const uint64_t since = s.since_ms | (s.mixed ? kMixedBit : 0);
-  return (key_ + 0x5EA1) ^ (ref.bits() * 0xC2B2AE3D27D4EB4Full) ^ (size * 0x9E3779B97F4A7C15ull) ^
-         (s.lo * 0xBF58476D1CE4E5B9ull) ^ (s.hi * 0x94D049BB133111EBull) ^
-         (since * 0xD6E8FEB86659FD93ull);
-}
-
-FreeState Allocator::free_state(BlockRef ref, uint64_t size) const {
-  uint64_t lo, hi;
-  interior(ref, size, &lo, &hi);
-  if (lo >= hi) return FreeState{};  // no whole page: nothing to record (small blocks)
-  const BlockHeader* h = header(ref);
-  FreeState s{h->holes_lo, h->holes_hi, h->free_since_ms & ~kMixedBit,
-              (h->free_since_ms & kMixedBit) != 0};
-  const bool sane = s.lo % kPageSize == 0 && s.hi % kPageSize == 0 &&
-                    (!s.any_holes() ? s.lo == 0 && s.hi == 0 : s.lo >= lo && s.hi <= hi);
-  if (sane && h->free_seal == seal_of(ref, size, s)) return s;
-  FreeState safe;  // every interior page may be returned, or may not
-  safe.lo = lo;
-  safe.hi = hi;
-  safe.mixed = true;
-  return safe;
-}
-
-void Allocator::set_free_state(BlockRef ref, uint64_t size, const FreeState& s) {
-  uint64_t lo, hi;
-  interior(ref, size, &lo, &hi);
-  if (lo >= hi) return;  // no whole page: free_state() reads nothing here
-  BlockHeader* h = header(ref);
-  FreeState c = s;
-  c.lo = std::max(c.lo, lo);
-  c.hi = std::min(c.hi, hi);
-  if (c.lo >= c.hi) {
-    c.lo = c.hi = 0;
-    c.mixed = false;  // no range, nothing hidden in it
-  }
-  c.since_ms &= ~kMixedBit;
-  h->holes_lo = c.lo;
-  h->holes_hi = c.hi;
-  h->free_since_ms = c.since_ms | (c.mixed ? kMixedBit : 0);
-  h->free_seal = seal_of(ref, size, c);
 }
 
 void Allocator::mapping_insert(uint64_t units, uint32_t& fl, uint32_t& sl) {

@@ -355,6 +355,9 @@ class Pool {
   void grow_locked(uint64_t block_size, uint64_t requested);
   // Lowers ControlHeader::decay_due_ms to when memory just freed is due.
   void note_freed_locked();
+  // used_bytes without this process's cache of freed small blocks (which
+  // counts as used, but holds no array): what the footprint bound calls live.
+  uint64_t live_bytes_locked() const;
   void free_if_unused(BlockRef ref, BlockHeader& h);
   BlockHeader* checked_header(BlockRef ref, uint64_t generation);
   // `also_dead` slots are treated as dead owners'; `also_dead_id`, if not 0,

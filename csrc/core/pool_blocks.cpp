@@ -63,7 +63,8 @@ std::optional<Block> Pool::allocate_locked(uint64_t block_size, uint32_t flags, 
   add_hold_locked(ref, init.generation, *h, /*counted=*/true);
   c.used_bytes += h->size();
   // The peak of the footprint window (keep_footprint_locked).
-  if (c.used_bytes > c.peak_used_bytes) c.peak_used_bytes = c.used_bytes;
+  const uint64_t live = live_bytes_locked();
+  if (live > c.peak_used_bytes) c.peak_used_bytes = live;
   ++c.live_blocks;
   return Block{ref, init.generation, h->payload(), h->capacity(), init.flags};
 }

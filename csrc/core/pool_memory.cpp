@@ -172,6 +172,11 @@ void Pool::punch_locked(uint32_t seg, uint64_t lo, uint64_t hi, uint64_t* return
   }
 }
 
+uint64_t Pool::live_bytes_locked() const {
+  const uint64_t used = hdr_->counters.used_bytes, cached = cache_.bytes();
+  return used > cached ? used - cached : 0;
+}
+
 void Pool::keep_footprint_locked(BlockRef block, uint64_t more) {
   // The bound of issue 12: what /dev/shm holds stays within 1.05x the live
   // bytes + 8 MiB (1 MiB of it left for the control segment and the header
@@ -191,9 +196,9 @@ void Pool::keep_footprint_locked(BlockRef block, uint64_t more) {
   // so does one from the future (a clock it cannot be: a damaged value).
   if (now < c.peak_window_ms || now - c.peak_window_ms > window_ms) {
     c.peak_window_ms = now;
-    c.peak_used_bytes = c.used_bytes;
+    c.peak_used_bytes = live_bytes_locked();
   }
-  const uint64_t live = std::max(c.peak_used_bytes, c.used_bytes + more);
+  const uint64_t live = std::max(c.peak_used_bytes, live_bytes_locked() + more);
   const uint64_t bound = live + live / 20 + (uint64_t{7} << 20);
   const uint64_t held = reserved_bytes_locked();
   if (held + more > bound) give_back_locked(block, held + more - bound);

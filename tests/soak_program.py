@@ -212,20 +212,32 @@ def exec_child_pins(arr, status, row: int) -> str | None:
     closes) while this worker holds `arr`, which nobody else holds. Once the
     child has exec'd it has no slot (its lock went with the exec): after a
     collect(), `arr` is held by this process alone and the child is not among
-    the pool's processes. None if so; else what is wrong."""
+    the pool's processes. None if so; else what is wrong.
+
+    "Exec'd" means cat answers: it echoes a byte. EOF on a close-on-exec pipe
+    is too early a sign: the kernel closes the child's descriptors at exec
+    but lets go of each one's file (and of the lock on it) only on the way
+    back to the new program, one by one, the highest-numbered first; a pipe
+    numbered above the child's slot descriptor reads EOF while the slot is
+    still locked. A descriptor freed just before the fork puts the slot's
+    descriptor below the pipes, so every run meets that order."""
+    spare = os.open(os.devnull, os.O_RDONLY)  # a number below the pipes'
     r, w = os.pipe()    # the child's stdin: cat ends at EOF
-    er, ew = os.pipe()  # close-on-exec: EOF here once the child has exec'd
+    out_r, out_w = os.pipe()  # the child's stdout: cat's echo
+    os.close(spare)  # the child's slot descriptor, opened by os.fork(), takes it
     pid = os.fork()
     if pid == 0:
         try:
             os.dup2(r, 0)
+            os.dup2(out_w, 1)
             os.execv(CAT, [CAT])
         finally:
             os._exit(127)
     os.close(r)
-    os.close(ew)
+    os.close(out_w)
     try:
-        if not select.select([er], [], [], 10)[0] or os.read(er, 1) != b"":
+        os.write(w, b"x")
+        if not select.select([out_r], [], [], 10)[0] or os.read(out_r, 1) != b"x":
             return "the child did not exec within 10 s"
         status[row + F_EXECS] += 1
         pyarraypool.collect()
@@ -237,7 +249,7 @@ def exec_child_pins(arr, status, row: int) -> str | None:
                     f"{info['my_slot']}, child {pid}, pool pids {pids}")
         return None
     finally:
-        os.close(er)
+        os.close(out_r)
         os.close(w)
         deadline = time.monotonic() + 10
         while os.waitpid(pid, os.WNOHANG)[0] == 0 and time.monotonic() < deadline:

@@ -243,42 +243,46 @@ def test_child_that_execs_does_not_pin_the_parents_blocks(programs):  # noqa: F8
     """A child made by os.fork() + os.execv(), or by subprocess with a
     preexec_fn (which forks through the hooks), that runs another program:
     once the parent drops its array, the block is freed while that program
-    still runs."""
+    still runs. The program is cat: its echo of a byte says it runs (the
+    kernel lets go of a child's descriptors, and of its slot's lock, on the
+    way back to the new program, so the child's name in /proc can show
+    before that)."""
     out = programs.run(f'''
-    SLEEP = {shutil.which("sleep")!r}
+    CAT = {shutil.which("cat")!r}
     say_token()
     start = settle().used_bytes
 
-    def wait_exec(pid):
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with open(f"/proc/{{pid}}/comm") as f:
-                    if f.read().strip() == "sleep":
-                        return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the child did not exec"
-            time.sleep(0.005)
+    def wait_exec(stdin_w, stdout_r):
+        os.write(stdin_w, b"x")
+        ready = select.select([stdout_r], [], [], 10)[0]
+        assert ready and os.read(stdout_r, 1) == b"x", "the child did not exec"
 
     for how in ("fork+execv", "Popen(preexec_fn)"):
         a = pyarraypool.make_transferable(np.arange(100_000.0))
         child = None
         if how == "fork+execv":
+            in_r, in_w = os.pipe()
+            out_r, out_w = os.pipe()
             pid = os.fork()
             if pid == 0:
                 try:
-                    os.execv(SLEEP, ["sleep", "30"])
+                    os.dup2(in_r, 0)
+                    os.dup2(out_w, 1)
+                    os.execv(CAT, ["cat"])
                 finally:
                     os._exit(127)
+            os.close(in_r)
+            os.close(out_w)
         else:
-            child = subprocess.Popen([SLEEP, "30"], preexec_fn=lambda: None)
+            child = subprocess.Popen([CAT], preexec_fn=lambda: None, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE)
             pid = child.pid
+            in_w, out_r = child.stdin.fileno(), child.stdout.fileno()
         try:
-            wait_exec(pid)
+            wait_exec(in_w, out_r)
             del a
             s = settle()
-            assert os.waitpid(pid, os.WNOHANG) == (0, 0), "sleep is still running"
+            assert os.waitpid(pid, os.WNOHANG) == (0, 0), "cat is still running"
             assert pid not in s.pids and s.processes == 1, (how, s)
             assert s.used_bytes == start and s.live_blocks == 0, (how, s)
             _core._verify()
@@ -286,8 +290,12 @@ def test_child_that_execs_does_not_pin_the_parents_blocks(programs):  # noqa: F8
             os.kill(pid, signal.SIGKILL)
             if child is not None:
                 child.wait()
+                child.stdin.close()
+                child.stdout.close()
             else:
                 reap(pid)
+                os.close(in_w)
+                os.close(out_r)
     print("OK")
     ''')
     assert "OK" in out

@@ -4,7 +4,9 @@
 // one byte of its pool's control file: byte `slot`. The kernel drops such a
 // lock when the last descriptor of that open file description is closed,
 // which happens when the process dies, however it dies, and when it execs
-// (the descriptor is O_CLOEXEC). Any other process can ask, with F_OFD_GETLK,
+// (the descriptor is O_CLOEXEC; the kernel lets go of it on the way back to
+// the new program, so a watcher can see the exec a moment before the lock
+// goes). Any other process can ask, with F_OFD_GETLK,
 // whether the byte is still locked. So a slot's owner is alive exactly while
 // its byte is locked:
 //   - no pid is looked up, so processes in different pid namespaces that

@@ -404,6 +404,9 @@ def unchanged_program(tmp_path):
 
 
 def test_unchanged_program_sends_through_the_pool(unchanged_program, shm_names):
+    # This process's own pool may give an idle segment back (its decay) while
+    # the program runs, on a loaded machine or when an earlier test left it
+    # idle just before: names may go. The program must leave none.
     before = shm_names()
     proc = unchanged_program("64K")
     assert proc.returncode == 0, proc.stderr
@@ -412,7 +415,7 @@ def test_unchanged_program_sends_through_the_pool(unchanged_program, shm_names):
     for i, how in enumerate(["spawn", "forkserver", "joblib"]):
         assert lines[i] == f"{how} ndarray _Block True 131072.0 ndarray _Block"
     assert lines[3] == "parent True True"
-    assert shm_names() == before
+    assert shm_names() - before == set()
 
 
 def test_unchanged_program_without_the_variable_pays_nothing(unchanged_program):
